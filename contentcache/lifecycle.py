@@ -1,0 +1,94 @@
+"""
+Services that start and stop the daemon's parts cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import FrameType
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ReactorNotRunning
+from twisted.logger import Logger
+
+from .store import Store
+
+log = Logger()
+
+
+class StoreService(Service):
+    """
+    Prepares the store's directories at start and sweeps what interrupted
+    writes left behind, in the background: on a large store the sweep takes
+    a while and locked temporary files keep it from touching live writes.
+    """
+
+    name = "store"
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.swept: Deferred[None] | None = None
+
+    def startService(self) -> None:
+        try:
+            os.makedirs(self.store.staging, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"Cannot use the storage directory: {e}.") from None
+        super().startService()
+        self.swept = Deferred.fromCoroutine(self._sweep())
+
+    async def _sweep(self) -> None:
+        try:
+            removed = await self.store.start()
+        except Exception:
+            log.failure("sweeping leftover temporary files failed")
+        else:
+            if removed:
+                log.info("removed {count} leftover temporary files", count=removed)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        return self.swept
+
+
+class ExitCleanlyOnSIGTERM(Service):
+    """
+    Make SIGTERM a clean stop that exits 0.
+
+    twistd re-raises SIGTERM at itself after the reactor stops, so a service
+    manager would see death by signal; SIGTERM is how systemd, container
+    runtimes and operators ask a daemon to stop, and a clean stop should
+    read as success. Installed once the reactor runs, after twistd's own
+    handlers, and removed at stop.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.callWhenRunning(self._install)
+
+    def _install(self) -> None:
+        if self.running:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        log.info("SIGTERM: stopping")
+        self._reactor.callFromThread(self._stop)
+
+    def _stop(self) -> None:
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

@@ -1,0 +1,152 @@
+"""
+C{twistd contentcache}: command-line options and service wiring.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Mapping, Sequence
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService
+from twisted.internet import reactor as _global_reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+from twisted.web.server import Site
+
+from .backend.filesystem import FilesystemBackend
+from .index import IndexService, SQLiteIndex
+from .lifecycle import ExitCleanlyOnSIGTERM, StoreService
+from .pool import DEFAULT_THREADS, DiskPool
+from .server import Root
+from .store import Store
+
+ENVIRONMENT_PREFIX = "CONTENTCACHE_"
+DEFAULT_PORT = "tcp:8080"
+MAX_DISK_THREADS = 256
+
+
+def environment_name(option: str) -> str:
+    """
+    The environment variable that carries C{--option}.
+    """
+    return ENVIRONMENT_PREFIX + option.upper().replace("-", "_")
+
+
+def normalise_port(description: str) -> str:
+    """
+    A bare port number means TCP on every interface.
+    """
+    description = description.strip()
+    if description.isdigit():
+        number = int(description)
+        if number > 65535:
+            raise usage.UsageError(f"--port {description} is not a port number (0-65535).")
+        return f"tcp:{number}"
+    return description
+
+
+class Options(usage.Options):
+    """
+    Options for C{twistd contentcache}. Each can also be set in the
+    environment as C{CONTENTCACHE_<OPTION>} (C{--disk-threads} as
+    C{CONTENTCACHE_DISK_THREADS}); a flag on the command line wins.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "A pull-through cache for the npm registry and the Go module proxy. "
+        "Every option can also be set in the environment as "
+        "CONTENTCACHE_<OPTION>, e.g. CONTENTCACHE_STORAGE; a flag wins."
+    )
+
+    optParameters: list[list[object]] = [
+        ["port", "p", "8080", "Where to listen: a port number or an endpoint description "
+         "(tcp:8080:interface=127.0.0.1, systemd:domain=INET6:name=contentcache)."],
+        ["storage", "s", "./cache", "The storage directory (created if missing)."],
+        ["disk-threads", None, str(DEFAULT_THREADS), "Threads for disk and index work."],
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self._environ = os.environ if environ is None else environ
+
+    def _long_names(self) -> list[str]:
+        return [str(p[0]) for p in self.optParameters]
+
+    def _given(self, argv: Sequence[str]) -> set[str]:
+        """
+        The long names of the options C{argv} sets.
+        """
+        short = {str(p[1]): str(p[0]) for p in self.optParameters if p[1]}
+        given = set()
+        for arg in argv:
+            if arg == "--":
+                break
+            if arg.startswith("--"):
+                given.add(arg[2:].split("=", 1)[0])
+            elif arg.startswith("-") and len(arg) > 1 and arg[1] in short:
+                given.add(short[arg[1]])
+        return given
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        argv = list(sys.argv[1:] if options is None else options)
+        given = self._given(argv)
+        from_environment = [
+            f"--{name}={self._environ[environment_name(name)]}"
+            for name in self._long_names()
+            if name not in given and environment_name(name) in self._environ
+        ]
+        super().parseOptions(from_environment + argv)
+
+    def postOptions(self) -> None:
+        self["port"] = normalise_port(str(self["port"]))
+        try:
+            serverFromString(_global_reactor, self["port"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise usage.UsageError(
+                f"--port {self['port']!r} is not an endpoint this daemon can listen on ({e})."
+            )
+
+        threads = str(self["disk-threads"])
+        if not threads.isdigit() or not 1 <= int(threads) <= MAX_DISK_THREADS:
+            raise usage.UsageError(
+                f"--disk-threads must be a whole number from 1 to {MAX_DISK_THREADS}, not {threads!r}."
+            )
+        self["disk-threads"] = int(threads)
+
+        storage = str(self["storage"]).strip()
+        if not storage:
+            raise usage.UsageError("--storage needs a directory.")
+        storage = os.path.abspath(os.path.expanduser(storage))
+        if os.path.exists(storage) and not os.path.isdir(storage):
+            raise usage.UsageError(f"--storage {storage} exists and is not a directory.")
+        self["storage"] = storage
+
+
+def makeService(options: Options) -> IService:
+    """
+    Wire the daemon: the disk pool first (stopped last), then the index and
+    the store, and the listening port last, so that a failed bind stops
+    startup and no request arrives before what serves it is ready.
+    """
+    reactor = _global_reactor
+    storage = options["storage"]
+    top = MultiService()
+
+    disk = DiskPool(reactor, options["disk-threads"])
+    disk.setServiceParent(top)
+
+    index = SQLiteIndex(storage, disk, reactor)
+    IndexService(index, reactor).setServiceParent(top)
+
+    store = Store(FilesystemBackend(storage, disk), os.path.join(storage, "tmp"), disk)
+    StoreService(store).setServiceParent(top)
+
+    ExitCleanlyOnSIGTERM(reactor).setServiceParent(top)
+
+    site = Site(Root(store, index, disk))
+    site.displayTracebacks = False
+    strports.service(options["port"], site).setServiceParent(top)
+    return top

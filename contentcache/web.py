@@ -1,0 +1,313 @@
+"""
+HTTP plumbing shared by every resource: async handlers, the one place known
+errors become status codes, and streaming a blob to a client.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Awaitable, Callable
+
+from attrs import frozen
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import (
+    BAD_GATEWAY,
+    GATEWAY_TIMEOUT,
+    INTERNAL_SERVER_ERROR,
+    NOT_ALLOWED,
+    NOT_FOUND,
+    NOT_MODIFIED,
+    OK,
+    PARTIAL_CONTENT,
+    REQUESTED_RANGE_NOT_SATISFIABLE,
+)
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from .backend import IReader
+from .hash import Hash
+from .store import BlobNotFound, Store
+
+log = Logger()
+
+#: How much of a blob one disk read fetches while streaming it out.
+CHUNK_SIZE = 128 * 1024
+TEXT = b"text/plain; charset=utf-8"
+
+
+class HTTPError(Exception):
+    """
+    An error a client should see as C{code} with a one-line C{message}.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def not_found(message: str = "not found") -> HTTPError:
+    return HTTPError(NOT_FOUND, message)
+
+
+def bad_gateway(message: str) -> HTTPError:
+    return HTTPError(BAD_GATEWAY, message)
+
+
+def gateway_timeout(message: str) -> HTTPError:
+    return HTTPError(GATEWAY_TIMEOUT, message)
+
+
+def text(request: Request, code: int, message: str) -> bytes:
+    """
+    Set up a one-line plain-text response and return its body.
+    """
+    body = (message.splitlines() or [""])[0].encode("utf-8") + b"\n"
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", TEXT)
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
+def _fail(failure: Failure, request: Request, gone: list[bool]) -> None:
+    if request.finished or gone:
+        # The client went away; the cancellation that followed is expected.
+        if not failure.check(CancelledError):
+            log.failure("request failed after the client left", failure)
+        return
+    if request.startedWriting:
+        # Headers are gone: the only honest signal left is a cut connection.
+        log.failure("response failed part-way; closing the connection", failure)
+        request.loseConnection()
+        return
+    if failure.check(HTTPError):
+        e = failure.value
+        body = text(request, e.code, e.message)
+    elif failure.check(BlobNotFound):
+        log.warn("blob {hash} is missing from the store", hash=str(failure.value))
+        body = text(request, NOT_FOUND, "not found")
+    else:
+        log.failure("request for {uri} failed", failure, uri=request.uri)
+        body = text(request, INTERNAL_SERVER_ERROR, "internal error; see the daemon's log")
+    request.write(body)
+    request.finish()
+
+
+def handle(request: Request, handler: Callable[[], Awaitable[Any]]) -> object:
+    """
+    Run an async handler for C{request}: cancelled when the client goes
+    away, its known errors turned into status codes, anything else logged
+    and answered with a 500 without a traceback.
+    """
+    d = Deferred.fromCoroutine(handler())  # type: ignore[arg-type]
+    gone: list[bool] = []
+
+    def client_left(reason: Failure) -> None:
+        gone.append(True)
+        d.cancel()
+
+    request.notifyFinish().addErrback(client_left)
+    d.addErrback(_fail, request, gone)
+    return NOT_DONE_YET
+
+
+class AsyncResource(Resource):
+    """
+    A leaf resource whose methods are C{async def render_async(request)}.
+    """
+
+    isLeaf = True
+    methods: tuple[bytes, ...] = (b"GET", b"HEAD")
+
+    async def render_async(self, request: Request) -> None:
+        raise NotImplementedError
+
+    def render(self, request: Request) -> object:
+        if request.method not in self.methods:
+            request.setHeader(b"allow", b", ".join(self.methods))
+            return text(request, NOT_ALLOWED, "method not allowed")
+        return handle(request, lambda: self.render_async(request))
+
+
+class NotFoundResource(Resource):
+    """
+    404 text/plain for any path below it.
+    """
+
+    isLeaf = True
+
+    def __init__(self, message: str = "not found") -> None:
+        super().__init__()
+        self._message = message
+
+    def render(self, request: Request) -> bytes:
+        return text(request, NOT_FOUND, self._message)
+
+
+@frozen
+class ByteRange:
+    start: int
+    end: int  # inclusive
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+
+class Unsatisfiable(Exception):
+    pass
+
+
+_RANGE = re.compile(r"bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*")
+
+
+def parse_range(header: bytes | None, size: int) -> ByteRange | None:
+    """
+    The single byte range a C{Range} header asks for, or L{None} to send
+    the whole blob (no header, a syntax we ignore, or several ranges).
+    Raises L{Unsatisfiable} for a range that lies outside the blob.
+    """
+    if header is None:
+        return None
+    m = _RANGE.fullmatch(header.decode("latin-1"))
+    if m is None or (not m[1] and not m[2]):
+        return None
+    if not m[1]:
+        suffix = int(m[2])
+        if suffix == 0 or size == 0:
+            raise Unsatisfiable()
+        return ByteRange(max(0, size - suffix), size - 1)
+    start = int(m[1])
+    end = int(m[2]) if m[2] else size - 1
+    if end < start:
+        return None
+    if start >= size:
+        raise Unsatisfiable()
+    return ByteRange(start, min(end, size - 1))
+
+
+def etag_of(h: Hash) -> bytes:
+    return b'"%s"' % h.hex.encode("ascii")
+
+
+def _matches(header: bytes | None, etag: bytes) -> bool:
+    if header is None:
+        return False
+    for candidate in header.split(b","):
+        candidate = candidate.strip()
+        if candidate == b"*" or candidate.removeprefix(b"W/") == etag:
+            return True
+    return False
+
+
+@implementer(IPushProducer)
+class _BlobProducer:
+    """
+    Streams a reader to a request, reading the next chunk only while the
+    client keeps up.
+    """
+
+    def __init__(self, request: Request, reader: IReader, length: int) -> None:
+        self._request = request
+        self._reader = reader
+        self._remaining = length
+        self._paused = False
+        self._stopped = False
+        self._waiting: Deferred[None] | None = None
+
+    async def run(self) -> None:
+        self._request.registerProducer(self, True)
+        try:
+            while self._remaining > 0:
+                if self._paused:
+                    self._waiting = Deferred()
+                    await self._waiting
+                if self._stopped:
+                    raise CancelledError("the client stopped reading")
+                chunk = await self._reader.read(min(CHUNK_SIZE, self._remaining))
+                if not chunk:
+                    raise OSError("blob ended before its recorded size")
+                self._remaining -= len(chunk)
+                self._request.write(chunk)
+        finally:
+            self._request.unregisterProducer()
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(None)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._wake()
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        self._wake()
+
+
+async def send_blob(
+    request: Request,
+    store: Store,
+    blob: Hash,
+    size: int,
+    content_type: bytes,
+    headers: dict[bytes, bytes] | None = None,
+) -> None:
+    """
+    Answer C{request} with a blob: C{Content-Length}, C{ETag} (the blob's
+    hash), 304 for a matching C{If-None-Match}, HEAD, and a single C{Range}
+    as 206 (or 416). The body streams from the store with backpressure;
+    the blob is never held whole in memory.
+    """
+    etag = etag_of(blob)
+    request.setHeader(b"etag", etag)
+    request.setHeader(b"accept-ranges", b"bytes")
+    for name, value in (headers or {}).items():
+        request.setHeader(name, value)
+
+    if _matches(request.getHeader(b"if-none-match"), etag):
+        request.setResponseCode(NOT_MODIFIED)
+        request.finish()
+        return
+
+    byte_range: ByteRange | None = None
+    if_range = request.getHeader(b"if-range")
+    if if_range is None or if_range.strip() == etag:
+        try:
+            byte_range = parse_range(request.getHeader(b"range"), size)
+        except Unsatisfiable:
+            request.setHeader(b"content-range", b"bytes */%d" % size)
+            request.write(text(request, REQUESTED_RANGE_NOT_SATISFIABLE, "range not satisfiable"))
+            request.finish()
+            return
+
+    if byte_range is None:
+        offset, length = 0, size
+        request.setResponseCode(OK)
+    else:
+        offset, length = byte_range.start, byte_range.length
+        request.setResponseCode(PARTIAL_CONTENT)
+        request.setHeader(
+            b"content-range", b"bytes %d-%d/%d" % (byte_range.start, byte_range.end, size)
+        )
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"content-length", b"%d" % length)
+
+    if request.method == b"HEAD" or length == 0:
+        request.finish()
+        return
+
+    reader = await store.get(blob, offset)
+    try:
+        await _BlobProducer(request, reader, length).run()
+    finally:
+        await reader.close()
+    request.finish()
