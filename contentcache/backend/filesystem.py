@@ -127,7 +127,7 @@ class FilesystemBackend:
         size = os.fstat(handle.fileno()).st_size
         if offset:
             handle.seek(offset)
-        return FileReader(self._run, handle, size)
+        return FileReader(self._disk, handle, size)
 
     def open(self, key: str, offset: int = 0) -> Deferred[IReader]:
         return self._disk.run(self._open, key, offset)

@@ -1,0 +1,236 @@
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from typing import Any, Callable
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from contentcache import index as index_module
+from contentcache.hash import Hash
+from contentcache.index import (
+    INDEX_FILENAME,
+    SCHEMA_VERSION,
+    IndexService,
+    IndexTooNew,
+    SQLiteIndex,
+)
+from contentcache.pool import DiskPool, SynchronousRunner
+
+from .conftest import resolve
+
+A = Hash.of(b"a")
+B = Hash.of(b"b")
+
+
+class CountingRunner(SynchronousRunner):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def run(self, f: Callable[..., Any], *args: object) -> Deferred[Any]:
+        self.calls.append(f.__name__)
+        return super().run(f, *args)
+
+
+def test_put_get_delete(index: SQLiteIndex, clock: Clock) -> None:
+    clock.advance(1000.25)
+    entry = resolve(index.put("go", "example.com/m/@v/v1.0.0.zip", A, 123, {"h1": "h1:xyz"}))
+    assert entry.created == entry.accessed == 1000.25
+    got = resolve(index.get("go", "example.com/m/@v/v1.0.0.zip"))
+    assert got == entry
+    assert got.hash == A and got.size == 123 and got.attrs == {"h1": "h1:xyz"}
+    # Keys are per protocol.
+    assert resolve(index.get("npm", "example.com/m/@v/v1.0.0.zip")) is None
+    assert resolve(index.delete("go", "example.com/m/@v/v1.0.0.zip")) is True
+    assert resolve(index.get("go", "example.com/m/@v/v1.0.0.zip")) is None
+    assert resolve(index.delete("go", "example.com/m/@v/v1.0.0.zip")) is False
+
+
+def test_put_replaces(index: SQLiteIndex, clock: Clock) -> None:
+    resolve(index.put("npm", "left-pad", A, 1, {"etag": "1"}))
+    clock.advance(5)
+    resolve(index.put("npm", "left-pad", B, 2, {"etag": "2"}))
+    got = resolve(index.get("npm", "left-pad"))
+    assert (got.hash, got.size, got.attrs, got.created) == (B, 2, {"etag": "2"}, 5)
+
+
+def test_reference_counts(index: SQLiteIndex) -> None:
+    assert resolve(index.references(A)) == 0
+    resolve(index.put("go", "one", A, 1, {}))
+    resolve(index.put("npm", "two", A, 1, {}))
+    resolve(index.put("npm", "three", B, 1, {}))
+    assert resolve(index.references(A)) == 2
+    assert resolve(index.references(B)) == 1
+    resolve(index.delete("go", "one"))
+    assert resolve(index.references(A)) == 1
+
+
+def test_reference_count_uses_an_index(index: SQLiteIndex) -> None:
+    db = sqlite3.connect(os.path.join(index.directory, INDEX_FILENAME))
+    plan = db.execute(
+        "EXPLAIN QUERY PLAN SELECT count(*) FROM entries WHERE hash = ?", (A.hex,)
+    ).fetchall()
+    db.close()
+    assert "USING COVERING INDEX entries_by_hash" in " ".join(str(row) for row in plan)
+
+
+def test_touches_are_batched(storage: str, clock: Clock) -> None:
+    runner = CountingRunner()
+    os.makedirs(storage)
+    index = SQLiteIndex(storage, runner, clock)
+    index.open()
+    resolve(index.put("go", "k1", A, 1, {}))
+    resolve(index.put("go", "k2", B, 1, {}))
+    runner.calls.clear()
+
+    for i in range(100):
+        clock.advance(0.01)
+        index.touch("go", "k1" if i % 2 else "k2")
+    assert runner.calls == []  # no write per hit
+    assert resolve(index.get("go", "k1")).accessed == 0
+
+    assert resolve(index.flush()) == 2
+    assert runner.calls.count("touch") == 1
+    assert resolve(index.get("go", "k1")).accessed == pytest.approx(1.0)
+    assert resolve(index.get("go", "k2")).accessed == pytest.approx(0.99)
+    resolve(index.close())
+
+
+def test_flush_early_past_threshold(storage: str, clock: Clock) -> None:
+    runner = CountingRunner()
+    os.makedirs(storage)
+    index = SQLiteIndex(storage, runner, clock, flush_threshold=10)
+    index.open()
+    for i in range(25):
+        index.touch("npm", f"p{i}")
+    assert runner.calls.count("touch") == 2
+    resolve(index.close())
+
+
+def test_access_never_moves_backwards(index: SQLiteIndex, clock: Clock) -> None:
+    clock.advance(10)
+    resolve(index.put("go", "k", A, 1, {}))
+    index._pending[("go", "k")] = 5.0  # a stale access from before the put
+    resolve(index.flush())
+    assert resolve(index.get("go", "k")).accessed == 10
+
+
+def test_service_flushes_on_timer_and_at_stop(storage: str, clock: Clock) -> None:
+    os.makedirs(storage)
+    service = IndexService(SQLiteIndex(storage, SynchronousRunner(), clock), clock, 5.0)
+    service.startService()
+    idx = service.index
+    resolve(idx.put("go", "k", A, 1, {}))
+    clock.advance(1)
+    idx.touch("go", "k")
+    clock.advance(4)  # the timer fires
+    assert resolve(idx.get("go", "k")).accessed == 1
+    clock.advance(0.5)
+    idx.touch("go", "k")
+    resolve(service.stopService())
+    assert clock.getDelayedCalls() == []
+
+    # A new daemon sees the access recorded just before shutdown.
+    reopened = SQLiteIndex(storage, SynchronousRunner(), clock)
+    reopened.open()
+    assert resolve(reopened.get("go", "k")).accessed == 5.5
+    resolve(reopened.close())
+
+
+def test_wal_mode_and_schema_version(index: SQLiteIndex) -> None:
+    db = sqlite3.connect(os.path.join(index.directory, INDEX_FILENAME))
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
+
+
+def test_second_process_reads_and_writes(index: SQLiteIndex) -> None:
+    resolve(index.put("go", "ours", A, 1, {}))
+    script = f"""
+import sys
+from twisted.internet.task import Clock
+from contentcache.hash import Hash
+from contentcache.index import SQLiteIndex
+from contentcache.pool import SynchronousRunner
+idx = SQLiteIndex({index.directory!r}, SynchronousRunner(), Clock())
+idx.open()
+results = []
+idx.get("go", "ours").addCallback(results.append)
+idx.put("npm", "theirs", Hash.of(b"b"), 7, {{"from": "admin"}}).addCallback(results.append)
+idx.close()
+print(results[0].hash.hex)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=30
+    )
+    assert out.stdout.strip() == A.hex
+    theirs = resolve(index.get("npm", "theirs"))
+    assert theirs.size == 7 and theirs.attrs == {"from": "admin"}
+
+
+def test_older_index_is_migrated_in_place(
+    index: SQLiteIndex, storage: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resolve(index.put("go", "k", A, 1, {"x": 1}))
+    resolve(index.close())
+    migrations = dict(index_module.MIGRATIONS)
+    migrations[SCHEMA_VERSION + 1] = ["ALTER TABLE entries ADD COLUMN encoding TEXT"]
+    monkeypatch.setattr(index_module, "MIGRATIONS", migrations)
+    monkeypatch.setattr(index_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+
+    newer = SQLiteIndex(storage, SynchronousRunner(), clock)
+    newer.open()
+    assert resolve(newer.get("go", "k")).attrs == {"x": 1}
+    resolve(newer.close())
+    db = sqlite3.connect(os.path.join(storage, INDEX_FILENAME))
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+    assert "encoding" in [row[1] for row in db.execute("PRAGMA table_info(entries)")]
+    db.close()
+
+
+def test_newer_index_is_refused(index: SQLiteIndex, storage: str, clock: Clock) -> None:
+    resolve(index.close())
+    db = sqlite3.connect(os.path.join(storage, INDEX_FILENAME))
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(IndexTooNew, match="upgrade contentcache"):
+        SQLiteIndex(storage, SynchronousRunner(), clock).open()
+
+    service = IndexService(SQLiteIndex(storage, SynchronousRunner(), clock), clock)
+    with pytest.raises(SystemExit) as e:
+        service.startService()
+    message = str(e.value)
+    assert message.count(".") >= 1 and "\n" not in message
+    assert f"schema version {SCHEMA_VERSION + 1}" in message
+
+
+@pytest_twisted.ensureDeferred
+async def test_calls_run_on_the_disk_pool(storage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[str] = []
+    original = index_module.Database.get
+
+    def get(self: Any, protocol: str, key: str) -> Any:
+        threads.append(threading.current_thread().name)
+        return original(self, protocol, key)
+
+    monkeypatch.setattr(index_module.Database, "get", get)
+    pool = DiskPool(reactor, 2)
+    pool.startService()
+    try:
+        os.makedirs(storage)
+        idx = SQLiteIndex(storage, pool, reactor)
+        idx.open()
+        await idx.put("go", "k", A, 1, {})
+        assert (await idx.get("go", "k")).hash == A
+        await idx.close()
+    finally:
+        pool.stopService()
+    assert threads and all("contentcache-disk" in name for name in threads)
+    assert threading.main_thread().name not in threads
