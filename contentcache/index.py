@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -276,7 +276,7 @@ class SQLiteIndex:
 
     def _call(self, method: str, *args: object) -> Deferred[Any]:
         if self._database is None:
-            raise RuntimeError("the index is not open")
+            return fail(RuntimeError("the index is not open"))
         return self._disk.run(getattr(self._database, method), *args)
 
     def get(self, protocol: str, key: str) -> Deferred[Entry | None]:

@@ -8,11 +8,10 @@ upstream fetches: a slow disk must not stall DNS, and the other way round.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, TypeVar
+from typing import Any, Callable, Protocol, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -37,7 +36,7 @@ class DiskPool(Service):
 
     name = "disk-pool"
 
-    def __init__(self, reactor: IReactorFromThreads, threads: int = DEFAULT_THREADS) -> None:
+    def __init__(self, reactor: Any, threads: int = DEFAULT_THREADS) -> None:
         self._reactor = reactor
         self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="contentcache-disk")
 
@@ -46,7 +45,11 @@ class DiskPool(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.pool.start()
+        # Threads start with the reactor: if a later service refuses to
+        # start (an index from a newer version, say), no pool thread exists
+        # yet to keep the process from exiting. Calls made before then wait
+        # in the pool's queue.
+        self._reactor.callWhenRunning(self.pool.start)
 
     def stopService(self) -> None:
         super().stopService()

@@ -8,7 +8,7 @@ import json
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.http import NOT_ALLOWED, OK, SERVICE_UNAVAILABLE
+from twisted.web.http import NOT_ALLOWED, NOT_FOUND, OK, SERVICE_UNAVAILABLE
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
@@ -16,7 +16,7 @@ from . import __version__, tempfiles
 from .index import SQLiteIndex
 from .pool import Runner
 from .store import Store
-from .web import AsyncResource, NotFoundResource, text
+from .web import AsyncResource, NotFoundResource, exact, text
 
 log = Logger()
 
@@ -84,6 +84,8 @@ class _Home(Resource):
     isLeaf = True
 
     def render(self, request: Request) -> bytes:
+        if not exact(request):
+            return text(request, NOT_FOUND, "not found")
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
             return text(request, NOT_ALLOWED, "method not allowed")

@@ -5,6 +5,7 @@ C{twistd contentcache}: command-line options and service wiring.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Mapping, Sequence
 
@@ -34,16 +35,19 @@ def environment_name(option: str) -> str:
     return ENVIRONMENT_PREFIX + option.upper().replace("-", "_")
 
 
+_TCP_PORT = re.compile(r"(?:tcp6?:)?(?:port=)?(\d+)(?::.*)?")
+
+
 def normalise_port(description: str) -> str:
     """
     A bare port number means TCP on every interface.
     """
     description = description.strip()
+    m = _TCP_PORT.fullmatch(description)
+    if m and int(m[1]) > 65535:
+        raise usage.UsageError(f"--port {description}: {m[1]} is not a port number (0-65535).")
     if description.isdigit():
-        number = int(description)
-        if number > 65535:
-            raise usage.UsageError(f"--port {description} is not a port number (0-65535).")
-        return f"tcp:{number}"
+        return f"tcp:{int(description)}"
     return description
 
 

@@ -115,18 +115,30 @@ def handle(request: Request, handler: Callable[[], Awaitable[Any]]) -> object:
     return NOT_DONE_YET
 
 
+def exact(request: Request) -> bool:
+    """
+    Whether a leaf resource was asked for itself (C{/health}, C{/health/}),
+    not for some path below it.
+    """
+    return request.postpath in ([], [b""])
+
+
 class AsyncResource(Resource):
     """
     A leaf resource whose methods are C{async def render_async(request)}.
+    Paths below it are 404 unless C{takes_subpath} is set.
     """
 
     isLeaf = True
     methods: tuple[bytes, ...] = (b"GET", b"HEAD")
+    takes_subpath = False
 
     async def render_async(self, request: Request) -> None:
         raise NotImplementedError
 
     def render(self, request: Request) -> object:
+        if not self.takes_subpath and not exact(request):
+            return text(request, NOT_FOUND, "not found")
         if request.method not in self.methods:
             request.setHeader(b"allow", b", ".join(self.methods))
             return text(request, NOT_ALLOWED, "method not allowed")
@@ -182,11 +194,11 @@ def parse_range(header: bytes | None, size: int) -> ByteRange | None:
             raise Unsatisfiable()
         return ByteRange(max(0, size - suffix), size - 1)
     start = int(m[1])
-    end = int(m[2]) if m[2] else size - 1
-    if end < start:
+    if m[2] and int(m[2]) < start:
         return None
     if start >= size:
         raise Unsatisfiable()
+    end = int(m[2]) if m[2] else size - 1
     return ByteRange(start, min(end, size - 1))
 
 

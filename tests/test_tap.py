@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+from twisted.application.service import IServiceCollection
+from twisted.python.usage import UsageError
+
+from contentcache.tap import Options, makeService
+
+
+def parse(argv: list[str], environ: dict[str, str] | None = None) -> Options:
+    options = Options(environ=environ or {})
+    options.parseOptions(argv)
+    return options
+
+
+def test_defaults(tmp_path: object) -> None:
+    options = parse([])
+    assert options["port"] == "tcp:8080"
+    assert options["storage"] == os.path.abspath("./cache")
+    assert options["disk-threads"] == 8
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ("8080", "tcp:8080"),
+        ("0", "tcp:0"),
+        ("tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"),
+        ("unix:/tmp/cc.sock", "unix:/tmp/cc.sock"),
+    ],
+)
+def test_port(given: str, expected: str) -> None:
+    assert parse(["--port", given])["port"] == expected
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--port", "99999"], "not a port number"),
+        (["--port", "carrier-pigeon:1"], "not an endpoint"),
+        (["--port", "tcp:notanumber"], "not an endpoint"),
+        (["--disk-threads", "0"], "--disk-threads must be a whole number"),
+        (["--disk-threads", "many"], "--disk-threads must be a whole number"),
+        (["--storage", ""], "--storage needs a directory"),
+        (["--no-such-option"], "no-such-option"),
+    ],
+)
+def test_bad_values_are_one_sentence(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError) as e:
+        parse(argv)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_storage_that_is_a_file(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "file")
+    open(path, "w").close()
+    with pytest.raises(UsageError, match="is not a directory"):
+        parse(["--storage", path])
+
+
+def test_environment_sets_options(tmp_path: object) -> None:
+    options = parse(
+        [],
+        {
+            "CONTENTCACHE_PORT": "9090",
+            "CONTENTCACHE_STORAGE": str(tmp_path),
+            "CONTENTCACHE_DISK_THREADS": "3",
+        },
+    )
+    assert options["port"] == "tcp:9090"
+    assert options["storage"] == str(tmp_path)
+    assert options["disk-threads"] == 3
+
+
+@pytest.mark.parametrize(
+    "argv", [["--port", "7070"], ["--port=7070"], ["-p", "7070"], ["-p7070"]]
+)
+def test_flag_wins_over_environment(argv: list[str]) -> None:
+    assert parse(argv, {"CONTENTCACHE_PORT": "9090"})["port"] == "tcp:7070"
+
+
+def test_bad_environment_value_names_the_option() -> None:
+    with pytest.raises(UsageError, match="--disk-threads"):
+        parse([], {"CONTENTCACHE_DISK_THREADS": "lots"})
+
+
+def test_make_service_wires_without_io(tmp_path: object) -> None:
+    storage = os.path.join(str(tmp_path), "not-yet")
+    service = makeService(parse(["--storage", storage, "--port", "tcp:0"]))
+    assert IServiceCollection.providedBy(service)
+    names = [type(s).__name__ for s in service]
+    assert names[0] == "DiskPool"  # stopped last
+    assert names[-1] == "StreamServerEndpointService"  # listens last
+    assert not os.path.exists(storage)  # nothing touched before start
