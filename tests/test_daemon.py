@@ -9,6 +9,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import sys
 import time
 from typing import Iterator
 
@@ -141,3 +142,28 @@ def test_plugin_is_listed_from_any_directory(tmp_path: object) -> None:
         [TWISTD, "--help"], capture_output=True, timeout=60, cwd=str(tmp_path), check=True
     )
     assert b"contentcache" in process.stdout
+
+
+def test_plugin_is_found_after_a_regular_install(tmp_path: object) -> None:
+    # The suite itself runs from an editable install (see above); this is
+    # the other way users install: a built wheel's files in site-packages.
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    target = os.path.join(str(tmp_path), "site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, repository],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    assert os.path.exists(os.path.join(target, "twisted", "plugins", "contentcache_plugin.py"))
+    assert not os.path.exists(os.path.join(target, "twisted", "plugins", "__init__.py"))
+    env = {**os.environ, "PYTHONPATH": target}
+    where = subprocess.run(
+        [sys.executable, "-c", "import contentcache; print(contentcache.__file__)"],
+        env=env, cwd=str(tmp_path), capture_output=True, text=True, check=True,
+    )
+    assert where.stdout.startswith(target)
+    listed = subprocess.run(
+        [TWISTD, "--help"], env=env, cwd=str(tmp_path), capture_output=True, check=True, timeout=60
+    )
+    assert b"contentcache" in listed.stdout
