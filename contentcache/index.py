@@ -324,7 +324,6 @@ class IndexService(Service):
     the index.
     """
 
-    name = "index"
     log = Logger()
 
     def __init__(

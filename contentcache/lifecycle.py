@@ -26,7 +26,6 @@ class StoreService(Service):
     a while and locked temporary files keep it from touching live writes.
     """
 
-    name = "store"
 
     def __init__(self, store: Store) -> None:
         self.store = store

@@ -34,7 +34,6 @@ class DiskPool(Service):
     A service that owns a thread pool and runs blocking calls on it.
     """
 
-    name = "disk-pool"
 
     def __init__(self, reactor: Any, threads: int = DEFAULT_THREADS) -> None:
         self._reactor = reactor

@@ -5,6 +5,7 @@ The root resource: the daemon's whole HTTP surface.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -38,7 +39,7 @@ class Health(AsyncResource):
         self._index = index
         self._disk = disk
 
-    async def _check(self, what: str, d: Deferred[object]) -> str:
+    async def _check(self, what: str, d: Deferred[Any]) -> str:
         try:
             await d
         except Exception as e:

@@ -6,7 +6,7 @@ errors become status codes, and streaming a blob to a client.
 from __future__ import annotations
 
 import re
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable, Coroutine
 
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred
@@ -97,13 +97,13 @@ def _fail(failure: Failure, request: Request, gone: list[bool]) -> None:
     request.finish()
 
 
-def handle(request: Request, handler: Callable[[], Awaitable[Any]]) -> object:
+def handle(request: Request, handler: Callable[[], Coroutine[Any, Any, Any]]) -> object:
     """
     Run an async handler for C{request}: cancelled when the client goes
     away, its known errors turned into status codes, anything else logged
     and answered with a 500 without a traceback.
     """
-    d = Deferred.fromCoroutine(handler())  # type: ignore[arg-type]
+    d: Deferred[Any] = Deferred.fromCoroutine(handler())
     gone: list[bool] = []
 
     def client_left(reason: Failure) -> None:
