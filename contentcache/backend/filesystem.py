@@ -25,6 +25,10 @@ from . import IBackend, IReader, NotFound, Stat, check_key, iterate
 KEYS_BATCH = 1000
 
 
+def _absolute(path: str) -> str:
+    return os.path.abspath(path)
+
+
 @implementer(IReader)
 @define
 class FileReader:
@@ -50,7 +54,7 @@ class FilesystemBackend:
     Store objects as files below C{root}.
     """
 
-    root: str = field(converter=os.path.abspath)
+    root: str = field(converter=_absolute)
     _disk: Runner
 
     def path(self, key: str) -> str:
