@@ -109,6 +109,12 @@ class IIndex(Interface):
         How many entries point at the blob C{hash}.
         """
 
+    def keys(protocol: str, prefix: str, limit: int) -> Deferred[list[str]]:
+        """
+        The keys of C{protocol} that start with C{prefix}, in order, at
+        most C{limit} of them.
+        """
+
     def touch(protocol: str, key: str) -> None:
         """
         Record a use of the entry now; written with the next batch.
@@ -215,6 +221,16 @@ class Database:
             )
         return cursor.rowcount > 0
 
+    def keys(self, protocol: str, prefix: str, limit: int) -> list[str]:
+        # A range scan on the primary key: prefix <= key < prefix + U+10FFFF.
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key FROM entries WHERE protocol = ? AND key >= ? AND key < ? "
+                "ORDER BY key LIMIT ?",
+                (protocol, prefix, prefix + "\U0010ffff", limit),
+            ).fetchall()
+        return [key for (key,) in rows]
+
     def references(self, hash: Hash) -> int:
         with self._lock:
             return self._db.execute(
@@ -294,6 +310,9 @@ class SQLiteIndex:
 
     def references(self, hash: Hash) -> Deferred[int]:
         return self._call("references", hash)
+
+    def keys(self, protocol: str, prefix: str, limit: int = 10_000) -> Deferred[list[str]]:
+        return self._call("keys", protocol, prefix, limit)
 
     def touch(self, protocol: str, key: str) -> None:
         self._pending[protocol, key] = self._clock.seconds()

@@ -5,7 +5,7 @@ The root resource: the daemon's whole HTTP surface.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Mapping
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -71,9 +71,17 @@ class Root(Resource):
     Routes the top-level path segment; anything unknown is a 404.
     """
 
-    def __init__(self, store: Store, index: SQLiteIndex, disk: Runner) -> None:
+    def __init__(
+        self,
+        store: Store,
+        index: SQLiteIndex,
+        disk: Runner,
+        protocols: Mapping[bytes, IResource] | None = None,
+    ) -> None:
         super().__init__()
         self.putChild(b"health", Health(store, index, disk))
+        for name, resource in (protocols or {}).items():
+            self.putChild(name, resource)
 
     def getChild(self, path: bytes, request: Request) -> IResource:
         if path == b"":

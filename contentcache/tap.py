@@ -17,11 +17,20 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from .backend.filesystem import FilesystemBackend
+from .protocol.goproxy.sumdb import InvalidSumDB
+from .protocol.goproxy.sumdb import parse_flag as parse_sumdb_flag
+from .units import parse_duration
+from .cache import ProtocolCache
 from .index import IndexService, SQLiteIndex
+from .protocol.goproxy.resource import PROTOCOL as GO
+from .protocol.goproxy.resource import SUMDB_PROTOCOL as GOSUMDB
+from .protocol.goproxy.resource import GoProxy, GoProxyResource
+from .protocol.goproxy.service import GoProxyService
 from .lifecycle import ExitCleanlyOnSIGTERM, StoreService
 from .pool import DEFAULT_THREADS, DiskPool
 from .server import Root
 from .store import Store
+from .upstream import NegativeCache, Timeouts
 
 ENVIRONMENT_PREFIX = "CONTENTCACHE_"
 DEFAULT_PORT = "tcp:8080"
@@ -70,14 +79,43 @@ class Options(usage.Options):
          "(tcp:8080:interface=127.0.0.1, systemd:domain=INET6:name=contentcache)."],
         ["storage", "s", "./cache", "The storage directory (created if missing)."],
         ["disk-threads", None, str(DEFAULT_THREADS), "Threads for disk and index work."],
+        ["go-upstream", None, None, "The Go module proxy to fetch from (default: the first "
+         "URL in `go env GOPROXY`; none: cache-only)."],
+        ["go-metadata-ttl", None, "10m", "How long @v/list, @latest and version queries are "
+         "served before they are revalidated upstream."],
+        ["negative-ttl", None, "1m", "How long an upstream 404 is remembered."],
+        ["connect-timeout", None, "10s", "Timeout for connecting to an upstream."],
+        ["upstream-timeout", None, "30s", "Timeout for an upstream's response headers."],
+        ["idle-timeout", None, "30s", "Give up on an upstream body that sends nothing for this long."],
     ]
+
+    #: Options that may be given several times; in the environment their
+    #: values are separated by white space.
+    repeatable = ["go-sumdb"]
+
+    def opt_go_sumdb(self, value: str) -> None:
+        """
+        A checksum database to proxy and verify against, NAME=URL
+        (repeatable; the first verifies downloads), or off. Default: the
+        go command's GOSUMDB.
+        """
+        if value == "off":
+            self["go-sumdb"] = "off"
+            return
+        try:
+            entry = parse_sumdb_flag(value)
+        except InvalidSumDB as e:
+            raise usage.UsageError(f"{e}.") from None
+        if not isinstance(self.get("go-sumdb"), list):
+            self["go-sumdb"] = []
+        self["go-sumdb"].append(entry)
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
 
     def _long_names(self) -> list[str]:
-        return [str(p[0]) for p in self.optParameters]
+        return [str(p[0]) for p in self.optParameters] + self.repeatable
 
     def _given(self, argv: Sequence[str]) -> set[str]:
         """
@@ -97,11 +135,13 @@ class Options(usage.Options):
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         argv = list(sys.argv[1:] if options is None else options)
         given = self._given(argv)
-        from_environment = [
-            f"--{name}={self._environ[environment_name(name)]}"
-            for name in self._long_names()
-            if name not in given and environment_name(name) in self._environ
-        ]
+        from_environment = []
+        for name in self._long_names():
+            value = self._environ.get(environment_name(name))
+            if name in given or value is None:
+                continue
+            values = value.split() if name in self.repeatable else [value]
+            from_environment += [f"--{name}={v}" for v in values]
         super().parseOptions(from_environment + argv)
 
     def postOptions(self) -> None:
@@ -128,6 +168,24 @@ class Options(usage.Options):
             raise usage.UsageError(f"--storage {storage} exists and is not a directory.")
         self["storage"] = storage
 
+        for name in ("go-metadata-ttl", "negative-ttl", "connect-timeout", "upstream-timeout", "idle-timeout"):
+            try:
+                self[name] = parse_duration(str(self[name]))
+            except ValueError as e:
+                raise usage.UsageError(f"--{name}: {e}.") from None
+        upstream = self["go-upstream"]
+        if upstream is not None and not str(upstream).startswith(("http://", "https://")):
+            raise usage.UsageError(f"--go-upstream must be an http or https URL, not {upstream!r}.")
+        self.setdefault("go-sumdb", None)
+
+
+def listening_port(description: str) -> int | None:
+    """
+    The TCP port an endpoint description listens on, if it names one.
+    """
+    m = _TCP_PORT.fullmatch(description)
+    return int(m[1]) if m else None
+
 
 def makeService(options: Options) -> IService:
     """
@@ -150,7 +208,22 @@ def makeService(options: Options) -> IService:
 
     ExitCleanlyOnSIGTERM(reactor).setServiceParent(top)
 
-    site = Site(Root(store, index, disk))
+    timeouts = Timeouts(options["connect-timeout"], options["upstream-timeout"], options["idle-timeout"])
+    negative_ttl = options["negative-ttl"]
+    goproxy = GoProxy(
+        store,
+        ProtocolCache(GO, index, store, reactor, NegativeCache(reactor, negative_ttl)),
+        ProtocolCache(GOSUMDB, index, store, reactor, NegativeCache(reactor, negative_ttl)),
+        disk,
+        reactor,
+        upstream=None,
+        metadata_ttl=options["go-metadata-ttl"],
+    )
+    GoProxyService(
+        goproxy, reactor, timeouts, options["go-upstream"], options["go-sumdb"], listening_port(options["port"])
+    ).setServiceParent(top)
+
+    site = Site(Root(store, index, disk, {b"goproxy": GoProxyResource(goproxy)}))
     site.displayTracebacks = False
     strports.service(options["port"], site).setServiceParent(top)
     return top

@@ -29,8 +29,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from .backend import IReader
+from .cache import IntegrityError, Missing
 from .hash import Hash
 from .store import BlobNotFound, Store
+from .upstream import UpstreamError, UpstreamTimeout
 
 log = Logger()
 
@@ -87,6 +89,16 @@ def _fail(failure: Failure, request: Request, gone: list[bool]) -> None:
     if failure.check(HTTPError):
         e = failure.value
         body = text(request, e.code, e.message)
+    elif failure.check(Missing):
+        body = text(request, NOT_FOUND, f"not found: {failure.value}")
+    elif failure.check(IntegrityError):
+        body = text(request, BAD_GATEWAY, f"refused: {failure.value}")
+    elif failure.check(UpstreamTimeout):
+        log.warn("upstream timeout for {uri}: {error}", uri=request.uri, error=failure.value)
+        body = text(request, GATEWAY_TIMEOUT, f"upstream timeout: {failure.value}")
+    elif failure.check(UpstreamError):
+        log.warn("upstream failure for {uri}: {error}", uri=request.uri, error=failure.value)
+        body = text(request, BAD_GATEWAY, f"upstream failure: {failure.value}")
     elif failure.check(BlobNotFound):
         log.warn("blob {hash} is missing from the store", hash=str(failure.value))
         body = text(request, NOT_FOUND, "not found")
@@ -323,3 +335,20 @@ async def send_blob(
     finally:
         await reader.close()
     request.finish()
+
+
+async def read_blob(store: Store, blob: Hash, limit: int) -> bytes:
+    """
+    A small blob's whole content (metadata, never an artifact); more than
+    C{limit} bytes is an error.
+    """
+    reader = await store.get(blob)
+    try:
+        if reader.size > limit:
+            raise ValueError(f"blob {blob.hex} is {reader.size} bytes, more than {limit}")
+        parts = []
+        while chunk := await reader.read(CHUNK_SIZE):
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        await reader.close()

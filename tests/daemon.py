@@ -39,7 +39,8 @@ class Daemon:
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            # Never the machine's own Go settings: they name public servers.
+            env={**os.environ, "GOPROXY": "off", "GOSUMDB": "off", **(env or {})},
             cwd=cwd,
         )
         self.port = int(self.wait_for(_LISTENING)[1])

@@ -234,3 +234,16 @@ async def test_calls_run_on_the_disk_pool(storage: str, monkeypatch: pytest.Monk
         pool.stopService()
     assert threads and all("contentcache-disk" in name for name in threads)
     assert threading.main_thread().name not in threads
+
+
+def test_keys_by_prefix(index: SQLiteIndex) -> None:
+    for key in ["example.com/a/@v/v1.0.0.info", "example.com/a/@v/v1.1.0.zip",
+                "example.com/a/@v/list", "example.com/ab/@v/v1.0.0.info", "example.com/a/@latest"]:
+        resolve(index.put("go", key, A, 1, {}))
+    resolve(index.put("npm", "example.com/a/@v/v9.0.0.info", A, 1, {}))
+    assert resolve(index.keys("go", "example.com/a/@v/")) == [
+        "example.com/a/@v/list",
+        "example.com/a/@v/v1.0.0.info",
+        "example.com/a/@v/v1.1.0.zip",
+    ]
+    assert resolve(index.keys("go", "example.com/a/@v/", 1)) == ["example.com/a/@v/list"]

@@ -1,0 +1,90 @@
+"""
+Finding upstreams in the user's own client configuration when no flag
+names them: C{go env GOPROXY} and C{go env GOSUMDB}.
+
+These functions run a client once at startup, before the reactor runs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import subprocess
+from urllib.parse import urlsplit
+
+from twisted.logger import Logger
+
+log = Logger()
+
+CLIENT_TIMEOUT = 20.0
+
+
+def go_env(*names: str) -> dict[str, str] | None:
+    """
+    The go command's settings, or L{None} when there is no go command.
+    """
+    try:
+        result = subprocess.run(
+            ["go", "env", "-json", *names],
+            capture_output=True,
+            timeout=CLIENT_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.info("no go command to read GOPROXY from: {error}", error=e)
+        return None
+    if result.returncode != 0:
+        log.warn("go env failed: {error}", error=result.stderr.decode(errors="replace").strip())
+        return None
+    settings: dict[str, str] = json.loads(result.stdout)
+    return settings
+
+
+def first_proxy_url(goproxy: str) -> str | None:
+    """
+    The first URL in a GOPROXY list (entries separated by C{,} or C{|};
+    C{direct} and C{off} are not URLs).
+    """
+    for entry in goproxy.replace("|", ",").split(","):
+        entry = entry.strip()
+        if entry == "off":
+            return None
+        if entry.startswith(("http://", "https://")):
+            return entry.rstrip("/")
+    return None
+
+
+def _local_names() -> set[str]:
+    names = {"localhost", "localhost.localdomain"}
+    try:
+        names.add(socket.gethostname().lower())
+        names.add(socket.getfqdn().lower())
+    except OSError:
+        pass
+    return names
+
+
+def _is_local(host: str) -> bool:
+    if host.lower() in _local_names():
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
+def points_at_self(url: str, port: int | None, prefix: str) -> bool:
+    """
+    Whether C{url} would send this daemon's requests back to itself: a
+    local address on the port it listens on (or, when that port is not
+    known, under the path it serves this protocol at).
+    """
+    parts = urlsplit(url)
+    if not parts.hostname or not _is_local(parts.hostname):
+        return False
+    url_port = parts.port or (443 if parts.scheme == "https" else 80)
+    if port is not None:
+        return url_port == port
+    return parts.path.rstrip("/").startswith(prefix)

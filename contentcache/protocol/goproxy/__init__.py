@@ -1,0 +1,3 @@
+"""
+The Go module proxy (GOPROXY) protocol.
+"""

@@ -1,0 +1,408 @@
+"""
+The GOPROXY protocol under C{/goproxy/}: module versions, lists and
+queries, and checksum-database proxying, translated into cache lookups and
+upstream fetches.
+"""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+from attrs import define, field
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.http import NOT_FOUND, OK
+from twisted.web.server import Request
+
+from ...cache import (
+    HIT,
+    MISS,
+    NOT_MODIFIED,
+    REVALIDATED,
+    STALE,
+    Fill,
+    IntegrityError,
+    Missing,
+    ProtocolCache,
+    Served,
+    _NotModified,
+)
+from ...index import Entry
+from ...pool import Runner
+from ...store import BlobNotFound, Store
+from ...upstream import Upstream, UpstreamError, conditional_headers
+from ...web import AsyncResource, TEXT, not_found, read_blob, send_blob, text
+from .modzip import MAX_GO_MOD_SIZE, MAX_ZIP_SIZE, ZipRuleError, check_and_hash_zip, hash_go_mod
+from .paths import InvalidPath, Module, Version, is_canonical, unescape
+from .sumdb import InvalidSumDB, SumDB, check_tile, is_full_tile, parse_record
+
+log = Logger()
+
+PROTOCOL = "go"
+SUMDB_PROTOCOL = "gosumdb"
+DEFAULT_METADATA_TTL = 10 * 60.0
+#: .info, lists and sumdb answers are small; anything bigger is not one.
+MAX_METADATA_SIZE = 16 << 20
+IMMUTABLE = b"public, max-age=31536000, immutable"
+JSON = b"application/json"
+ZIP = b"application/zip"
+OCTETS = b"application/octet-stream"
+
+
+@define
+class GoProxy:
+    """
+    The GOPROXY adapter's state: where to fetch from, the caches, and the
+    checksum database used to verify what is fetched.
+    """
+
+    store: Store
+    cache: ProtocolCache
+    sumdb_cache: ProtocolCache
+    _disk: Runner
+    _clock: IReactorTime
+    upstream: Upstream | None
+    #: Configured checksum databases by name, each with its upstream.
+    sumdbs: dict[str, tuple[SumDB, Upstream]] = field(factory=dict)
+    #: The database that verifies downloads: the first configured.
+    verifier: str | None = None
+    metadata_ttl: float = DEFAULT_METADATA_TTL
+    _unreachable_warned: bool = False
+
+    # Fetches, each returning what the cache should store.
+
+    async def _get(
+        self, upstream: Upstream, path: str, limit: int, headers: dict[str, str] | None = None
+    ) -> Fill | _NotModified:
+        fetched = await upstream.fetch(self.store, upstream.url(path), headers, limit)
+        if fetched.status in (404, 410):
+            raise Missing(path)
+        if fetched.status == 304:
+            return NOT_MODIFIED
+        if fetched.spool is None:
+            raise UpstreamError(f"upstream answered {fetched.status} for {path}")
+        attrs = {
+            k: v
+            for k, v in (
+                ("etag", fetched.header("etag")),
+                ("last_modified", fetched.header("last-modified")),
+            )
+            if v
+        }
+        return Fill(fetched.spool, attrs)
+
+    async def _get_new(self, upstream: Upstream, path: str, limit: int) -> Fill:
+        fill = await self._get(upstream, path, limit)
+        assert isinstance(fill, Fill)
+        return fill
+
+    def _revalidator(
+        self, upstream: Upstream | None, path: str, limit: int = MAX_METADATA_SIZE
+    ) -> Callable[[Entry | None], Awaitable[Fill | _NotModified]] | None:
+        if upstream is None:
+            return None
+
+        async def revalidate(entry: Entry | None) -> Fill | _NotModified:
+            headers = None
+            if entry is not None:
+                headers = conditional_headers(
+                    entry.attrs.get("etag"), entry.attrs.get("last_modified")
+                )
+            return await self._get(upstream, path, limit, headers)
+
+        return revalidate
+
+    async def _fetch_mod(self, module: Module, version: Version, key: str) -> Fill:
+        assert self.upstream is not None
+        fill = await self._get_new(self.upstream, key, MAX_GO_MOD_SIZE)
+        h1 = await self._disk.run(hash_go_mod, fill.spool.path)
+        return await self._verified(fill, module, version, "/go.mod", h1)
+
+    async def _fetch_zip(self, module: Module, version: Version, key: str) -> Fill:
+        assert self.upstream is not None
+        fill = await self._get_new(self.upstream, key, MAX_ZIP_SIZE)
+        try:
+            h1 = await self._disk.run(check_and_hash_zip, fill.spool.path, module.path, version.name)
+        except ZipRuleError as e:
+            await fill.spool.abort()
+            log.error(
+                "refusing {module}@{version}.zip from upstream: {error}",
+                module=module.path,
+                version=version.name,
+                error=e,
+            )
+            raise IntegrityError(f"{module.path}@{version.name}: bad module zip: {e}") from None
+        return await self._verified(fill, module, version, "", h1)
+
+    async def _verified(
+        self, fill: Fill, module: Module, version: Version, suffix: str, h1: str
+    ) -> Fill:
+        """
+        Compare C{h1} with the checksum database's record; the artifact is
+        discarded on a mismatch, stored unverified when the database cannot
+        say.
+        """
+        try:
+            verified = await self._check_sum(module, version, suffix, h1)
+        except BaseException:
+            await fill.spool.abort()
+            raise
+        return Fill(fill.spool, {**fill.attrs, "h1": h1, "verified": verified})
+
+    async def _check_sum(self, module: Module, version: Version, suffix: str, h1: str) -> bool:
+        if self.verifier is None:
+            return False
+        sumdb, upstream = self.sumdbs[self.verifier]
+        try:
+            served = await self.sumdb_lookup(sumdb.name, module, version)
+        except Missing:
+            log.info(
+                "{sumdb} has no record of {module}@{version}; stored unverified",
+                sumdb=sumdb.name,
+                module=module.path,
+                version=version.name,
+            )
+            return False
+        except UpstreamError as e:
+            if not self._unreachable_warned:
+                self._unreachable_warned = True
+                log.warn(
+                    "checksum database {sumdb} is unreachable ({error}); storing "
+                    "downloads unverified until it answers (the go command still "
+                    "verifies them)",
+                    sumdb=sumdb.name,
+                    error=e,
+                )
+            return False
+        if self._unreachable_warned:
+            self._unreachable_warned = False
+            log.info("checksum database {sumdb} answers again", sumdb=sumdb.name)
+        record = parse_record(await read_blob(self.store, served.entry.hash, MAX_METADATA_SIZE))
+        expected = record.get(f"{module.path} {version.name}{suffix}")
+        if expected is None:
+            return False
+        if expected != h1:
+            log.critical(
+                "CHECKSUM MISMATCH for {module}@{version}{suffix}: upstream sent {actual}, "
+                "checksum database {sumdb} says {expected}; not stored, not served",
+                module=module.path,
+                version=version.name,
+                suffix=suffix,
+                actual=h1,
+                expected=expected,
+                sumdb=sumdb.name,
+            )
+            raise IntegrityError(
+                f"{module.path}@{version.name}{suffix}: checksum mismatch with {sumdb.name}"
+            )
+        return True
+
+    async def sumdb_lookup(self, name: str, module: Module, version: Version) -> Served:
+        sumdb, upstream = self.sumdbs[name]
+        path = f"lookup/{module.escaped}@{version.escaped}"
+        return await self.sumdb_cache.immutable(
+            f"{name}/{path}", lambda: self._get_new(upstream, path, MAX_METADATA_SIZE)
+        )
+
+    # Answers to each route.
+
+    async def module_file(self, module: Module, version: Version, ext: str) -> Served:
+        key = f"{module.escaped}/@v/{version.escaped}.{ext}"
+        if ext == "info" and not version.canonical:
+            return await self.cache.mutable(
+                key, self.metadata_ttl, self._revalidator(self.upstream, key)
+            )
+        if not version.canonical:
+            raise Missing(f"{module.path}@{version.name}: .{ext} needs a canonical version")
+        if self.upstream is None:
+            return await self.cache.immutable(key, None)
+        if ext == "zip":
+            return await self.cache.immutable(key, lambda: self._fetch_zip(module, version, key))
+        if ext == "mod":
+            return await self.cache.immutable(key, lambda: self._fetch_mod(module, version, key))
+        upstream = self.upstream
+        return await self.cache.immutable(
+            key, lambda: self._get_new(upstream, key, MAX_METADATA_SIZE)
+        )
+
+    async def latest(self, module: Module) -> Served:
+        key = f"{module.escaped}/@latest"
+        return await self.cache.mutable(key, self.metadata_ttl, self._revalidator(self.upstream, key))
+
+    async def version_list(self, module: Module) -> Served | bytes:
+        """
+        Upstream's list of versions; when upstream cannot be asked and no
+        list was ever fetched, the versions this cache holds.
+        """
+        key = f"{module.escaped}/@v/list"
+        try:
+            return await self.cache.mutable(
+                key, self.metadata_ttl, self._revalidator(self.upstream, key)
+            )
+        except (UpstreamError, Missing) as e:
+            if isinstance(e, Missing) and self.upstream is not None:
+                raise
+            versions = await self.cached_versions(module)
+            if not versions:
+                raise
+            return "".join(f"{v}\n" for v in versions).encode("utf-8")
+
+    async def cached_versions(self, module: Module) -> list[str]:
+        prefix = f"{module.escaped}/@v/"
+        versions = set()
+        for key in await self.cache.index.keys(PROTOCOL, prefix):
+            name, _, ext = key[len(prefix):].rpartition(".")
+            if ext in ("info", "mod", "zip"):
+                version = unescape(name, "version")
+                if is_canonical(version):
+                    versions.add(version)
+        return sorted(versions)
+
+    async def sumdb_path(self, name: str, path: str) -> Served:
+        sumdb, upstream = self.sumdbs[name]
+        key = f"{name}/{path}"
+        if path == "latest":
+            return await self.sumdb_cache.mutable(
+                key, self.metadata_ttl, self._revalidator(upstream, path)
+            )
+        tile = check_tile(path.removeprefix("tile/"))
+        if is_full_tile(tile):
+            return await self.sumdb_cache.immutable(
+                key, lambda: self._get_new(upstream, path, MAX_METADATA_SIZE)
+            )
+        return await self.sumdb_cache.mutable(
+            key, self.metadata_ttl, self._revalidator(upstream, path)
+        )
+
+
+_OUTCOME_HEADER = {HIT: b"HIT", MISS: b"MISS", STALE: b"STALE", REVALIDATED: b"REVALIDATED"}
+
+
+def _segments(request: Request) -> list[str]:
+    segments = []
+    for raw in request.postpath or []:
+        try:
+            segment = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidPath("invalid path: not UTF-8") from None
+        # Twisted has already percent-decoded each segment: a "/" here was
+        # a %2F in the request, which no module path contains.
+        if "/" in segment or "\x00" in segment:
+            raise InvalidPath("invalid path: encoded '/' or NUL")
+        segments.append(segment)
+    return segments
+
+
+class GoProxyResource(AsyncResource):
+    """
+    C{/goproxy/...}.
+    """
+
+    takes_subpath = True
+
+    def __init__(self, proxy: GoProxy) -> None:
+        super().__init__()
+        self.proxy = proxy
+
+    async def _send(
+        self, request: Request, served: Served | bytes, content_type: bytes, immutable: bool
+    ) -> None:
+        if isinstance(served, bytes):
+            # A list made from what the cache holds: upstream could not say.
+            request.setResponseCode(OK)
+            request.setHeader(b"x-cache", b"STALE")
+            request.setHeader(b"warning", b'111 - "Revalidation Failed"')
+            request.setHeader(b"content-type", content_type)
+            request.setHeader(b"content-length", b"%d" % len(served))
+            request.write(served)
+            request.finish()
+            return
+        headers = {b"x-cache": _OUTCOME_HEADER[served.outcome]}
+        if served.outcome == STALE:
+            headers[b"warning"] = b'111 - "Revalidation Failed"'
+        headers[b"cache-control"] = IMMUTABLE if immutable else b"max-age=60"
+        entry = served.entry
+        await send_blob(request, self.proxy.store, entry.hash, entry.size, content_type, headers)
+
+    async def render_async(self, request: Request) -> None:
+        try:
+            segments = _segments(request)
+            handler = self._route(segments)
+        except (InvalidPath, InvalidSumDB) as e:
+            request.write(text(request, NOT_FOUND, str(e)))
+            request.finish()
+            return
+        await handler(request)
+
+    def _route(self, segments: list[str]) -> Callable[[Request], Awaitable[None]]:
+        proxy = self.proxy
+        if not segments or segments == [""]:
+            raise InvalidPath("not found: name a module, e.g. /goproxy/example.com/m/@v/list")
+        if segments[0] == "sumdb":
+            return self._route_sumdb(segments[1:])
+        if segments[-1] == "@latest":
+            module = Module.parse("/".join(segments[:-1]))
+            return lambda r: self._answer(r, lambda: proxy.latest(module), JSON, False)
+        if len(segments) < 3 or segments[-2] != "@v":
+            raise InvalidPath("not found: not a GOPROXY path")
+        module = Module.parse("/".join(segments[:-2]))
+        last = segments[-1]
+        if last == "list":
+            return lambda r: self._answer(r, lambda: proxy.version_list(module), TEXT, False)
+        name, dot, ext = last.rpartition(".")
+        if not dot or ext not in ("info", "mod", "zip"):
+            raise InvalidPath("not found: not a GOPROXY path")
+        version = Version.parse(name)
+        content_type = {"info": JSON, "mod": TEXT, "zip": ZIP}[ext]
+        return lambda r: self._answer(
+            r, lambda: proxy.module_file(module, version, ext), content_type, version.canonical
+        )
+
+    def _route_sumdb(self, segments: list[str]) -> Callable[[Request], Awaitable[None]]:
+        proxy = self.proxy
+        if len(segments) < 2 or segments[0] not in proxy.sumdbs:
+            raise InvalidSumDB("not found: no such checksum database here")
+        name, rest = segments[0], segments[1:]
+        if rest == ["supported"]:
+            return self._supported
+        if rest == ["latest"]:
+            return lambda r: self._answer(r, lambda: proxy.sumdb_path(name, "latest"), TEXT, False)
+        if rest[0] == "lookup" and len(rest) >= 2:
+            module_path, at, version_name = "/".join(rest[1:]).rpartition("@")
+            if not at:
+                raise InvalidPath("invalid lookup: no @version")
+            module, version = Module.parse(module_path), Version.parse(version_name)
+            return lambda r: self._answer(
+                r, lambda: proxy.sumdb_lookup(name, module, version), TEXT, True
+            )
+        if rest[0] == "tile":
+            path = "tile/" + check_tile("/".join(rest[1:]))
+            return lambda r: self._answer(
+                r, lambda: proxy.sumdb_path(name, path), OCTETS, is_full_tile(path)
+            )
+        raise InvalidSumDB("not found: not a checksum database path")
+
+    async def _supported(self, request: Request) -> None:
+        request.setResponseCode(OK)
+        request.setHeader(b"content-type", TEXT)
+        request.setHeader(b"content-length", b"0")
+        request.finish()
+
+    async def _answer(
+        self,
+        request: Request,
+        lookup: Callable[[], Awaitable[Served | bytes]],
+        content_type: bytes,
+        immutable: bool,
+    ) -> None:
+        served = await lookup()
+        try:
+            await self._send(request, served, content_type, immutable)
+        except BlobNotFound:
+            if isinstance(served, bytes) or request.startedWriting:
+                raise
+            # The blob went away under the entry (an operator's repair, a
+            # damaged disk): forget the entry and fetch it again, once.
+            log.warn("blob for go {key} is missing; fetching again", key=served.entry.key)
+            await self.proxy.cache.forget(served.entry.key)
+            await self._send(request, await lookup(), content_type, immutable)

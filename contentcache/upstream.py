@@ -1,0 +1,341 @@
+"""
+Fetching from upstream servers: streaming into the store's spool with
+backpressure and an inactivity timeout, conditional requests, coalescing of
+concurrent misses, and a short memory of what upstream does not have.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Coroutine, Generic, Hashable, Mapping, TypeVar, cast
+
+from attrs import define, field, frozen
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import NOT_MODIFIED, OK
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from .store import Spool, Store
+
+log = Logger()
+T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: How long to wait for the status line and headers.
+DEFAULT_RESPONSE_TIMEOUT = 30.0
+#: How long a body may go without a byte before the fetch is abandoned.
+DEFAULT_IDLE_TIMEOUT = 30.0
+#: Writes waiting for the disk before the upstream connection is paused.
+_MAX_PENDING_WRITES = 4
+
+
+class UpstreamError(Exception):
+    """
+    Upstream failed: unreachable, an unexpected status, a broken body.
+    """
+
+
+class UpstreamTimeout(UpstreamError):
+    """
+    Upstream did not answer, or stopped sending, within the timeout.
+    """
+
+
+@frozen
+class Timeouts:
+    connect: float = DEFAULT_CONNECT_TIMEOUT
+    response: float = DEFAULT_RESPONSE_TIMEOUT
+    idle: float = DEFAULT_IDLE_TIMEOUT
+
+
+@frozen
+class Fetched:
+    """
+    An upstream answer. For a 200 the body is in C{spool}, closed and
+    hashed, for the caller to check and commit or abort.
+    """
+
+    status: int
+    headers: Mapping[str, str]
+    spool: Spool | None = None
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+
+class _SpoolBody(Protocol):
+    """
+    Receives a response body into a spool, one write at a time, pausing
+    the connection while the disk falls behind and giving up when upstream
+    goes quiet for C{idle} seconds.
+    """
+
+    def __init__(self, spool: Spool, clock: IReactorTime, idle: float, limit: int | None) -> None:
+        self.done: Deferred[None] = Deferred()
+        self._spool = spool
+        self._clock = clock
+        self._idle = idle
+        self._limit = limit
+        self._received = 0
+        self._pending = 0
+        self._paused = False
+        self._tail: Deferred[None] = Deferred()
+        self._tail.callback(None)
+        self._error: Exception | None = None
+        self._timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(self._idle, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._abandon(UpstreamTimeout(f"upstream sent nothing for {self._idle:g} s"))
+
+    @property
+    def _producer(self) -> IPushProducer:
+        return cast(IPushProducer, self.transport)
+
+    def _abandon(self, error: Exception) -> None:
+        if self._error is None:
+            self._error = error
+        self._producer.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        if self._timer is not None:
+            self._timer.reset(self._idle)
+        self._received += len(data)
+        if self._limit is not None and self._received > self._limit:
+            self._abandon(UpstreamError(f"upstream body exceeds {self._limit} bytes"))
+            return
+        self._pending += 1
+        if self._pending >= _MAX_PENDING_WRITES and not self._paused:
+            self._paused = True
+            self._producer.pauseProducing()
+        self._tail.addCallback(lambda _: self._spool.write(data))
+        self._tail.addCallbacks(self._written, self._write_failed)
+
+    def _written(self, _: object) -> None:
+        self._pending -= 1
+        if self._paused and self._pending <= 1 and self._error is None:
+            self._paused = False
+            self._producer.resumeProducing()
+
+    def _write_failed(self, failure: Failure) -> None:
+        self._pending -= 1
+        error = failure.value if isinstance(failure.value, Exception) else UpstreamError("write failed")
+        self._abandon(error)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+        def finish(_: object) -> None:
+            if self._error is not None:
+                self.done.errback(self._error)
+            elif not reason.check(ResponseDone):
+                self.done.errback(UpstreamError(f"upstream body broke off: {reason.value}"))
+            else:
+                self.done.callback(None)
+
+        self._tail.addBoth(finish)
+
+
+@define
+class Upstream:
+    """
+    One upstream server, addressed by its base URL.
+    """
+
+    base: str
+    _client: HTTPClient
+    _reactor: Any
+    _timeouts: Timeouts = Timeouts()
+    _pool: HTTPConnectionPool | None = None
+
+    @classmethod
+    def create(cls, base: str, reactor: Any, timeouts: Timeouts = Timeouts()) -> Upstream:
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 8
+        agent = Agent(reactor, connectTimeout=timeouts.connect, pool=pool)
+        return cls(base.rstrip("/"), HTTPClient(agent), reactor, timeouts, pool)
+
+    def close(self) -> Deferred[None]:
+        """
+        Close idle connections (at shutdown).
+        """
+        if self._pool is None:
+            return succeed(None)
+        return self._pool.closeCachedConnections()
+
+    def url(self, path: str) -> str:
+        return f"{self.base}/{path.lstrip('/')}"
+
+    async def _request(
+        self, method: str, url: str, headers: Mapping[str, str], data: bytes | None = None
+    ) -> IResponse:
+        try:
+            return await self._client.request(
+                method,
+                url,
+                headers=Headers({k: [v] for k, v in headers.items()}),
+                data=data,
+                unbuffered=True,
+                timeout=self._timeouts.response,
+                reactor=self._reactor,
+            )
+        except CancelledError:
+            raise UpstreamTimeout(
+                f"no response from upstream within {self._timeouts.response:g} s"
+            ) from None
+        except DeferredTimeout:
+            raise UpstreamTimeout("upstream did not answer in time") from None
+        except Exception as e:
+            raise UpstreamError(f"upstream unreachable: {e}") from e
+
+    async def fetch(
+        self,
+        store: Store,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+        limit: int | None = None,
+    ) -> Fetched:
+        """
+        GET C{url}. A 200's body is spooled (at most C{limit} bytes); any
+        other status comes back without a body, for the caller to judge.
+        """
+        response = await self._request("GET", url, headers or {})
+        received = {
+            k.decode("latin-1").lower(): b", ".join(v).decode("latin-1")
+            for k, v in response.headers.getAllRawHeaders()
+        }
+        if response.code != OK:
+            _discard(response)
+            return Fetched(response.code, received)
+        spool = await store.spool()
+        body = _SpoolBody(spool, self._reactor, self._timeouts.idle, limit)
+        response.deliverBody(body)
+        try:
+            await body.done
+            await spool.close()
+        except BaseException:
+            await spool.abort()
+            raise
+        return Fetched(OK, received, spool)
+
+    async def forward(
+        self, method: str, url: str, headers: Mapping[str, str], data: bytes | None = None
+    ) -> tuple[IResponse, Mapping[str, str]]:
+        """
+        Send a request on for a client, for pass-through endpoints; the
+        caller streams the response body.
+        """
+        response = await self._request(method, url, headers, data)
+        received = {
+            k.decode("latin-1").lower(): b", ".join(v).decode("latin-1")
+            for k, v in response.headers.getAllRawHeaders()
+        }
+        return response, received
+
+
+def _discard(response: IResponse) -> None:
+    """
+    Read and drop a body we do not want, so the connection can be reused.
+    """
+
+    class Drop(Protocol):
+        def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+            pass
+
+    response.deliverBody(Drop())
+
+
+def conditional_headers(etag: str | None, last_modified: str | None) -> dict[str, str]:
+    headers = {}
+    if etag:
+        headers["If-None-Match"] = etag
+    if last_modified:
+        headers["If-Modified-Since"] = last_modified
+    return headers
+
+
+def is_not_modified(fetched: Fetched) -> bool:
+    return fetched.status == NOT_MODIFIED
+
+
+@define
+class Coalescer(Generic[K, T]):
+    """
+    Runs one operation per key at a time: concurrent callers for the same
+    key share its result. Each caller gets a Deferred of its own, so a
+    caller that gives up (a client that disconnects) cancels only its own
+    wait, never the shared operation.
+    """
+
+    _inflight: dict[K, list[Deferred[T]]] = field(factory=dict)
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    def waiting(self, key: K) -> int:
+        return len(self._inflight.get(key, ()))
+
+    def run(self, key: K, operation: Callable[[], Coroutine[Any, Any, T]]) -> Deferred[T]:
+        waiter: Deferred[T] = Deferred()
+        if key in self._inflight:
+            self._inflight[key].append(waiter)
+            return waiter
+        self._inflight[key] = [waiter]
+        Deferred.fromCoroutine(operation()).addBoth(self._finished, key)
+        return waiter
+
+    def _finished(self, result: T | Failure, key: K) -> None:
+        for waiter in self._inflight.pop(key):
+            if waiter.called:
+                continue  # cancelled by its caller
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+
+@define
+class NegativeCache(Generic[K]):
+    """
+    Remembers for C{ttl} seconds that upstream does not have a key, so a
+    burst of requests for it (the go command probing path prefixes) costs
+    one upstream request. Bounded: the oldest memories go first.
+    """
+
+    _clock: IReactorTime
+    ttl: float
+    limit: int = 10_000
+    _until: dict[K, float] = field(factory=dict)
+
+    def add(self, key: K) -> None:
+        if self.ttl <= 0:
+            return
+        self._until.pop(key, None)
+        self._until[key] = self._clock.seconds() + self.ttl
+        while len(self._until) > self.limit:
+            del self._until[next(iter(self._until))]
+
+    def __contains__(self, key: K) -> bool:
+        until = self._until.get(key)
+        if until is None:
+            return False
+        if until <= self._clock.seconds():
+            del self._until[key]
+            return False
+        return True
+
+    def discard(self, key: K) -> None:
+        self._until.pop(key, None)
