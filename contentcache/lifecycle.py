@@ -9,14 +9,36 @@ import signal
 from types import FrameType
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 from .store import Store
 
 log = Logger()
+
+
+class SequentialServices(MultiService):
+    """
+    A MultiService that stops its children one at a time, last started
+    first, each only after the one before has finished stopping.
+
+    MultiService stops them all at once; then the disk pool would join its
+    threads while the index still has its last batch of access times to
+    write through it, and that write would never run.
+    """
+
+    async def _stop_in_order(self) -> None:
+        for service in reversed(list(self)):
+            try:
+                await maybeDeferred(service.stopService)
+            except Exception:
+                log.failure("stopping {service} failed", service=service)
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_in_order())
 
 
 class StoreService(Service):

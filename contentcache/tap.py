@@ -10,7 +10,7 @@ import sys
 from typing import Mapping, Sequence
 
 from twisted.application import strports
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.internet import reactor as _global_reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
@@ -26,7 +26,7 @@ from .protocol.goproxy.resource import PROTOCOL as GO
 from .protocol.goproxy.resource import SUMDB_PROTOCOL as GOSUMDB
 from .protocol.goproxy.resource import GoProxy, GoProxyResource
 from .protocol.goproxy.service import GoProxyService
-from .lifecycle import ExitCleanlyOnSIGTERM, StoreService
+from .lifecycle import ExitCleanlyOnSIGTERM, SequentialServices, StoreService
 from .pool import DEFAULT_THREADS, DiskPool
 from .server import Root
 from .store import Store
@@ -195,7 +195,7 @@ def makeService(options: Options) -> IService:
     """
     reactor = _global_reactor
     storage = options["storage"]
-    top = MultiService()
+    top = SequentialServices()
 
     disk = DiskPool(reactor, options["disk-threads"])
     disk.setServiceParent(top)

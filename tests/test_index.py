@@ -247,3 +247,27 @@ def test_keys_by_prefix(index: SQLiteIndex) -> None:
         "example.com/a/@v/v1.1.0.zip",
     ]
     assert resolve(index.keys("go", "example.com/a/@v/", 1)) == ["example.com/a/@v/list"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_daemon_stop_writes_the_last_batch_through_the_pool(storage: str) -> None:
+    from contentcache.lifecycle import SequentialServices
+
+    os.makedirs(storage)
+    top = SequentialServices()
+    pool = DiskPool(reactor, 2)
+    pool.setServiceParent(top)
+    service = IndexService(SQLiteIndex(storage, pool, reactor), reactor)
+    service.setServiceParent(top)
+    top.startService()
+    idx = service.index
+    await idx.put("go", "k", A, 1, {})
+    before = (await idx.get("go", "k")).accessed
+    idx.touch("go", "k")
+    await top.stopService()  # a MultiService would stop the pool first and hang here
+    assert not any(t.is_alive() for t in pool.pool.threads)
+
+    reopened = SQLiteIndex(storage, SynchronousRunner(), reactor)
+    reopened.open()
+    assert resolve(reopened.get("go", "k")).accessed > before
+    resolve(reopened.close())
