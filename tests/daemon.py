@@ -67,6 +67,18 @@ class Daemon:
             f"daemon never logged {pattern.pattern!r}; output:\n{self.output.decode(errors='replace')}"
         )
 
+    def log(self) -> str:
+        """
+        Everything the daemon has written so far.
+        """
+        while self.process.poll() is None and self._read(0.2) and self._pending():
+            pass
+        return self.output.decode(errors="replace")
+
+    def _pending(self) -> bool:
+        assert self.process.stdout is not None
+        return bool(select.select([self.process.stdout], [], [], 0.2)[0])
+
     def terminate(self, timeout: float = 5) -> int:
         """
         SIGTERM, then the exit status (fails if it takes longer than C{timeout}).

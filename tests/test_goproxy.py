@@ -1,0 +1,425 @@
+"""
+The GOPROXY adapter through the real daemon, proven with the real go
+command against an upstream fixture and a real checksum database, all on
+127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from typing import Any, Iterator
+
+import blake3
+import pytest
+
+from contentcache.protocol.goproxy.paths import escape
+
+from .daemon import TWISTD, Daemon
+from .gomodules import (
+    GREET,
+    HELLO,
+    LEGACY,
+    PSEUDO,
+    UPPER,
+    SumDBFixture,
+    build_gosumdb,
+    build_tree,
+    go_env,
+    modules,
+    write_zip,
+)
+from .upstream import UpstreamFixture
+
+SUMDB_NAME = "sum.test"
+DOWNLOADS = [
+    f"{GREET}@v1.0.0",
+    f"{GREET}@v1.2.0",
+    f"{GREET}@{PSEUDO}",
+    f"{HELLO}@v1.1.0",
+    f"{UPPER}@v0.2.0",
+    f"{LEGACY}@v2.0.0+incompatible",
+]
+
+if shutil.which("go") is None:  # pragma: no cover - the test command installs it
+    pytest.fail("the go command is missing: run the README's test command", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return build_tree(str(tmp_path_factory.mktemp("proxy")), modules())
+
+
+@pytest.fixture(scope="module")
+def gosumdb_binary(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return build_gosumdb(str(tmp_path_factory.mktemp("gosumdb")))
+
+
+@pytest.fixture
+def upstream(tree: str) -> Iterator[UpstreamFixture]:
+    fixture = UpstreamFixture(tree)
+    yield fixture
+    fixture.stop()
+
+
+@pytest.fixture
+def sumdb(gosumdb_binary: str, tree: str) -> Iterator[SumDBFixture]:
+    fixture = SumDBFixture(gosumdb_binary, SUMDB_NAME, tree)
+    yield fixture
+    fixture.stop()
+
+
+@pytest.fixture
+def storage(tmp_path: Any) -> str:
+    return str(tmp_path / "storage")
+
+
+def start(storage: str, *extra: str, env: dict[str, str] | None = None) -> Daemon:
+    return Daemon(storage, extra=list(extra), env=env)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.stop()
+
+
+def request(url: str, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        connection.putheader("Host", f"{host}:{port}")
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def go(home: str, *args: str, cwd: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    os.makedirs(home, exist_ok=True)
+    return subprocess.run(
+        ["go", *args],
+        env=go_env(home, **env),
+        cwd=cwd or home,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def download(home: str, proxy: str, gosumdb: str = "off") -> dict[str, dict[str, Any]]:
+    result = go(home, "mod", "download", "-json", *DOWNLOADS, GOPROXY=proxy, GOSUMDB=gosumdb)
+    assert result.returncode == 0, result.stderr + result.stdout
+    documents = [json.loads(d) for d in re.split(r"(?<=\n})\n(?={)", result.stdout.strip())]
+    found = {f"{d['Path']}@{d['Version']}": d for d in documents}
+    for d in found.values():
+        assert "Error" not in d, d
+    assert set(found) == set(DOWNLOADS)
+    return found
+
+
+def blob_hashes(storage: str) -> set[str]:
+    root = os.path.join(storage, "blobs")
+    return {name for _, _, names in os.walk(root) for name in names}
+
+
+def test_downloads_match_direct_and_survive_upstream_loss(
+    tmp_path: Any, storage: str, upstream: UpstreamFixture, sumdb: SumDBFixture, daemons: list[Daemon]
+) -> None:
+    direct = download(str(tmp_path / "direct"), upstream.url, sumdb.gosumdb)
+
+    daemon = start(storage, "--go-upstream", upstream.url, "--go-sumdb", f"{SUMDB_NAME}={sumdb.url}")
+    daemons.append(daemon)
+    proxy = f"{daemon.url}/goproxy"
+    # Given no URL for the checksum database, the go command asks the proxy
+    # (/goproxy/sumdb/sum.test/supported) and verifies through it.
+    through = download(str(tmp_path / "through"), proxy, sumdb.vkey)
+    for key in DOWNLOADS:
+        assert through[key]["Sum"] == direct[key]["Sum"], key
+        assert through[key]["GoModSum"] == direct[key]["GoModSum"], key
+    log = daemon.log()
+    assert f"GET /goproxy/sumdb/{SUMDB_NAME}/supported" in log
+    assert f"GET /goproxy/sumdb/{SUMDB_NAME}/lookup/{GREET}@v1.0.0" in log
+    assert request(daemon.url, f"/goproxy/sumdb/{SUMDB_NAME}/supported")[0] == 200
+    assert request(daemon.url, "/goproxy/sumdb/other.test/supported")[0] == 404
+
+    # Everything the daemon stored was verified against the database.
+    assert "unverified" not in daemon.log()
+
+    # The list and version queries, then get @latest in a module of our own.
+    home = str(tmp_path / "client")
+    listed = go(home, "list", "-m", "-versions", GREET, GOPROXY=proxy, GOSUMDB=sumdb.vkey)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split() == [GREET, "v1.0.0", "v1.2.0"]
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "go.mod").write_text("module example.com/project\n\ngo 1.19\n")
+    got = go(home, "get", f"{HELLO}@latest", cwd=str(project), GOPROXY=proxy, GOSUMDB=sumdb.vkey)
+    assert got.returncode == 0, got.stderr
+    go_mod = (project / "go.mod").read_text()
+    assert f"{HELLO} v1.1.0" in go_mod and f"{GREET} v1.2.0" in go_mod
+
+    # Upstream and checksum database gone, caches empty: still served. (The
+    # go command's own checksum-database state went with its cache, and it
+    # would ask for tree tiles nobody fetched before; the sums it computes
+    # from the bytes it gets are compared with the direct ones instead.)
+    upstream.stop()
+    sumdb.stop()
+    offline = download(str(tmp_path / "offline"), proxy, "off")
+    for key in DOWNLOADS:
+        assert offline[key]["Sum"] == direct[key]["Sum"], key
+    status, headers, body = request(daemon.url, f"/goproxy/{GREET}/@v/list")
+    assert status == 200
+    assert body.split() == [b"v1.0.0", b"v1.2.0"]
+    assert headers["x-cache"] in ("HIT", "STALE")
+
+
+def test_concurrent_misses_make_one_upstream_request(
+    storage: str, upstream: UpstreamFixture, daemons: list[Daemon]
+) -> None:
+    daemon = start(storage, "--go-upstream", upstream.url, "--go-sumdb", "off")
+    daemons.append(daemon)
+    path = f"/{GREET}/@v/v1.2.0.zip"
+    upstream.delay = 0.5  # all 50 arrive while the first is in flight
+    results: list[tuple[int, bytes]] = []
+    lock = threading.Lock()
+
+    def fetch() -> None:
+        status, _, body = request(daemon.url, "/goproxy" + path)
+        with lock:
+            results.append((status, body))
+
+    threads = [threading.Thread(target=fetch) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 50
+    assert {status for status, _ in results} == {200}
+    assert len({body for _, body in results}) == 1
+    assert upstream.count(path) == 1
+
+
+def test_unreachable_default_sumdb_stores_unverified_and_warns_once(
+    tmp_path: Any, storage: str, upstream: UpstreamFixture, daemons: list[Daemon]
+) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    # No --go-sumdb: the default comes from go env GOSUMDB.
+    daemon = start(
+        storage, "--go-upstream", upstream.url,
+        env={"GOSUMDB": f"unreachable.test+00000000+AAAA http://127.0.0.1:{closed}"},
+    )
+    daemons.append(daemon)
+    download(str(tmp_path / "client"), f"{daemon.url}/goproxy")
+    assert request(daemon.url, "/goproxy/sumdb/unreachable.test/supported")[0] == 200
+    assert daemon.terminate() == 0
+    assert daemon.output.decode().count("checksum database unreachable.test is unreachable") == 1
+
+
+def test_checksum_mismatch_is_refused_and_not_stored(
+    tmp_path: Any, storage: str, tree: str, sumdb: SumDBFixture, daemons: list[Daemon]
+) -> None:
+    # Upstream serves a zip that differs from what the database recorded.
+    tampered = str(tmp_path / "tampered")
+    shutil.copytree(tree, tampered)
+    greet = next(mv for mv in modules() if mv.path == GREET and mv.version == "v1.0.0")
+    zip_path = os.path.join(tampered, *escape(GREET).split("/"), "@v", "v1.0.0.zip")
+    write_zip(zip_path, greet, {"backdoor.go": "package greet\n"})
+    with open(zip_path, "rb") as f:
+        tampered_hash = blake3.blake3(f.read()).hexdigest()
+    evil = UpstreamFixture(tampered)
+    try:
+        daemon = start(storage, "--go-upstream", evil.url, "--go-sumdb", f"{SUMDB_NAME}={sumdb.url}")
+        daemons.append(daemon)
+        path = f"/goproxy/{GREET}/@v/v1.0.0.zip"
+        for attempt in (1, 2):
+            status, headers, body = request(daemon.url, path)
+            assert status == 502
+            assert headers["content-type"] == "text/plain; charset=utf-8"
+            assert b"checksum mismatch" in body
+            assert tampered_hash not in blob_hashes(storage)
+            assert evil.count(path.removeprefix("/goproxy")) == attempt  # refetched, refused again
+        assert "CHECKSUM MISMATCH" in daemon.log()
+        assert os.listdir(os.path.join(storage, "tmp")) == []
+        # The untampered go.mod of the same version is fine.
+        assert request(daemon.url, f"/goproxy/{GREET}/@v/v1.0.0.mod")[0] == 200
+    finally:
+        evil.stop()
+
+
+def test_zip_breaking_the_rules_is_refused(
+    tmp_path: Any, storage: str, tree: str, daemons: list[Daemon]
+) -> None:
+    bad = str(tmp_path / "bad")
+    shutil.copytree(tree, bad)
+    zip_path = os.path.join(bad, *escape(GREET).split("/"), "@v", "v1.2.0.zip")
+    import zipfile
+
+    with zipfile.ZipFile(zip_path, "w") as z:
+        z.writestr(f"{GREET}@v1.2.0/go.mod", "module example.com/greet\n")
+        z.writestr(f"{GREET}@v1.2.0/README", "a")
+        z.writestr(f"{GREET}@v1.2.0/readme", "b")  # collides under case folding
+    evil = UpstreamFixture(bad)
+    try:
+        daemon = start(storage, "--go-upstream", evil.url, "--go-sumdb", "off")
+        daemons.append(daemon)
+        status, _, body = request(daemon.url, f"/goproxy/{GREET}/@v/v1.2.0.zip")
+        assert status == 502
+        assert b"differ only in case" in body
+        assert blob_hashes(storage) == set()
+    finally:
+        evil.stop()
+
+
+def test_stalled_upstream_times_out_and_leaves_nothing(
+    storage: str, upstream: UpstreamFixture, daemons: list[Daemon]
+) -> None:
+    daemon = start(storage, "--go-upstream", upstream.url, "--go-sumdb", "off", "--idle-timeout", "1s")
+    daemons.append(daemon)
+    path = f"/{HELLO}/@v/v1.0.0.zip"
+    upstream.stall.add(path)
+    started = time.monotonic()
+    status, _, body = request(daemon.url, "/goproxy" + path)
+    assert status == 504
+    assert b"upstream timeout" in body
+    assert time.monotonic() - started < 10
+    assert blob_hashes(storage) == set()
+    assert os.listdir(os.path.join(storage, "tmp")) == []
+
+    upstream.stall.clear()
+    status, _, body = request(daemon.url, "/goproxy" + path)
+    assert status == 200 and body[:2] == b"PK"
+    assert upstream.count(path) == 2
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/goproxy/example.com/../../etc/passwd/@v/list",
+        "/goproxy/%2e%2e/%2e%2e/etc/passwd",
+        "/goproxy/example.com%2fgreet/@v/list",
+        "/goproxy/example.com/greet/@v/v1.0.0%00.zip",
+        "/goproxy/example.com/" + "a" * 10_000 + "/@v/list",
+        "/goproxy/example.com/Upper/Case/@v/list",
+        "/goproxy/example.com/greet/@v/V1.0.0.zip",
+        "/goproxy/example.com/greet/@v/v1.0.0.exe",
+        "/goproxy/example.com/greet/@v/master.zip",
+        "/goproxy/noDot/@v/list",
+        "/goproxy/example.com/!/@v/list",
+        "/goproxy/sumdb/sum.test/lookup/../../etc/passwd",
+        "/goproxy/sumdb/sum.test/tile/../../x",
+        "/goproxy/",
+    ],
+)
+def test_hostile_paths_are_404(
+    storage: str, upstream: UpstreamFixture, daemons: list[Daemon], path: str
+) -> None:
+    if not daemons:
+        daemons.append(start(storage, "--go-upstream", upstream.url, "--go-sumdb", "off"))
+    daemon = daemons[0]
+    status, headers, body = request(daemon.url, path)
+    assert status == 404, body
+    assert headers["content-type"] == "text/plain; charset=utf-8"
+    assert body.count(b"\n") == 1
+    assert request(daemon.url, f"/goproxy/{GREET}/@v/list")[0] == 200
+
+
+def test_upstream_404_is_404_and_remembered(
+    storage: str, upstream: UpstreamFixture, daemons: list[Daemon]
+) -> None:
+    daemon = start(storage, "--go-upstream", upstream.url, "--go-sumdb", "off")
+    daemons.append(daemon)
+    for _ in range(3):
+        status, _, body = request(daemon.url, "/goproxy/example.com/@v/list")
+        assert status == 404 and body.startswith(b"not found")
+    assert upstream.count("/example.com/@v/list") == 1
+    upstream.override[f"/{GREET}/@v/v1.0.0.info"] = (410, b"gone\n")
+    assert request(daemon.url, f"/goproxy/{GREET}/@v/v1.0.0.info")[0] == 404
+
+
+def test_stale_if_error_and_502_without_a_copy(
+    storage: str, upstream: UpstreamFixture, daemons: list[Daemon]
+) -> None:
+    daemon = start(storage, "--go-upstream", upstream.url, "--go-sumdb", "off", "--go-metadata-ttl", "0s")
+    daemons.append(daemon)
+    status, headers, body = request(daemon.url, f"/goproxy/{GREET}/@v/list")
+    assert status == 200 and headers["x-cache"] == "MISS"
+    status, headers, _ = request(daemon.url, f"/goproxy/{GREET}/@latest")
+    assert status == 200
+    upstream.override[f"/{GREET}/@v/list"] = (500, b"broken\n")
+    status, headers, stale = request(daemon.url, f"/goproxy/{GREET}/@v/list")
+    assert status == 200 and stale == body
+    assert headers["x-cache"] == "STALE" and "Revalidation Failed" in headers["warning"]
+
+    upstream.stop()
+    status, headers, _ = request(daemon.url, f"/goproxy/{GREET}/@latest")
+    assert status == 200 and headers["x-cache"] == "STALE"
+    status, headers, body = request(daemon.url, f"/goproxy/{HELLO}/@v/v1.0.0.info")
+    assert status == 502
+    assert headers["content-type"] == "text/plain; charset=utf-8"
+    assert body.startswith(b"upstream failure")
+
+
+def test_list_from_cache_when_upstream_never_answered(
+    storage: str, upstream: UpstreamFixture, daemons: list[Daemon]
+) -> None:
+    daemon = start(storage, "--go-upstream", upstream.url, "--go-sumdb", "off")
+    daemons.append(daemon)
+    for version in ("v1.0.0", "v1.2.0"):
+        assert request(daemon.url, f"/goproxy/{GREET}/@v/{version}.mod")[0] == 200
+    upstream.stop()
+    status, headers, body = request(daemon.url, f"/goproxy/{GREET}/@v/list")
+    assert status == 200
+    assert body == b"v1.0.0\nv1.2.0\n"
+    assert headers["x-cache"] == "STALE"
+
+
+def test_upstream_from_go_env(
+    tmp_path: Any, storage: str, upstream: UpstreamFixture, daemons: list[Daemon]
+) -> None:
+    daemon = start(storage, env={"GOPROXY": f"{upstream.url},direct", "GOSUMDB": "off"})
+    daemons.append(daemon)
+    assert request(daemon.url, f"/goproxy/{GREET}/@v/list")[0] == 200
+    assert upstream.count(f"/{GREET}/@v/list") == 1
+    assert "from go env GOPROXY" in daemon.log()
+
+
+def test_go_env_pointing_at_the_daemon_is_refused(tmp_path: Any, storage: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "contentcache", "--port", f"tcp:{port}:interface=127.0.0.1",
+         "--storage", storage],
+        env={**os.environ, "GOPROXY": f"http://localhost:{port}/goproxy,direct", "GOSUMDB": "off"},
+        capture_output=True,
+        timeout=60,
+    )
+    assert process.returncode != 0
+    output = (process.stdout + process.stderr).decode()
+    assert "points at this daemon; pass --go-upstream" in output
+    assert "Traceback" not in output
+
+
+def test_cache_only_without_any_upstream(
+    storage: str, upstream: UpstreamFixture, daemons: list[Daemon]
+) -> None:
+    daemon = start(storage)  # GOPROXY=off in the daemon's environment
+    daemons.append(daemon)
+    assert "serves only what is cached" in daemon.log()
+    status, _, body = request(daemon.url, f"/goproxy/{GREET}/@v/v1.0.0.info")
+    assert status == 404
+    assert upstream.count(f"/{GREET}/@v/v1.0.0.info") == 0

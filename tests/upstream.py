@@ -1,0 +1,118 @@
+"""
+An upstream server for tests: serves a directory on 127.0.0.1 from a
+thread (so it answers while a test blocks on a client), counts every
+request per path, and can be told to misbehave.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote
+
+
+class UpstreamFixture:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.requests: Counter[str] = Counter()
+        self.log: list[tuple[str, str, dict[str, str]]] = []
+        #: path -> (status, body) answered instead of the file.
+        self.override: dict[str, tuple[int, bytes]] = {}
+        #: paths whose body stops after half and then stalls.
+        self.stall: set[str] = set()
+        #: seconds to wait before answering any request.
+        self.delay = 0.0
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._connections: list[socket.socket] = []
+        fixture = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def setup(self) -> None:
+                super().setup()
+                with fixture._lock:
+                    fixture._connections.append(self.connection)
+
+            def do_HEAD(self) -> None:
+                fixture._answer(self, head=True)
+
+            def do_GET(self) -> None:
+                fixture._answer(self, head=False)
+
+            def do_POST(self) -> None:
+                fixture._answer(self, head=False)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def count(self, path: str) -> int:
+        with self._lock:
+            return self.requests[path]
+
+    def _answer(self, handler: BaseHTTPRequestHandler, head: bool) -> None:
+        path = handler.path.split("?", 1)[0]
+        with self._lock:
+            self.requests[path] += 1
+            self.log.append((handler.command, path, dict(handler.headers)))
+        length = int(handler.headers.get("Content-Length") or 0)
+        if length:
+            handler.rfile.read(length)
+        if self.delay:
+            time.sleep(self.delay)
+        if path in self.override:
+            status, body = self.override[path]
+            self._send(handler, status, body, head)
+            return
+        file = os.path.join(self.root, *unquote(path).lstrip("/").split("/"))
+        if not os.path.realpath(file).startswith(os.path.realpath(self.root)) or not os.path.isfile(file):
+            self._send(handler, 404, b"not found\n", head)
+            return
+        with open(file, "rb") as f:
+            body = f.read()
+        if path in self.stall:
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body[: len(body) // 2])
+            handler.wfile.flush()
+            self._stopping.wait(60)
+            return
+        self._send(handler, 200, body, head)
+
+    def _send(self, handler: BaseHTTPRequestHandler, status: int, body: bytes, head: bool) -> None:
+        handler.send_response(status)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.send_header("Content-Type", "application/octet-stream")
+        handler.end_headers()
+        if not head:
+            handler.wfile.write(body)
+
+    def stop(self) -> None:
+        """
+        Stop listening and cut every open connection (kept-alive ones too),
+        as a server that goes down does.
+        """
+        self._stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
