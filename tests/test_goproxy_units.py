@@ -1,0 +1,195 @@
+"""
+The GOPROXY adapter's pure parts: paths, versions, zip rules, h1 hashes.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import zipfile
+from typing import Any
+
+import pytest
+
+from contentcache.protocol.goproxy.modzip import ZipRuleError, check_and_hash_zip, hash1, hash_go_mod
+from contentcache.protocol.goproxy.paths import InvalidPath, Module, Version, escape, is_canonical, unescape
+from contentcache.protocol.goproxy.sumdb import (
+    InvalidSumDB,
+    SumDB,
+    check_tile,
+    is_full_tile,
+    parse_flag,
+    parse_gosumdb,
+    parse_record,
+)
+
+
+@pytest.mark.parametrize(
+    "escaped, decoded",
+    [
+        ("github.com/!burnt!sushi/toml", "github.com/BurntSushi/toml"),
+        ("example.com/!upper/!case", "example.com/Upper/Case"),
+        ("golang.org/x/mod", "golang.org/x/mod"),
+    ],
+)
+def test_case_encoding_round_trip(escaped: str, decoded: str) -> None:
+    assert unescape(escaped) == decoded
+    assert escape(decoded) == escaped
+    assert Module.parse(escaped).path == decoded
+
+
+@pytest.mark.parametrize(
+    "escaped",
+    [
+        "github.com/BurntSushi/toml",  # upper case without "!"
+        "example.com/!",  # dangling "!"
+        "example.com/!1",  # "!" before a non-letter
+        "example.com//double",
+        "example.com/./x",
+        "example.com/../x",
+        "example.com/.hidden",
+        "example.com/trailing.",
+        "example.com/a b",
+        "example.com/a\x00b",
+        "example.com/a\\b",
+        "nodot/x",
+        "-example.com/x",
+        "example.com/con",
+        "example.com/" + "a" * 2000,
+        "",
+    ],
+)
+def test_invalid_module_paths(escaped: str) -> None:
+    with pytest.raises(InvalidPath):
+        Module.parse(escaped)
+
+
+@pytest.mark.parametrize(
+    "version, canonical",
+    [
+        ("v1.0.0", True),
+        ("v0.0.0-20240102030405-abcdefabcdef", True),
+        ("v2.0.0+incompatible", True),
+        ("v1.2.3-rc.1", True),
+        ("v1.2", False),
+        ("v1", False),
+        ("master", False),
+        ("v1.0.0+build", False),
+        ("v01.0.0", False),
+        ("1.0.0", False),
+    ],
+)
+def test_canonical_versions(version: str, canonical: bool) -> None:
+    assert is_canonical(version) is canonical
+
+
+@pytest.mark.parametrize("escaped", ["..", ".", "", "v1/2", "v1.0.0\x00", "v1!", "V1.0.0"])
+def test_invalid_versions(escaped: str) -> None:
+    with pytest.raises(InvalidPath):
+        Version.parse(escaped)
+
+
+def test_version_case_encoding() -> None:
+    assert Version.parse("v1.0.0-!r!c1").name == "v1.0.0-RC1"
+
+
+def make_zip(path: str, entries: dict[str, bytes], symlink: str | None = None) -> None:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, content in entries.items():
+            z.writestr(name, content)
+        if symlink is not None:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            z.writestr(info, "/etc/passwd")
+
+
+def test_h1_matches_the_documented_algorithm(tmp_path: Any) -> None:
+    import base64
+    import hashlib
+
+    zip_path = str(tmp_path / "m.zip")
+    files = {"example.com/m@v1.0.0/go.mod": b"module example.com/m\n",
+             "example.com/m@v1.0.0/a.go": b"package m\n"}
+    make_zip(zip_path, files)
+    lines = "".join(
+        f"{hashlib.sha256(files[name]).hexdigest()}  {name}\n" for name in sorted(files)
+    )
+    expected = "h1:" + base64.b64encode(hashlib.sha256(lines.encode()).digest()).decode()
+    assert check_and_hash_zip(zip_path, "example.com/m", "v1.0.0") == expected
+
+    mod = str(tmp_path / "go.mod")
+    with open(mod, "wb") as f:
+        f.write(b"module example.com/m\n")
+    line = f"{hashlib.sha256(b'module example.com/m' + bytes([10])).hexdigest()}  go.mod\n"
+    assert hash_go_mod(mod) == "h1:" + base64.b64encode(hashlib.sha256(line.encode()).digest()).decode()
+
+
+@pytest.mark.parametrize(
+    "entries, symlink, message",
+    [
+        ({"other.com/m@v1.0.0/go.mod": b""}, None, "is not under"),
+        ({"example.com/m@v1.0.1/go.mod": b""}, None, "is not under"),
+        ({"example.com/m@v1.0.0/A.go": b"", "example.com/m@v1.0.0/a.go": b""}, None, "differ only in case"),
+        ({"example.com/m@v1.0.0/../escape": b""}, None, "invalid file path"),
+        ({"example.com/m@v1.0.0/go.mod": b""}, "example.com/m@v1.0.0/link", "symbolic link"),
+    ],
+)
+def test_zip_rules(tmp_path: Any, entries: dict[str, bytes], symlink: str | None, message: str) -> None:
+    zip_path = str(tmp_path / "m.zip")
+    make_zip(zip_path, entries, symlink)
+    with pytest.raises(ZipRuleError, match=message):
+        check_and_hash_zip(zip_path, "example.com/m", "v1.0.0")
+
+
+def test_not_a_zip(tmp_path: Any) -> None:
+    path = str(tmp_path / "m.zip")
+    with open(path, "wb") as f:
+        f.write(b"<html>upstream error page</html>")
+    with pytest.raises(ZipRuleError, match="not a zip"):
+        check_and_hash_zip(path, "example.com/m", "v1.0.0")
+
+
+def test_zip_that_lies_about_its_content(tmp_path: Any) -> None:
+    path = str(tmp_path / "m.zip")
+    make_zip(path, {"example.com/m@v1.0.0/f": b"A" * 1000})
+    data = bytearray(open(path, "rb").read())
+    data[data.index(b"A" * 100)] = ord("B")  # the CRC no longer matches
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ZipRuleError, match="unreadable"):
+        check_and_hash_zip(path, "example.com/m", "v1.0.0")
+
+
+def test_newline_in_a_name_is_refused() -> None:
+    with pytest.raises(ZipRuleError):
+        hash1(["a\nb"], lambda _: open(os.devnull, "rb"))
+
+
+def test_sumdb_settings() -> None:
+    assert parse_flag("sum.test=http://127.0.0.1:9/") == SumDB("sum.test", "http://127.0.0.1:9")
+    for bad in ("sum.test", "=http://x", "sum.test=ftp://x", "a b=http://x"):
+        with pytest.raises(InvalidSumDB):
+            parse_flag(bad)
+    assert parse_gosumdb("off") is None
+    assert parse_gosumdb("") is None
+    assert parse_gosumdb("db.test") == SumDB("db.test", "https://db.test")
+    assert parse_gosumdb("db.test+abcd+KEY") == SumDB("db.test", "https://db.test")
+    assert parse_gosumdb("db.test+abcd+KEY http://127.0.0.1:8/db") == SumDB("db.test", "http://127.0.0.1:8/db")
+
+
+def test_tiles() -> None:
+    assert check_tile("8/0/000") == "8/0/000"
+    assert check_tile("8/1/x001/234.p/5")
+    assert check_tile("8/data/000.p/3")
+    assert is_full_tile("8/0/000") and not is_full_tile("8/0/000.p/3")
+    for bad in ("../x", "8/0/../../etc", "8/0/0001", "8/0/abc", ""):
+        with pytest.raises(InvalidSumDB):
+            check_tile(bad)
+
+
+def test_lookup_record() -> None:
+    body = (b"42\nexample.com/m v1.0.0 h1:zip=\nexample.com/m v1.0.0/go.mod h1:mod=\n\n"
+            b"go.sum database tree\n43\nhash=\n\n- sig\n")
+    assert parse_record(body) == {
+        "example.com/m v1.0.0": "h1:zip=",
+        "example.com/m v1.0.0/go.mod": "h1:mod=",
+    }
