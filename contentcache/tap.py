@@ -95,9 +95,7 @@ class Options(usage.Options):
 
     def opt_go_sumdb(self, value: str) -> None:
         """
-        A checksum database to proxy and verify against, NAME=URL
-        (repeatable; the first verifies downloads), or off. Default: the
-        go command's GOSUMDB.
+        A checksum database to proxy and verify against, NAME=URL (repeatable; the first verifies downloads), or off. Default: the go command's GOSUMDB.
         """
         if value == "off":
             self["go-sumdb"] = "off"
