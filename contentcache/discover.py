@@ -1,6 +1,7 @@
 """
 Finding upstreams in the user's own client configuration when no flag
-names them: C{go env GOPROXY} and C{go env GOSUMDB}.
+names them: C{go env GOPROXY}, C{go env GOSUMDB} and C{npm config get
+registry}.
 
 These functions run a client once at startup, before the reactor runs.
 """
@@ -39,6 +40,28 @@ def go_env(*names: str) -> dict[str, str] | None:
         return None
     settings: dict[str, str] = json.loads(result.stdout)
     return settings
+
+
+def npm_registry() -> str | None:
+    """
+    The registry the npm client is configured to use, or L{None} when
+    there is no npm client.
+    """
+    try:
+        result = subprocess.run(
+            ["npm", "config", "get", "registry"],
+            capture_output=True,
+            timeout=CLIENT_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.info("no npm client to read the registry from: {error}", error=e)
+        return None
+    url = result.stdout.decode(errors="replace").strip()
+    if result.returncode != 0 or not url.startswith(("http://", "https://")):
+        log.warn("npm config get registry gave no registry URL")
+        return None
+    return url.rstrip("/")
 
 
 def first_proxy_url(goproxy: str) -> str | None:

@@ -77,7 +77,10 @@ class Spool:
     def size(self) -> int:
         return self._hasher.size
 
-    def _write(self, data: bytes) -> None:
+    def write_blocking(self, data: bytes) -> None:
+        """
+        Append C{data} from code already running on the disk pool.
+        """
         self._handle.write(data)
         self._hasher.update(data)
 
@@ -85,7 +88,7 @@ class Spool:
         """
         Append C{data}. Wait for each write before the next.
         """
-        return self._store._disk.run(self._write, data)
+        return self._store._disk.run(self.write_blocking, data)
 
     async def close(self) -> Hash:
         """

@@ -26,6 +26,9 @@ from .protocol.goproxy.resource import PROTOCOL as GO
 from .protocol.goproxy.resource import SUMDB_PROTOCOL as GOSUMDB
 from .protocol.goproxy.resource import GoProxy, GoProxyResource
 from .protocol.goproxy.service import GoProxyService
+from .protocol.npm.resource import PROTOCOL as NPM
+from .protocol.npm.resource import NpmRegistry, NpmResource
+from .protocol.npm.service import NpmService
 from .lifecycle import ExitCleanlyOnSIGTERM, SequentialServices, StoreService
 from .pool import DEFAULT_THREADS, DiskPool
 from .server import Root
@@ -83,6 +86,12 @@ class Options(usage.Options):
          "URL in `go env GOPROXY`; none: cache-only)."],
         ["go-metadata-ttl", None, "10m", "How long @v/list, @latest and version queries are "
          "served before they are revalidated upstream."],
+        ["npm-upstream", None, None, "The npm registry to fetch from (default: `npm config get "
+         "registry`; none: cache-only)."],
+        ["npm-metadata-ttl", None, "5m", "How long packuments are served before they are "
+         "revalidated upstream."],
+        ["public-url", None, None, "This cache's address as clients reach it, for the tarball "
+         "addresses in packuments (default: each request's Host and X-Forwarded-Proto)."],
         ["negative-ttl", None, "1m", "How long an upstream 404 is remembered."],
         ["connect-timeout", None, "10s", "Timeout for connecting to an upstream."],
         ["upstream-timeout", None, "30s", "Timeout for an upstream's response headers."],
@@ -91,7 +100,16 @@ class Options(usage.Options):
 
     #: Options that may be given several times; in the environment their
     #: values are separated by white space.
-    repeatable = ["go-sumdb"]
+    repeatable = ["go-sumdb", "npm-tarball-host"]
+
+    def opt_npm_tarball_host(self, value: str) -> None:
+        """
+        Another host (host or host:port) npm tarballs may be fetched from, besides the npm upstream's (repeatable).
+        """
+        if not re.fullmatch(r"[A-Za-z0-9.-]+(?::[0-9]{1,5})?", value):
+            raise usage.UsageError(f"--npm-tarball-host takes a host or host:port, not {value!r}.")
+        self.setdefault("npm-tarball-host", [])
+        self["npm-tarball-host"].append(value)
 
     def opt_go_sumdb(self, value: str) -> None:
         """
@@ -166,15 +184,17 @@ class Options(usage.Options):
             raise usage.UsageError(f"--storage {storage} exists and is not a directory.")
         self["storage"] = storage
 
-        for name in ("go-metadata-ttl", "negative-ttl", "connect-timeout", "upstream-timeout", "idle-timeout"):
+        for name in ("go-metadata-ttl", "npm-metadata-ttl", "negative-ttl", "connect-timeout", "upstream-timeout", "idle-timeout"):
             try:
                 self[name] = parse_duration(str(self[name]))
             except ValueError as e:
                 raise usage.UsageError(f"--{name}: {e}.") from None
-        upstream = self["go-upstream"]
-        if upstream is not None and not str(upstream).startswith(("http://", "https://")):
-            raise usage.UsageError(f"--go-upstream must be an http or https URL, not {upstream!r}.")
+        for name in ("go-upstream", "npm-upstream", "public-url"):
+            url = self[name]
+            if url is not None and not str(url).startswith(("http://", "https://")):
+                raise usage.UsageError(f"--{name} must be an http or https URL, not {url!r}.")
         self.setdefault("go-sumdb", None)
+        self.setdefault("npm-tarball-host", [])
 
 
 def listening_port(description: str) -> int | None:
@@ -217,11 +237,24 @@ def makeService(options: Options) -> IService:
         upstream=None,
         metadata_ttl=options["go-metadata-ttl"],
     )
+    port = listening_port(options["port"])
     GoProxyService(
-        goproxy, reactor, timeouts, options["go-upstream"], options["go-sumdb"], listening_port(options["port"])
+        goproxy, reactor, timeouts, options["go-upstream"], options["go-sumdb"], port
     ).setServiceParent(top)
 
-    site = Site(Root(store, index, disk, {b"goproxy": GoProxyResource(goproxy)}))
+    npm = NpmRegistry(
+        store,
+        ProtocolCache(NPM, index, store, reactor, NegativeCache(reactor, negative_ttl)),
+        disk,
+        reactor,
+        upstream=None,
+        tarball_hosts=set(options["npm-tarball-host"]),
+        public_url=options["public-url"],
+        metadata_ttl=options["npm-metadata-ttl"],
+    )
+    NpmService(npm, reactor, timeouts, options["npm-upstream"], port).setServiceParent(top)
+
+    site = Site(Root(store, index, disk, {b"goproxy": GoProxyResource(goproxy), b"npm": NpmResource(npm)}))
     site.displayTracebacks = False
     strports.service(options["port"], site).setServiceParent(top)
     return top

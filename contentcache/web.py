@@ -14,6 +14,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import (
+    datetimeToString,
+    stringToDatetime,
     BAD_GATEWAY,
     GATEWAY_TIMEOUT,
     INTERNAL_SERVER_ERROR,
@@ -228,6 +230,17 @@ def _matches(header: bytes | None, etag: bytes) -> bool:
     return False
 
 
+def _not_modified_since(request: Request, last_modified: float | None) -> bool:
+    header = request.getHeader(b"if-modified-since")
+    if header is None or last_modified is None:
+        return False
+    try:
+        since = stringToDatetime(header)
+    except (ValueError, IndexError, KeyError):
+        return False
+    return int(last_modified) <= since
+
+
 @implementer(IPushProducer)
 class _BlobProducer:
     """
@@ -284,20 +297,27 @@ async def send_blob(
     size: int,
     content_type: bytes,
     headers: dict[bytes, bytes] | None = None,
+    last_modified: float | None = None,
 ) -> None:
     """
     Answer C{request} with a blob: C{Content-Length}, C{ETag} (the blob's
-    hash), 304 for a matching C{If-None-Match}, HEAD, and a single C{Range}
-    as 206 (or 416). The body streams from the store with backpressure;
-    the blob is never held whole in memory.
+    hash), 304 for a matching C{If-None-Match} (or, without one, an
+    C{If-Modified-Since} not older than C{last_modified}), HEAD, and a
+    single C{Range} as 206 (or 416). The body streams from the store with
+    backpressure; the blob is never held whole in memory.
     """
     etag = etag_of(blob)
     request.setHeader(b"etag", etag)
     request.setHeader(b"accept-ranges", b"bytes")
     for name, value in (headers or {}).items():
         request.setHeader(name, value)
+    if last_modified is not None:
+        request.setHeader(b"last-modified", datetimeToString(int(last_modified)))
 
-    if _matches(request.getHeader(b"if-none-match"), etag):
+    if_none_match = request.getHeader(b"if-none-match")
+    if _matches(if_none_match, etag) or (
+        if_none_match is None and _not_modified_since(request, last_modified)
+    ):
         request.setResponseCode(NOT_MODIFIED)
         request.finish()
         return

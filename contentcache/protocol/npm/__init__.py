@@ -1,0 +1,3 @@
+"""
+The npm registry protocol.
+"""

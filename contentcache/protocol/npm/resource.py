@@ -1,0 +1,448 @@
+"""
+The npm registry protocol under C{/npm/}: packuments (full and
+abbreviated), tarballs checked against their integrity, dist-tags, and the
+endpoints that pass through (search, audit, C{?write=true}).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Awaitable, Callable
+
+import treq
+from attrs import define, field
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.http import BAD_REQUEST, NOT_ALLOWED, NOT_FOUND, OK
+from twisted.web.server import Request
+
+from ...cache import (
+    HIT,
+    MISS,
+    NOT_MODIFIED,
+    REVALIDATED,
+    STALE,
+    Fill,
+    IntegrityError,
+    Missing,
+    ProtocolCache,
+    Served,
+    _NotModified,
+)
+from ...index import Entry
+from ...pool import Runner
+from ...store import BlobNotFound, Store
+from ...upstream import Coalescer, Upstream, UpstreamError, conditional_headers
+from ...web import CHUNK_SIZE, AsyncResource, read_blob, send_blob, text
+from .integrity import IntegrityMismatch, check_tarball
+from .names import InvalidName, PackageName, check_tarball_file, split_request
+from .packument import InvalidPackument, Renderer, allowed_host, analyse
+
+log = Logger()
+
+PROTOCOL = "npm"
+DEFAULT_METADATA_TTL = 5 * 60.0
+ABBREVIATED = "application/vnd.npm.install-v1+json"
+FULL = "full"
+ABBR = "abbr"
+MAX_PACKUMENT_SIZE = 512 << 20
+MAX_DIST_INDEX_SIZE = 256 << 20
+MAX_TARBALL_SIZE = 2 << 30
+MAX_PASS_THROUGH_BODY = 16 << 20
+IMMUTABLE = b"public, max-age=31536000, immutable"
+_HOST = re.compile(rb"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+_ENDPOINT = re.compile(r"[a-z0-9-]+")
+_OUTCOME = {HIT: b"HIT", MISS: b"MISS", STALE: b"STALE", REVALIDATED: b"REVALIDATED"}
+READ_ONLY = "contentcache is a read-through cache: publish and change packages on the upstream registry"
+
+
+def _variant(request: Request) -> str:
+    accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+    return ABBR if ABBREVIATED in accept else FULL
+
+
+def _accepts_gzip(request: Request) -> bool:
+    for token in (request.getHeader(b"accept-encoding") or b"").decode("latin-1").split(","):
+        coding, _, params = token.strip().partition(";")
+        if coding.strip().lower() in ("gzip", "x-gzip"):
+            q = params.strip().removeprefix("q=")
+            try:
+                return not params.strip() or float(q) > 0
+            except ValueError:
+                return True
+    return False
+
+
+@define
+class NpmRegistry:
+    """
+    The npm adapter's state: where to fetch from and the caches.
+    """
+
+    store: Store
+    cache: ProtocolCache
+    _disk: Runner
+    _clock: IReactorTime
+    upstream: Upstream | None
+    tarball_hosts: set[str] = field(factory=set)
+    public_url: str | None = None
+    metadata_ttl: float = DEFAULT_METADATA_TTL
+    _renders: Coalescer[str, Entry] = field(factory=Coalescer)
+
+    # Packuments.
+
+    def _packument_key(self, name: PackageName, variant: str) -> str:
+        return f"packument:{variant}:{name.full}"
+
+    async def packument(self, name: PackageName, variant: str, ttl: float | None = None) -> Served:
+        """
+        The packument's template, fresh within C{ttl} (default: the
+        metadata TTL; 0 forces a revalidation).
+        """
+        revalidate = None
+        upstream = self.upstream
+        if upstream is not None:
+
+            async def revalidate(entry: Entry | None) -> Fill | _NotModified:
+                return await self._fetch_packument(upstream, name, variant, entry)
+
+        return await self.cache.mutable(
+            self._packument_key(name, variant),
+            self.metadata_ttl if ttl is None else ttl,
+            revalidate,
+        )
+
+    async def _fetch_packument(
+        self, upstream: Upstream, name: PackageName, variant: str, entry: Entry | None
+    ) -> Fill | _NotModified:
+        headers = {"Accept": f"{ABBREVIATED}, application/json;q=0.8" if variant == ABBR else "application/json"}
+        if entry is not None:
+            headers.update(conditional_headers(entry.attrs.get("etag"), entry.attrs.get("last_modified")))
+        fetched = await upstream.fetch(self.store, upstream.url(name.path), headers, MAX_PACKUMENT_SIZE)
+        if fetched.status in (404, 410):
+            raise Missing(name.full)
+        if fetched.status == 304 and entry is not None:
+            return NOT_MODIFIED
+        if fetched.spool is None:
+            raise UpstreamError(f"upstream answered {fetched.status} for {name.full}")
+        raw = fetched.spool
+        template = await self.store.spool()
+        try:
+            dist = await self._disk.run(analyse, raw.path, _SpoolWriter(template), name)
+        except InvalidPackument as e:
+            await template.abort()
+            raise IntegrityError(f"{name.full}: {e}") from None
+        except BaseException:
+            await template.abort()
+            raise
+        finally:
+            await raw.abort()
+        try:
+            stored = await self.store.put([dist])
+            await self.cache.index.put(PROTOCOL, f"dist:{name.full}", stored.hash, stored.size, {})
+        except BaseException:
+            await template.abort()
+            raise
+        content_type = (fetched.header("content-type") or "application/json").split(",")[0]
+        attrs = {
+            "content_type": content_type,
+            "fetched": self._clock.seconds(),
+            **{k: v for k, v in (("etag", fetched.header("etag")),
+                                 ("last_modified", fetched.header("last-modified"))) if v},
+        }
+        return Fill(template, attrs)
+
+    async def rendered(self, name: PackageName, variant: str, base: str, gzip: bool) -> tuple[Entry, Served]:
+        """
+        The packument as this client sees it: tarball addresses under
+        C{base}, gzip if asked. Rendered once per base and revision.
+        """
+        served = await self.packument(name, variant)
+        source = served.entry.hash.hex
+        key = f"render:{variant}:{'gzip' if gzip else 'identity'}:{base}:{name.full}"
+        entry = await self.cache.lookup(key)
+        if entry is not None and entry.attrs.get("source") == source:
+            return entry, served
+        entry = await self._renders.run(key, lambda: self._render(key, served.entry, base, gzip))
+        return entry, served
+
+    async def _render(self, key: str, template: Entry, base: str, gzip: bool) -> Entry:
+        renderer = Renderer(base, gzip)
+        reader = await self.store.get(template.hash)
+        spool = await self.store.spool()
+        try:
+            try:
+                while chunk := await reader.read(CHUNK_SIZE):
+                    out = await self._disk.run(renderer.feed, chunk)
+                    if out:
+                        await spool.write(out)
+            finally:
+                await reader.close()
+            await spool.write(await self._disk.run(renderer.finish))
+        except BaseException:
+            await spool.abort()
+            raise
+        result = await spool.commit()
+        return await self.cache.index.put(
+            PROTOCOL, key, result.hash, result.size, {"source": template.hash.hex}
+        )
+
+    async def dist_index(self, name: PackageName) -> dict[str, Any] | None:
+        entry = await self.cache.lookup(f"dist:{name.full}")
+        if entry is None:
+            return None
+        body = await read_blob(self.store, entry.hash, MAX_DIST_INDEX_SIZE)
+        parsed: dict[str, Any] = await self._disk.run(json.loads, body)
+        return parsed
+
+    # Tarballs.
+
+    async def tarball(self, name: PackageName, file: str) -> Served:
+        key = f"tarball:{name.full}/{file}"
+        if self.upstream is None:
+            return await self.cache.immutable(key, None)
+        upstream = self.upstream
+        return await self.cache.immutable(key, lambda: self._fetch_tarball(upstream, name, file))
+
+    async def _tarball_info(self, name: PackageName, file: str) -> dict[str, Any]:
+        dist = await self.dist_index(name)
+        if dist is None or file not in dist["files"]:
+            # npm ci asks for tarballs before (or without) the packument,
+            # and a cached packument may predate this version.
+            await self.packument(name, ABBR, ttl=0)
+            dist = await self.dist_index(name)
+        if dist is None or file not in dist["files"]:
+            raise Missing(f"{name.full}/-/{file}")
+        info: dict[str, Any] = dist["files"][file]
+        return info
+
+    def _allowed_hosts(self, upstream: Upstream) -> set[str]:
+        parts = upstream.base.split("://", 1)[-1].split("/", 1)[0]
+        return {parts, *self.tarball_hosts}
+
+    async def _fetch_tarball(self, upstream: Upstream, name: PackageName, file: str) -> Fill:
+        info = await self._tarball_info(name, file)
+        url = info["url"]
+        if not allowed_host(url, self._allowed_hosts(upstream)):
+            log.warn("not fetching {url}: not an upstream host (see --npm-tarball-host)", url=url)
+            raise IntegrityError(f"{name.full}/-/{file}: its address is not on an allowed upstream host")
+        fetched = await upstream.fetch(self.store, url, {}, MAX_TARBALL_SIZE)
+        if fetched.status in (404, 410):
+            raise Missing(f"{name.full}/-/{file}")
+        if fetched.spool is None:
+            raise UpstreamError(f"upstream answered {fetched.status} for {name.full}/-/{file}")
+        spool = fetched.spool
+        try:
+            await self._disk.run(check_tarball, spool.path, info.get("integrity"), info.get("shasum"))
+        except IntegrityMismatch as e:
+            await spool.abort()
+            log.critical(
+                "INTEGRITY MISMATCH for {name}/-/{file} from {url}: {error}; not stored, not served",
+                name=name.full, file=file, url=url, error=e,
+            )
+            raise IntegrityError(f"{name.full}/-/{file}: {e}") from None
+        except BaseException:
+            await spool.abort()
+            raise
+        return Fill(spool, {"version": info["version"], "integrity": info.get("integrity")})
+
+
+class _SpoolWriter:
+    """
+    A file-like C{write} into a spool, for code running on the disk pool.
+    """
+
+    def __init__(self, spool: Any) -> None:
+        self.write = spool.write_blocking
+
+
+def _segments(request: Request) -> list[str]:
+    segments = []
+    for raw in request.postpath or []:
+        try:
+            segment = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidName("invalid path: not UTF-8") from None
+        if "\x00" in segment:
+            raise InvalidName("invalid path")
+        segments.append(segment)
+    return segments
+
+
+class NpmResource(AsyncResource):
+    """
+    C{/npm/...}.
+    """
+
+    takes_subpath = True
+    methods = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH")
+
+    def __init__(self, registry: NpmRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def _base(self, request: Request) -> str:
+        if self.registry.public_url:
+            return self.registry.public_url.rstrip("/") + "/npm"
+        host = request.getHeader(b"host") or b""
+        if _HOST.fullmatch(host) is None:
+            raise InvalidName("invalid Host header")
+        proto = (request.getHeader(b"x-forwarded-proto") or b"").split(b",")[0].strip().lower()
+        if proto not in (b"http", b"https"):
+            proto = b"https" if request.isSecure() else b"http"
+        return f"{proto.decode()}://{host.decode()}/npm"
+
+    async def render_async(self, request: Request) -> None:
+        try:
+            segments = _segments(request)
+            handler = self._route(request, segments)
+        except InvalidName as e:
+            request.write(text(request, BAD_REQUEST if "Host" in str(e) else NOT_FOUND, str(e)))
+            request.finish()
+            return
+        await handler(request)
+
+    def _route(self, request: Request, segments: list[str]) -> Callable[[Request], Awaitable[None]]:
+        method = request.method
+        if segments[:1] == ["-"]:
+            return self._route_special(method, segments[1:])
+        if method not in (b"GET", b"HEAD"):
+            return self._read_only
+        name, rest = split_request(segments)
+        if rest in ([], [""]):
+            if request.args is not None and request.args.get(b"write") == [b"true"]:
+                return lambda r: self._pass_through(r, name.path)
+            return lambda r: self._packument(r, name)
+        if len(rest) == 2 and rest[0] == "-":
+            file = check_tarball_file(name, rest[1])
+            return lambda r: self._tarball(r, name, file)
+        raise InvalidName("not found")
+
+    def _route_special(self, method: bytes, rest: list[str]) -> Callable[[Request], Awaitable[None]]:
+        if rest == ["ping"] and method in (b"GET", b"HEAD"):
+            return self._ping
+        if rest == ["v1", "search"] and method in (b"GET", b"HEAD"):
+            return lambda r: self._pass_through(r, "-/v1/search")
+        if (
+            rest[:3] == ["npm", "v1", "security"]
+            and method == b"POST"
+            and len(rest) > 3
+            and all(_ENDPOINT.fullmatch(s) for s in rest[3:])
+        ):
+            return lambda r: self._pass_through(r, "-/npm/v1/security/" + "/".join(rest[3:]))
+        if rest[:1] == ["package"] and rest[-1:] == ["dist-tags"] and method in (b"GET", b"HEAD"):
+            name, tail = split_request(rest[1:-1] + ["dist-tags"])
+            if tail == ["dist-tags"]:
+                return lambda r: self._dist_tags(r, name)
+        if method not in (b"GET", b"HEAD"):
+            return self._read_only
+        raise InvalidName("not found")
+
+    async def _read_only(self, request: Request) -> None:
+        request.setHeader(b"allow", b"GET, HEAD")
+        request.write(text(request, NOT_ALLOWED, READ_ONLY))
+        request.finish()
+
+    async def _ping(self, request: Request) -> None:
+        self._json(request, b"{}")
+
+    def _json(self, request: Request, body: bytes) -> None:
+        request.setResponseCode(OK)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+    async def _retrying(self, request: Request, answer: Callable[[], Awaitable[Entry]]) -> None:
+        try:
+            await answer()
+        except BlobNotFound:
+            if request.startedWriting:
+                raise
+            log.warn("a blob behind {uri} is missing; fetching again", uri=request.uri)
+            await answer()
+
+    async def _packument(self, request: Request, name: PackageName) -> None:
+        registry = self.registry
+        variant, gzip, base = _variant(request), _accepts_gzip(request), self._base(request)
+
+        async def answer() -> Entry:
+            entry, served = await registry.rendered(name, variant, base, gzip)
+            headers = {
+                b"x-cache": _OUTCOME[served.outcome],
+                b"vary": b"Accept, Accept-Encoding",
+                b"cache-control": b"public, max-age=%d" % int(registry.metadata_ttl),
+            }
+            if served.outcome == STALE:
+                headers[b"warning"] = b'111 - "Revalidation Failed"'
+            if gzip:
+                headers[b"content-encoding"] = b"gzip"
+            content_type = str(served.entry.attrs.get("content_type", "application/json")).encode()
+            try:
+                await send_blob(
+                    request, registry.store, entry.hash, entry.size, content_type, headers,
+                    last_modified=served.entry.attrs.get("fetched", served.entry.created),
+                )
+            except BlobNotFound:
+                await registry.cache.forget(entry.key)
+                await registry.cache.forget(served.entry.key)
+                raise
+            return entry
+
+        await self._retrying(request, answer)
+
+    async def _tarball(self, request: Request, name: PackageName, file: str) -> None:
+        registry = self.registry
+
+        async def answer() -> Entry:
+            served = await registry.tarball(name, file)
+            headers = {b"x-cache": _OUTCOME[served.outcome], b"cache-control": IMMUTABLE}
+            try:
+                await send_blob(
+                    request, registry.store, served.entry.hash, served.entry.size,
+                    b"application/octet-stream", headers,
+                )
+            except BlobNotFound:
+                await registry.cache.forget(served.entry.key)
+                raise
+            return served.entry
+
+        await self._retrying(request, answer)
+
+    async def _dist_tags(self, request: Request, name: PackageName) -> None:
+        served = await self.registry.packument(name, ABBR)
+        dist = await self.registry.dist_index(name)
+        if dist is None:
+            raise Missing(name.full)
+        if served.outcome == STALE:
+            request.setHeader(b"warning", b'111 - "Revalidation Failed"')
+        request.setHeader(b"x-cache", _OUTCOME[served.outcome])
+        self._json(request, json.dumps(dist["dist-tags"]).encode())
+
+    async def _pass_through(self, request: Request, path: str) -> None:
+        upstream = self.registry.upstream
+        if upstream is None:
+            raise Missing(f"{path} (no npm upstream is configured)")
+        query = request.uri.split(b"?", 1)[1].decode("latin-1") if b"?" in request.uri else ""
+        url = upstream.url(path) + (f"?{query}" if query else "")
+        headers = {}
+        for header in (b"accept", b"content-type", b"content-encoding", b"npm-command", b"user-agent"):
+            value = request.getHeader(header)
+            if value is not None:
+                headers[header.decode()] = value.decode("latin-1")
+        body = None
+        if request.method == b"POST" and request.content is not None:
+            body = request.content.read(MAX_PASS_THROUGH_BODY + 1)
+            if len(body) > MAX_PASS_THROUGH_BODY:
+                raise Missing("request body too large")
+        response, received = await upstream.forward(request.method.decode(), url, headers, body)
+        content = await treq.content(response)
+        request.setResponseCode(response.code)
+        for field_name in ("content-type", "content-encoding"):
+            if field_name in received:
+                request.setHeader(field_name.encode(), received[field_name].encode("latin-1"))
+        request.setHeader(b"content-length", b"%d" % len(content))
+        request.setHeader(b"cache-control", b"no-store")
+        request.write(content)
+        request.finish()
