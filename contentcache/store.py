@@ -93,10 +93,12 @@ class Spool:
     async def close(self) -> Hash:
         """
         Make the content durable and fire with its hash. The file stays at
-        C{path} for inspection until L{commit} or L{abort}.
+        C{path} (and locked) for inspection until L{commit} or L{abort}.
         """
         if not self._closed:
-            await self._store._disk.run(tempfiles.finish, self._handle)
+            on_disk = await self._store._disk.run(tempfiles.finish, self._handle)
+            if on_disk != self._hasher.size:
+                raise OSError(f"spool {self.path} holds {on_disk} bytes of {self._hasher.size} written")
             self._closed = True
         return self._hasher.finish()
 
@@ -117,6 +119,7 @@ class Spool:
         except BaseException:
             await self.abort()
             raise
+        await self._store._disk.run(self._handle.close)
         return PutResult(h, self.size, created=True)
 
     def abort(self) -> Deferred[None]:

@@ -2,7 +2,8 @@
 Temporary files that a crash cannot turn into garbage.
 
 Every temporary file is created with an exclusive C{flock} held for as long
-as its writer has it open. A sweep at start removes only temporary files
+as its writer has it open, which is until it has been renamed into place or
+removed: a finished file waiting for a check is still locked. A sweep at start removes only temporary files
 whose lock it can take: the writer is gone (the kernel drops the lock with
 the process), so a second worker sharing the directory never loses a write
 in flight to another worker's sweep.
@@ -33,18 +34,20 @@ def create(directory: str, prefix: str = TEMP_PREFIX) -> tuple[str, BinaryIO]:
         except FileExistsError:
             continue
         fcntl.flock(fd, fcntl.LOCK_EX)
-        return path, os.fdopen(fd, "wb", buffering=0)
+        # Buffered: its write() writes everything or raises (a raw file's
+        # may write part and say so, on a full disk for one).
+        return path, os.fdopen(fd, "wb")
 
 
-def finish(handle: BinaryIO) -> None:
+def finish(handle: BinaryIO) -> int:
     """
-    Make a temporary file's content durable and close it.
+    Make a temporary file's content durable, keeping it open (and locked).
+
+    @return: its size on disk.
     """
-    try:
-        handle.flush()
-        os.fsync(handle.fileno())
-    finally:
-        handle.close()
+    handle.flush()
+    os.fsync(handle.fileno())
+    return os.fstat(handle.fileno()).st_size
 
 
 def discard(path: str, handle: BinaryIO | None = None) -> None:

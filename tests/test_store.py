@@ -156,3 +156,15 @@ def test_hashes_lists_blobs(store: Store) -> None:
         return {h async for h in store.hashes()}
 
     assert resolve(collect()) == expected
+
+
+def test_a_finished_spool_awaiting_its_check_survives_another_workers_start(
+    store: Store, make_store: Callable[[], Store]
+) -> None:
+    spool = resolve(store.spool())
+    resolve(spool.write(b"a zip being checked"))
+    h = resolve(spool.close())
+    make_store()  # a second worker starts and sweeps
+    assert os.path.exists(spool.path)
+    assert resolve(spool.commit()).hash == h
+    assert read_blob(store, h) == b"a zip being checked"

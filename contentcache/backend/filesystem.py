@@ -82,6 +82,7 @@ class FilesystemBackend:
     def _commit(self, temp: str, handle: BinaryIO, target: str) -> None:
         tempfiles.finish(handle)
         os.replace(temp, target)
+        handle.close()
         tempfiles.fsync_directory(os.path.dirname(target))
 
     async def _write(self, key: str, chunks: AsyncIterable[bytes] | Iterable[bytes]) -> None:
@@ -114,6 +115,7 @@ class FilesystemBackend:
                         handle.write(chunk)
                 tempfiles.finish(handle)
                 os.replace(temp, target)
+                handle.close()
             except BaseException:
                 tempfiles.discard(temp, handle)
                 raise
