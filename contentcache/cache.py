@@ -124,6 +124,11 @@ class ProtocolCache:
         return await self._coalescer.run(key, lambda: self._fill(key, fetch))
 
     async def _fill(self, key: str, fetch: Fetch) -> Served:
+        # A fill for this key may have finished between our lookup and
+        # this operation starting.
+        entry = await self.index.get(self.protocol, key)
+        if entry is not None:
+            return Served(entry, HIT)
         try:
             fill = await fetch()
         except Missing:
@@ -172,9 +177,11 @@ class ProtocolCache:
             return Served(renewed, REVALIDATED)
         return Served(await self._commit(key, result), MISS)
 
-    async def forget(self, key: str) -> None:
+    async def forget(self, entry: Entry) -> None:
         """
         Drop an entry whose blob has gone missing, so the next request
         fetches it again.
         """
-        await self.index.delete(self.protocol, key)
+        log.warn("the blob behind {protocol} {key} is missing; it will be fetched again",
+                 protocol=entry.protocol, key=entry.key)
+        await self.index.delete(entry.protocol, entry.key)

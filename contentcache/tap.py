@@ -84,6 +84,9 @@ class Options(usage.Options):
         ["disk-threads", None, str(DEFAULT_THREADS), "Threads for disk and index work."],
         ["go-upstream", None, None, "The Go module proxy to fetch from (default: the first "
          "URL in `go env GOPROXY`; none: cache-only)."],
+        ["go-nosumdb", None, None, "Comma-separated module path patterns never looked up in "
+         "the checksum database (private modules), as GONOSUMDB (default: go env "
+         "GONOSUMDB, else GOPRIVATE)."],
         ["go-metadata-ttl", None, "10m", "How long @v/list, @latest and version queries are "
          "served before they are revalidated upstream."],
         ["npm-upstream", None, None, "The npm registry to fetch from (default: `npm config get "
@@ -239,7 +242,8 @@ def makeService(options: Options) -> IService:
     )
     port = listening_port(options["port"])
     GoProxyService(
-        goproxy, reactor, timeouts, options["go-upstream"], options["go-sumdb"], port
+        goproxy, reactor, timeouts, options["go-upstream"], options["go-sumdb"], port,
+        options["go-nosumdb"],
     ).setServiceParent(top)
 
     npm = NpmRegistry(

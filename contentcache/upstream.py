@@ -15,7 +15,10 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.internet.error import ConnectingCancelledError
+from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http import NOT_MODIFIED, OK
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
@@ -117,8 +120,12 @@ class _SpoolBody(Protocol):
             return
         self._pending += 1
         if self._pending >= _MAX_PENDING_WRITES and not self._paused:
+            # Upstream is not idle while we hold it back for the disk.
             self._paused = True
             self._producer.pauseProducing()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
         self._tail.addCallback(lambda _: self._spool.write(data))
         self._tail.addCallbacks(self._written, self._write_failed)
 
@@ -126,6 +133,7 @@ class _SpoolBody(Protocol):
         self._pending -= 1
         if self._paused and self._pending <= 1 and self._error is None:
             self._paused = False
+            self._timer = self._clock.callLater(self._idle, self._timed_out)
             self._producer.resumeProducing()
 
     def _write_failed(self, failure: Failure) -> None:
@@ -141,7 +149,9 @@ class _SpoolBody(Protocol):
         def finish(_: object) -> None:
             if self._error is not None:
                 self.done.errback(self._error)
-            elif not reason.check(ResponseDone):
+            elif not reason.check(ResponseDone, PotentialDataLoss):
+                # PotentialDataLoss: a body without a length, ended by
+                # closing the connection, as HTTP/1.0 servers do.
                 self.done.errback(UpstreamError(f"upstream body broke off: {reason.value}"))
             else:
                 self.done.callback(None)
@@ -192,12 +202,20 @@ class Upstream:
                 timeout=self._timeouts.response,
                 reactor=self._reactor,
             )
-        except CancelledError:
+        except (CancelledError, DeferredTimeout):
             raise UpstreamTimeout(
                 f"no response from upstream within {self._timeouts.response:g} s"
             ) from None
-        except DeferredTimeout:
-            raise UpstreamTimeout("upstream did not answer in time") from None
+        except (ResponseNeverReceived, ResponseFailed) as e:
+            # treq's timeout cancels the request; the agent reports that
+            # wrapped in one of these.
+            if any(r.check(CancelledError) for r in e.reasons):
+                raise UpstreamTimeout(
+                    f"no response from upstream within {self._timeouts.response:g} s"
+                ) from None
+            raise UpstreamError(f"upstream failed: {e.reasons[0].getErrorMessage()}") from None
+        except ConnectingCancelledError:
+            raise UpstreamTimeout(f"could not connect to upstream within {self._timeouts.connect:g} s") from None
         except Exception as e:
             raise UpstreamError(f"upstream unreachable: {e}") from e
 
@@ -220,7 +238,11 @@ class Upstream:
         if response.code != OK:
             _discard(response)
             return Fetched(response.code, received)
-        spool = await store.spool()
+        try:
+            spool = await store.spool()
+        except BaseException:
+            _discard(response)
+            raise
         body = _SpoolBody(spool, self._reactor, self._timeouts.idle, limit)
         response.deliverBody(body)
         try:
@@ -298,13 +320,18 @@ class Coalescer(Generic[K, T]):
         return waiter
 
     def _finished(self, result: T | Failure, key: K) -> None:
+        delivered = False
         for waiter in self._inflight.pop(key):
             if waiter.called:
                 continue  # cancelled by its caller
+            delivered = True
             if isinstance(result, Failure):
                 waiter.errback(result)
             else:
                 waiter.callback(result)
+        if isinstance(result, Failure) and not delivered:
+            log.warn("{key} failed with nobody left waiting: {error}",
+                     key=key, error=result.getErrorMessage())
 
 
 @define

@@ -77,6 +77,19 @@ def text(request: Request, code: int, message: str) -> bytes:
     return body
 
 
+_SUCCESS_HEADERS = (
+    b"etag",
+    b"accept-ranges",
+    b"cache-control",
+    b"content-encoding",
+    b"content-range",
+    b"last-modified",
+    b"vary",
+    b"warning",
+    b"x-cache",
+)
+
+
 def _fail(failure: Failure, request: Request, gone: list[bool]) -> None:
     if request.finished or gone:
         # The client went away; the cancellation that followed is expected.
@@ -88,6 +101,11 @@ def _fail(failure: Failure, request: Request, gone: list[bool]) -> None:
         log.failure("response failed part-way; closing the connection", failure)
         request.loseConnection()
         return
+    # Headers set for a success that did not happen (ETag, immutable
+    # caching, X-Cache, Content-Range) must not describe the error.
+    for name in _SUCCESS_HEADERS:
+        request.responseHeaders.removeHeader(name)
+    request.setHeader(b"cache-control", b"no-store")
     if failure.check(HTTPError):
         e = failure.value
         body = text(request, e.code, e.message)

@@ -193,3 +193,22 @@ def test_lookup_record() -> None:
         "example.com/m v1.0.0": "h1:zip=",
         "example.com/m v1.0.0/go.mod": "h1:mod=",
     }
+
+
+@pytest.mark.parametrize(
+    "patterns, path, private",
+    [
+        ("corp.example", "corp.example/secret", True),
+        ("corp.example", "corp.example", True),
+        ("*.corp.example", "git.corp.example/team/x", True),
+        ("corp.example/team", "corp.example/other", False),
+        ("corp.example/*/internal", "corp.example/a/internal/x", True),
+        ("other.example,corp.example", "corp.example/x", True),
+        ("", "corp.example/x", False),
+        ("corp.example", "corp.example.evil/x", False),
+    ],
+)
+def test_private_module_patterns(patterns: str, path: str, private: bool) -> None:
+    from contentcache.protocol.goproxy.paths import match_prefix_patterns
+
+    assert match_prefix_patterns(patterns, path) is private

@@ -56,6 +56,17 @@ def check_and_hash_zip(path: str, module: str, version: str) -> str:
     Check a module zip against the rules and return its C{h1:} hash (the
     value go.sum and the checksum database record for it).
     """
+    try:
+        return _check_and_hash_zip(path, module, version)
+    except ZipRuleError:
+        raise
+    except Exception as e:
+        # zipfile has many ways to fail on hostile input (encrypted
+        # entries, undecodable names, bad compression): all are a bad zip.
+        raise ZipRuleError(f"unreadable zip: {e!r}") from None
+
+
+def _check_and_hash_zip(path: str, module: str, version: str) -> str:
     prefix = f"{module}@{version}/"
     try:
         archive = zipfile.ZipFile(path)

@@ -9,6 +9,7 @@ this a request we may forward and cache, and under which name.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 
 from attrs import frozen
@@ -82,8 +83,8 @@ def _check_element(element: str, first: bool) -> None:
             raise InvalidPath("invalid module path: the first element must contain a dot")
         if element.startswith("-"):
             raise InvalidPath("invalid module path: the first element starts with '-'")
-        if element != element.lower():
-            raise InvalidPath("invalid module path: the first element must be lower case")
+        if re.fullmatch(r"[a-z0-9.-]+", element) is None:
+            raise InvalidPath("invalid module path: the first element may hold only a-z 0-9 . -")
 
 
 def check_module_path(path: str) -> str:
@@ -144,3 +145,22 @@ class Version:
     @property
     def canonical(self) -> bool:
         return is_canonical(self.name)
+
+
+def match_prefix_patterns(patterns: str, path: str) -> bool:
+    """
+    module.MatchPrefixPatterns: whether C{path} or a prefix of it (whole
+    path elements) matches one of the comma-separated glob C{patterns}, as
+    GOPRIVATE and GONOSUMDB are read.
+    """
+    elements = path.split("/")
+    for pattern in patterns.split(","):
+        pattern = pattern.strip().strip("/")
+        if not pattern:
+            continue
+        parts = pattern.split("/")
+        if len(parts) <= len(elements) and all(
+            fnmatch.fnmatchcase(e, p) for e, p in zip(elements, parts)
+        ):
+            return True
+    return False

@@ -33,8 +33,8 @@ from ...store import BlobNotFound, Store
 from ...upstream import Upstream, UpstreamError, conditional_headers
 from ...web import AsyncResource, TEXT, not_found, read_blob, send_blob, text
 from .modzip import MAX_GO_MOD_SIZE, MAX_ZIP_SIZE, ZipRuleError, check_and_hash_zip, hash_go_mod
-from .paths import InvalidPath, Module, Version, is_canonical, unescape
-from .sumdb import InvalidSumDB, SumDB, check_tile, is_full_tile, parse_record
+from .paths import InvalidPath, Module, Version, is_canonical, match_prefix_patterns, unescape
+from .sumdb import InvalidSumDB, SumDB, check_tile, parse_record
 
 log = Logger()
 
@@ -67,6 +67,9 @@ class GoProxy:
     #: The database that verifies downloads: the first configured.
     verifier: str | None = None
     metadata_ttl: float = DEFAULT_METADATA_TTL
+    #: GONOSUMDB-style patterns: modules never looked up in the database
+    #: (their names are private), stored unverified.
+    nosumdb: str = ""
     _unreachable_warned: bool = False
 
     # Fetches, each returning what the cache should store.
@@ -115,7 +118,11 @@ class GoProxy:
     async def _fetch_mod(self, module: Module, version: Version, key: str) -> Fill:
         assert self.upstream is not None
         fill = await self._get_new(self.upstream, key, MAX_GO_MOD_SIZE)
-        h1 = await self._disk.run(hash_go_mod, fill.spool.path)
+        try:
+            h1 = await self._disk.run(hash_go_mod, fill.spool.path)
+        except BaseException:
+            await fill.spool.abort()
+            raise
         return await self._verified(fill, module, version, "/go.mod", h1)
 
     async def _fetch_zip(self, module: Module, version: Version, key: str) -> Fill:
@@ -132,6 +139,9 @@ class GoProxy:
                 error=e,
             )
             raise IntegrityError(f"{module.path}@{version.name}: bad module zip: {e}") from None
+        except BaseException:
+            await fill.spool.abort()
+            raise
         return await self._verified(fill, module, version, "", h1)
 
     async def _verified(
@@ -150,7 +160,7 @@ class GoProxy:
         return Fill(fill.spool, {**fill.attrs, "h1": h1, "verified": verified})
 
     async def _check_sum(self, module: Module, version: Version, suffix: str, h1: str) -> bool:
-        if self.verifier is None:
+        if self.verifier is None or match_prefix_patterns(self.nosumdb, module.path):
             return False
         sumdb, upstream = self.sumdbs[self.verifier]
         try:
@@ -177,7 +187,13 @@ class GoProxy:
         if self._unreachable_warned:
             self._unreachable_warned = False
             log.info("checksum database {sumdb} answers again", sumdb=sumdb.name)
-        record = parse_record(await read_blob(self.store, served.entry.hash, MAX_METADATA_SIZE))
+        try:
+            body = await read_blob(self.store, served.entry.hash, MAX_METADATA_SIZE)
+        except BlobNotFound:
+            await self.sumdb_cache.forget(served.entry)
+            served = await self.sumdb_lookup(sumdb.name, module, version)
+            body = await read_blob(self.store, served.entry.hash, MAX_METADATA_SIZE)
+        record = parse_record(body)
         expected = record.get(f"{module.path} {version.name}{suffix}")
         if expected is None:
             return False
@@ -265,13 +281,11 @@ class GoProxy:
             return await self.sumdb_cache.mutable(
                 key, self.metadata_ttl, self._revalidator(upstream, path)
             )
-        tile = check_tile(path.removeprefix("tile/"))
-        if is_full_tile(tile):
-            return await self.sumdb_cache.immutable(
-                key, lambda: self._get_new(upstream, path, MAX_METADATA_SIZE)
-            )
-        return await self.sumdb_cache.mutable(
-            key, self.metadata_ttl, self._revalidator(upstream, path)
+        # A tile never changes, full or partial (a partial one's path names
+        # its width, and the log only grows).
+        check_tile(path.removeprefix("tile/"))
+        return await self.sumdb_cache.immutable(
+            key, lambda: self._get_new(upstream, path, MAX_METADATA_SIZE)
         )
 
 
@@ -377,9 +391,7 @@ class GoProxyResource(AsyncResource):
             )
         if rest[0] == "tile":
             path = "tile/" + check_tile("/".join(rest[1:]))
-            return lambda r: self._answer(
-                r, lambda: proxy.sumdb_path(name, path), OCTETS, is_full_tile(path)
-            )
+            return lambda r: self._answer(r, lambda: proxy.sumdb_path(name, path), OCTETS, True)
         raise InvalidSumDB("not found: not a checksum database path")
 
     async def _supported(self, request: Request) -> None:
@@ -403,6 +415,5 @@ class GoProxyResource(AsyncResource):
                 raise
             # The blob went away under the entry (an operator's repair, a
             # damaged disk): forget the entry and fetch it again, once.
-            log.warn("blob for go {key} is missing; fetching again", key=served.entry.key)
-            await self.proxy.cache.forget(served.entry.key)
+            await self.proxy.cache.forget(served.entry)
             await self._send(request, await lookup(), content_type, immutable)

@@ -39,6 +39,7 @@ class GoProxyService(Service):
         upstream: str | None,
         sumdbs: list[SumDB] | str | None,
         port: int | None,
+        nosumdb: str | None = None,
     ) -> None:
         self.proxy = proxy
         self._reactor = reactor
@@ -46,11 +47,12 @@ class GoProxyService(Service):
         self._upstream = upstream
         self._sumdbs = sumdbs
         self._port = port
+        self._nosumdb = nosumdb
 
     def _settings(self) -> dict[str, str]:
-        if self._upstream is not None and self._sumdbs is not None:
+        if self._upstream is not None and self._sumdbs is not None and self._nosumdb is not None:
             return {}
-        return go_env("GOPROXY", "GOSUMDB") or {}
+        return go_env("GOPROXY", "GOSUMDB", "GONOSUMDB", "GOPRIVATE") or {}
 
     def startService(self) -> None:
         settings = self._settings()
@@ -83,6 +85,14 @@ class GoProxyService(Service):
         for sumdb in sumdbs:
             self.proxy.sumdbs[sumdb.name] = (sumdb, Upstream.create(sumdb.url, self._reactor, self._timeouts))
         self.proxy.verifier = sumdbs[0].name if sumdbs else None
+        if self._nosumdb is not None:
+            self.proxy.nosumdb = self._nosumdb
+        else:
+            # The go command reads GONOSUMDB, which defaults to GOPRIVATE.
+            self.proxy.nosumdb = settings.get("GONOSUMDB") or settings.get("GOPRIVATE", "")
+        if self.proxy.nosumdb and sumdbs:
+            log.info("not looking up modules matching {patterns} in the checksum database",
+                     patterns=self.proxy.nosumdb)
         if not sumdbs:
             log.info("no checksum database: Go downloads are stored unverified")
         super().startService()
