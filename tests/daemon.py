@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Sequence
 
@@ -18,6 +18,11 @@ _LISTENING = re.compile(rb"Site starting on (\d+)")
 
 
 class Daemon:
+    """
+    The daemon in a subprocess, its output collected by a thread (so a
+    busy test never fills the pipe and stalls it).
+    """
+
     def __init__(
         self,
         storage: str | None,
@@ -25,7 +30,8 @@ class Daemon:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
     ) -> None:
-        self.output = b""
+        self._output = bytearray()
+        self._lock = threading.Lock()
         self.process = subprocess.Popen(
             [
                 TWISTD,
@@ -43,17 +49,32 @@ class Daemon:
             env={**os.environ, "GOPROXY": "off", "GOSUMDB": "off", **(env or {})},
             cwd=cwd,
         )
-        self.port = int(self.wait_for(_LISTENING)[1])
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+        try:
+            self.port = int(self.wait_for(_LISTENING)[1])
+        except BaseException:
+            self.stop()
+            raise
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def _read(self, timeout: float) -> bool:
+    def _collect(self) -> None:
         assert self.process.stdout is not None
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        if not ready:
-            return True
-        chunk = os.read(self.process.stdout.fileno(), 65536)
-        self.output += chunk
-        return bool(chunk)
+        while chunk := os.read(self.process.stdout.fileno(), 65536):
+            with self._lock:
+                self._output += chunk
+
+    @property
+    def output(self) -> bytes:
+        with self._lock:
+            return bytes(self._output)
+
+    def log(self) -> str:
+        """
+        Everything the daemon has written so far.
+        """
+        time.sleep(0.2)  # let the last lines arrive
+        return self.output.decode(errors="replace")
 
     def wait_for(self, pattern: re.Pattern[bytes], timeout: float = 30) -> re.Match[bytes]:
         deadline = time.monotonic() + timeout
@@ -61,42 +82,34 @@ class Daemon:
             m = pattern.search(self.output)
             if m:
                 return m
-            if not self._read(0.1):
+            if self.process.poll() is not None:
+                self._reader.join(5)
+                m = pattern.search(self.output)
+                if m:
+                    return m
                 break
+            time.sleep(0.02)
         raise AssertionError(
             f"daemon never logged {pattern.pattern!r}; output:\n{self.output.decode(errors='replace')}"
         )
-
-    def log(self) -> str:
-        """
-        Everything the daemon has written so far.
-        """
-        while self.process.poll() is None and self._read(0.2) and self._pending():
-            pass
-        return self.output.decode(errors="replace")
-
-    def _pending(self) -> bool:
-        assert self.process.stdout is not None
-        return bool(select.select([self.process.stdout], [], [], 0.2)[0])
 
     def terminate(self, timeout: float = 5) -> int:
         """
         SIGTERM, then the exit status (fails if it takes longer than C{timeout}).
         """
         self.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while self.process.poll() is None and time.monotonic() < deadline:
-            self._read(0.05)
-        if self.process.poll() is None:
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
             self.stop()
-            raise AssertionError(f"daemon still running {timeout} s after SIGTERM")
-        while self._read(0):
-            pass
-        return self.process.returncode
+            raise AssertionError(f"daemon still running {timeout} s after SIGTERM") from None
+        self._reader.join(5)
+        return code
 
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self._reader.join(5)
         if self.process.stdout is not None:
             self.process.stdout.close()
