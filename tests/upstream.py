@@ -23,6 +23,8 @@ class UpstreamFixture:
         self.log: list[tuple[str, str, dict[str, str]]] = []
         #: path -> (status, body) answered instead of the file.
         self.override: dict[str, tuple[int, bytes]] = {}
+        #: Content-Type of everything it answers.
+        self.content_type = "application/octet-stream"
         #: paths whose body stops after half and then stalls.
         self.stall: set[str] = set()
         #: seconds to wait before answering any request.
@@ -96,7 +98,8 @@ class UpstreamFixture:
     def _send(self, handler: BaseHTTPRequestHandler, status: int, body: bytes, head: bool) -> None:
         handler.send_response(status)
         handler.send_header("Content-Length", str(len(body)))
-        handler.send_header("Content-Type", "application/octet-stream")
+        content_type = "application/json" if body[:1] == b"{" else self.content_type
+        handler.send_header("Content-Type", content_type)
         handler.end_headers()
         if not head:
             handler.wfile.write(body)

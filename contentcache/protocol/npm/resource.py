@@ -158,14 +158,31 @@ class NpmRegistry:
         The packument as this client sees it: tarball addresses under
         C{base}, gzip if asked. Rendered once per base and revision.
         """
-        served = await self.packument(name, variant)
+        served = await self._either_variant(name, variant)
         source = served.entry.hash.hex
-        key = f"render:{variant}:{'gzip' if gzip else 'identity'}:{base}:{name.full}"
+        key = f"render:{served.entry.key}:{'gzip' if gzip else 'identity'}:{base}"
         entry = await self.cache.lookup(key)
         if entry is not None and entry.attrs.get("source") == source:
             return entry, served
         entry = await self._renders.run(key, lambda: self._render(key, served.entry, base, gzip))
         return entry, served
+
+    async def _either_variant(self, name: PackageName, variant: str) -> Served:
+        """
+        The packument in the variant asked for, or, when upstream cannot be
+        reached and only the other variant is cached, that one (stale):
+        either serves an install, and an install beats an error.
+        """
+        try:
+            return await self.packument(name, variant)
+        except (UpstreamError, Missing) as e:
+            if isinstance(e, Missing) and self.upstream is not None:
+                raise
+            other = ABBR if variant == FULL else FULL
+            entry = await self.cache.lookup(self._packument_key(name, other))
+            if entry is None:
+                raise
+            return Served(entry, STALE, str(e))
 
     async def _render(self, key: str, template: Entry, base: str, gzip: bool) -> Entry:
         renderer = Renderer(base, gzip)
@@ -360,7 +377,6 @@ class NpmResource(AsyncResource):
         except BlobNotFound:
             if request.startedWriting:
                 raise
-            log.warn("a blob behind {uri} is missing; fetching again", uri=request.uri)
             await answer()
 
     async def _packument(self, request: Request, name: PackageName) -> None:
@@ -385,8 +401,8 @@ class NpmResource(AsyncResource):
                     last_modified=served.entry.attrs.get("fetched", served.entry.created),
                 )
             except BlobNotFound:
-                await registry.cache.forget(entry.key)
-                await registry.cache.forget(served.entry.key)
+                await registry.cache.forget(entry)
+                await registry.cache.forget(served.entry)
                 raise
             return entry
 
@@ -404,7 +420,7 @@ class NpmResource(AsyncResource):
                     b"application/octet-stream", headers,
                 )
             except BlobNotFound:
-                await registry.cache.forget(served.entry.key)
+                await registry.cache.forget(served.entry)
                 raise
             return served.entry
 
