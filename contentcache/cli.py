@@ -1,40 +1,238 @@
 """
-The C{contentcache} command.
+The C{contentcache} command: run the daemon, and look after a storage
+directory (stats, gc, verify, purge) whether the daemon runs or not.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from typing import Sequence
+import time
+from typing import Any, Coroutine, Sequence, TypeVar
 
-from . import __version__
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from . import __version__, admin
+from .backend.filesystem import FilesystemBackend
+from .expiry import DEFAULT_GRACE, DEFAULT_TTL, Expiry, Policy
+from .index import IndexTooNew, SQLiteIndex
+from .pool import SynchronousRunner
+from .store import Store
+from .units import parse_duration, parse_size
+
+T = TypeVar("T")
+
+
+def _clock() -> Any:
+    # The reactor's seconds() is the wall clock; nothing here runs it.
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def _wait(coroutine: Coroutine[Any, Any, T]) -> T:
+    """
+    Run a coroutine whose disk work is synchronous (L{SynchronousRunner}):
+    it completes before this returns.
+    """
+    results: list[Any] = []
+    Deferred.fromCoroutine(coroutine).addBoth(results.append)
+    assert results, "an admin operation did not complete synchronously"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+class Progress:
+    """
+    Progress on stderr: a line that redraws itself on a terminal, a plain
+    line every so often otherwise.
+    """
+
+    def __init__(self, what: str, every: int = 1000) -> None:
+        self._what = what
+        self._every = every
+        self._tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self._tty:
+            now = time.monotonic()
+            if now - self._last >= 0.1:
+                self._last = now
+                of = f"/{total}" if total else ""
+                sys.stderr.write(f"\r{self._what}: {done}{of}")
+                sys.stderr.flush()
+        elif done % self._every == 0:
+            print(f"{self._what}: {done}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self._tty:
+            sys.stderr.write("\n")
+
+
+def _open(storage: str) -> tuple[SQLiteIndex, Store]:
+    if not os.path.isdir(storage):
+        raise SystemExit(f"contentcache: {storage} is not a storage directory.")
+    disk = SynchronousRunner()
+    index = SQLiteIndex(storage, disk, _clock())
+    try:
+        index.open()
+    except IndexTooNew as e:
+        raise SystemExit(f"contentcache: {e}") from None
+    store = Store(FilesystemBackend(storage, disk), os.path.join(storage, "tmp"), disk)
+    return index, store
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    return f"{n} B"
+
+
+def _stats(args: argparse.Namespace) -> int:
+    index, _ = _open(args.storage)
+    found = _wait(admin.stats(index))
+    if args.json:
+        print(json.dumps(found, indent=2, sort_keys=True))
+        return 0
+    for protocol, count in sorted(found["entries"].items()):
+        print(f"entries ({protocol}): {count}")
+    print(f"blobs: {found['blobs']}")
+    print(f"logical bytes: {found['logical_bytes']} ({_human(found['logical_bytes'])})")
+    print(f"bytes on disk: {found['stored_bytes']} ({_human(found['stored_bytes'])})")
+    ratio = found["dedup_ratio"]
+    print(f"dedup ratio: {ratio if ratio is not None else '-'}")
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    index, store = _open(args.storage)
+    policy = Policy(ttl=args.ttl or None, max_size=args.max_size, grace=args.grace)
+
+    def removed(kind: str, name: str) -> None:
+        if not args.json:
+            print(f"{'would remove' if args.dry_run else 'removed'} {kind} {name}")
+
+    expiry = Expiry(index, store, _clock(), policy, removed=removed)
+    report = _wait(expiry.run(dry_run=args.dry_run))
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+    else:
+        print(report.summary())
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    index, store = _open(args.storage)
+    progress = Progress("verified blobs")
+    try:
+        result = _wait(admin.verify(index, store, args.repair, progress))
+    finally:
+        progress.close()
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2, sort_keys=True))
+    else:
+        for label, hashes in (("corrupt", result.corrupt), ("missing", result.missing),
+                              ("orphan", result.orphans)):
+            for h in hashes:
+                print(f"{label} blob {h}{' (repaired)' if args.repair else ''}")
+        print(f"{result.blobs} blobs checked, {result.problems} problems"
+              + (", repaired" if args.repair and result.problems else ""))
+    return 1 if result.problems and not args.repair else 0
+
+
+def _purge(args: argparse.Namespace) -> int:
+    index, store = _open(args.storage)
+    try:
+        removed = _wait(admin.purge(index, store, args.protocol, args.name))
+    except ValueError as e:
+        raise SystemExit(f"contentcache: {e}.") from None
+    if args.json:
+        print(json.dumps({"removed": removed}, indent=2))
+    else:
+        for key in removed:
+            print(f"removed {args.protocol} {key}")
+        print(f"{len(removed)} entries removed")
+    return 0
 
 
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
     # twistd is the one way the daemon runs; this saves typing "-n".
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    argv = [twistd, "--nodaemon", "--pidfile=", "contentcache", *rest]
-    os.execv(twistd, argv)
+    os.execv(twistd, [twistd, "--nodaemon", "--pidfile=", "contentcache", *rest])
     return 1  # not reached
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="contentcache",
-        description="A pull-through cache for npm and Go modules.",
+        description="A pull-through cache for npm and Go modules, and its maintenance.",
     )
     parser.add_argument("--version", action="version", version=f"contentcache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = commands.add_parser(
-        "serve",
-        help="run the daemon in the foreground (the same as twistd -n contentcache)",
-        add_help=False,
-    )
-    serve.set_defaults(run=_serve)
+
+    serve = commands.add_parser("serve", add_help=False,
+                                help="run the daemon in the foreground (twistd -n contentcache)")
+    serve.set_defaults(run=None)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--storage", default=os.environ.get("CONTENTCACHE_STORAGE", "./cache"),
+                         help="the storage directory (default: $CONTENTCACHE_STORAGE or ./cache)")
+        sub.add_argument("--json", action="store_true", help="print one JSON document")
+        return sub
+
+    stats = command("stats", "entries per protocol, blobs, logical bytes, bytes on disk, dedup ratio")
+    stats.set_defaults(run=_stats)
+
+    gc = command("gc", "run one expiry pass now and print what it removes")
+    gc.add_argument("--ttl", type=_duration, default=DEFAULT_TTL,
+                    help="remove entries not used for this long (default 30d; 0: never)")
+    gc.add_argument("--max-size", type=_size, default=None,
+                    help="evict least recently used entries until under 90%% of this (e.g. 20GiB)")
+    gc.add_argument("--grace", type=_duration, default=DEFAULT_GRACE,
+                    help="never delete blobs younger than this (default 15m; 0 only when no daemon writes)")
+    gc.add_argument("--dry-run", action="store_true", help="print what would go, change nothing")
+    gc.set_defaults(run=_gc)
+
+    verify = command("verify", "re-hash every blob; report corrupt, missing and orphan blobs")
+    verify.add_argument("--repair", action="store_true",
+                        help="delete corrupt and orphan blobs and the entries of corrupt and missing "
+                             "ones, so the next request fetches them again")
+    verify.set_defaults(run=_verify)
+
+    purge = command("purge", "remove a Go module or an npm package, every version and its metadata")
+    purge.add_argument("protocol", choices=["go", "npm"])
+    purge.add_argument("name", help="a module path (example.com/m) or package name (@scope/name)")
+    purge.set_defaults(run=_purge)
+
     args, rest = parser.parse_known_args(argv)
-    return int(args.run(args, rest))
+    if args.command == "serve":
+        return _serve(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return int(args.run(args))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import json
 import os
 import sqlite3
 import threading
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
@@ -55,6 +56,25 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX entries_by_hash ON entries (hash)",
         # Expiry walks entries in order of last access.
         "CREATE INDEX entries_by_access ON entries (accessed)",
+    ],
+    2: [
+        # Each blob once, with its size and when it entered the store: what
+        # expiry needs to keep the store under its size limit and to leave
+        # young blobs alone.
+        """
+        CREATE TABLE blobs (
+            hash TEXT PRIMARY KEY,
+            size INTEGER NOT NULL,
+            created REAL NOT NULL
+        ) WITHOUT ROWID
+        """,
+        """
+        INSERT OR IGNORE INTO blobs (hash, size, created)
+        SELECT hash, max(size), min(created) FROM entries GROUP BY hash
+        """,
+        # Least recently used first; ties broken by age, older first.
+        "DROP INDEX entries_by_access",
+        "CREATE INDEX entries_by_lru ON entries (accessed, created)",
     ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -132,6 +152,8 @@ def _row_to_entry(row: tuple[Any, ...]) -> Entry:
 
 
 _COLUMNS = "protocol, key, hash, size, attrs, created, accessed"
+#: Hashes per "IN (...)" query, well under SQLite's parameter limit.
+_IN_CHUNK = 500
 
 
 class Database:
@@ -207,12 +229,178 @@ class Database:
         now: float,
     ) -> Entry:
         encoded = json.dumps(attrs, sort_keys=True, separators=(",", ":"))
-        with self._lock:
-            self._db.execute(
+        with self._transaction() as db:
+            db.execute(
                 f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (protocol, key, hash.hex, size, encoded, now, now),
             )
+            db.execute(
+                "INSERT OR IGNORE INTO blobs (hash, size, created) VALUES (?, ?, ?)",
+                (hash.hex, size, now),
+            )
         return Entry(protocol, key, hash, size, json.loads(encoded), now, now)
+
+    @contextmanager
+    def _transaction(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # Expiry and the admin command.
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            per_protocol = dict(
+                self._db.execute("SELECT protocol, count(*) FROM entries GROUP BY protocol").fetchall()
+            )
+            logical = self._db.execute("SELECT total(size) FROM entries").fetchone()[0]
+            blobs, stored = self._db.execute("SELECT count(*), total(size) FROM blobs").fetchone()
+        return {
+            "entries": per_protocol,
+            "blobs": blobs,
+            "logical_bytes": int(logical),
+            "stored_bytes": int(stored),
+        }
+
+    def stored_bytes(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT total(size) FROM blobs").fetchone()[0])
+
+    def expire(self, cutoff: float, limit: int) -> list[tuple[str, str, str]]:
+        """
+        Remove up to C{limit} entries last used before C{cutoff}; return
+        them as (protocol, key, blob hash).
+        """
+        with self._transaction(immediate=True) as db:
+            rows = db.execute(
+                "SELECT protocol, key, hash FROM entries WHERE accessed < ? "
+                "ORDER BY accessed, created LIMIT ?",
+                (cutoff, limit),
+            ).fetchall()
+            db.executemany("DELETE FROM entries WHERE protocol = ? AND key = ?",
+                           [(p, k) for p, k, _ in rows])
+        return rows
+
+    def least_recently_used(self, limit: int, after: tuple[float, float, str, str] | None) -> list[tuple[Any, ...]]:
+        """
+        Up to C{limit} entries in LRU order (ties: older first), after the
+        position C{after} (accessed, created, protocol, key).
+        """
+        with self._lock:
+            if after is None:
+                return self._db.execute(
+                    "SELECT accessed, created, protocol, key, hash FROM entries "
+                    "ORDER BY accessed, created, protocol, key LIMIT ?", (limit,)
+                ).fetchall()
+            return self._db.execute(
+                "SELECT accessed, created, protocol, key, hash FROM entries "
+                "WHERE (accessed, created, protocol, key) > (?, ?, ?, ?) "
+                "ORDER BY accessed, created, protocol, key LIMIT ?", (*after, limit)
+            ).fetchall()
+
+    def evict(self, entries: list[tuple[str, str, str]]) -> list[tuple[str, int]]:
+        """
+        Remove the given (protocol, key, hash) entries, if they still point
+        at that hash; return the blobs (hash, size) nothing references any
+        more.
+        """
+        freed = []
+        with self._transaction(immediate=True) as db:
+            for protocol, key, hexhash in entries:
+                db.execute("DELETE FROM entries WHERE protocol = ? AND key = ? AND hash = ?",
+                           (protocol, key, hexhash))
+            for hexhash in {h for _, _, h in entries}:
+                if db.execute("SELECT 1 FROM entries WHERE hash = ? LIMIT 1", (hexhash,)).fetchone() is None:
+                    row = db.execute("SELECT size FROM blobs WHERE hash = ?", (hexhash,)).fetchone()
+                    freed.append((hexhash, row[0] if row else 0))
+        return freed
+
+    def unreferenced_blobs(self, cutoff: float, limit: int) -> list[tuple[str, int]]:
+        """
+        Up to C{limit} blobs no entry references that entered the store
+        before C{cutoff}.
+        """
+        with self._lock:
+            return self._db.execute(
+                "SELECT hash, size FROM blobs WHERE created < ? AND NOT EXISTS "
+                "(SELECT 1 FROM entries WHERE entries.hash = blobs.hash) ORDER BY created LIMIT ?",
+                (cutoff, limit),
+            ).fetchall()
+
+    def reference_counts(self, hashes: list[str]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        with self._lock:
+            for i in range(0, len(hashes), _IN_CHUNK):
+                chunk = hashes[i : i + _IN_CHUNK]
+                counts.update(self._db.execute(
+                    f"SELECT hash, count(*) FROM entries WHERE hash IN ({','.join('?' * len(chunk))}) "
+                    "GROUP BY hash", chunk).fetchall())
+        return counts
+
+    def blob_rows_for(self, hashes: list[str]) -> dict[str, tuple[int, float]]:
+        rows: dict[str, tuple[int, float]] = {}
+        with self._lock:
+            for i in range(0, len(hashes), _IN_CHUNK):
+                chunk = hashes[i : i + _IN_CHUNK]
+                for h, size, created in self._db.execute(
+                    f"SELECT hash, size, created FROM blobs WHERE hash IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ):
+                    rows[h] = (size, created)
+        return rows
+
+    def forget_blob(self, hexhash: str) -> bool:
+        """
+        Drop a blob's row if still nothing references it; whether it did.
+        """
+        with self._transaction(immediate=True) as db:
+            cursor = db.execute(
+                "DELETE FROM blobs WHERE hash = ? AND NOT EXISTS "
+                "(SELECT 1 FROM entries WHERE entries.hash = ?)", (hexhash, hexhash)
+            )
+        return cursor.rowcount > 0
+
+    def blob_rows(self) -> dict[str, tuple[int, float]]:
+        with self._lock:
+            return {h: (size, created) for h, size, created in
+                    self._db.execute("SELECT hash, size, created FROM blobs")}
+
+    def referenced_hashes(self) -> set[str]:
+        with self._lock:
+            return {h for (h,) in self._db.execute("SELECT DISTINCT hash FROM entries")}
+
+    def record_blob(self, hexhash: str, size: int, created: float) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO blobs (hash, size, created) VALUES (?, ?, ?)",
+                             (hexhash, size, created))
+
+    def delete_where_hash(self, hexhash: str) -> int:
+        with self._transaction(immediate=True) as db:
+            cursor = db.execute("DELETE FROM entries WHERE hash = ?", (hexhash,))
+            db.execute("DELETE FROM blobs WHERE hash = ?", (hexhash,))
+        return cursor.rowcount
+
+    def delete_prefixes(self, protocol: str, prefixes: list[str]) -> list[tuple[str, str]]:
+        """
+        Remove every entry of C{protocol} whose key starts with one of
+        C{prefixes}; return (key, hash) of each.
+        """
+        removed = []
+        with self._transaction(immediate=True) as db:
+            for prefix in prefixes:
+                rows = db.execute(
+                    "SELECT key, hash FROM entries WHERE protocol = ? AND key >= ? AND key < ?",
+                    (protocol, prefix, prefix + "\U0010ffff"),
+                ).fetchall()
+                db.executemany("DELETE FROM entries WHERE protocol = ? AND key = ?",
+                               [(protocol, k) for k, _ in rows])
+                removed += rows
+        return removed
 
     def delete(self, protocol: str, key: str) -> bool:
         with self._lock:
@@ -238,18 +426,12 @@ class Database:
             ).fetchone()[0]
 
     def touch(self, accesses: Mapping[tuple[str, str], float]) -> int:
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                cursor = self._db.executemany(
-                    "UPDATE entries SET accessed = max(accessed, ?) "
-                    "WHERE protocol = ? AND key = ?",
-                    [(when, protocol, key) for (protocol, key), when in accesses.items()],
-                )
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._transaction() as db:
+            cursor = db.executemany(
+                "UPDATE entries SET accessed = max(accessed, ?) "
+                "WHERE protocol = ? AND key = ?",
+                [(when, protocol, key) for (protocol, key), when in accesses.items()],
+            )
         return cursor.rowcount
 
     def writable(self) -> bool:
@@ -329,6 +511,13 @@ class SQLiteIndex:
 
     def writable(self) -> Deferred[bool]:
         return self._call("writable")
+
+    def call(self, method: str, *args: object) -> Deferred[Any]:
+        """
+        Run one of L{Database}'s expiry and maintenance queries on the disk
+        pool (their names and arguments are L{Database}'s).
+        """
+        return self._call(method, *args)
 
     def close(self) -> Deferred[None]:
         d = self._call("close")

@@ -19,8 +19,9 @@ from twisted.web.server import Site
 from .backend.filesystem import FilesystemBackend
 from .protocol.goproxy.sumdb import InvalidSumDB
 from .protocol.goproxy.sumdb import parse_flag as parse_sumdb_flag
-from .units import parse_duration
+from .units import parse_duration, parse_size
 from .cache import ProtocolCache
+from .expiry import Expiry, ExpiryService, Policy
 from .index import IndexService, SQLiteIndex
 from .protocol.goproxy.resource import PROTOCOL as GO
 from .protocol.goproxy.resource import SUMDB_PROTOCOL as GOSUMDB
@@ -96,6 +97,11 @@ class Options(usage.Options):
         ["public-url", None, None, "This cache's address as clients reach it, for the tarball "
          "addresses in packuments (default: each request's Host and X-Forwarded-Proto)."],
         ["negative-ttl", None, "1m", "How long an upstream 404 is remembered."],
+        ["ttl", None, "30d", "Remove an entry this long after its last use (0: never)."],
+        ["max-size", None, None, "Keep the store under this size (e.g. 20GiB): above it, the "
+         "least recently used entries go first, down to 90%."],
+        ["grace", None, "15m", "Never delete a blob younger than this."],
+        ["expiry-interval", None, "10m", "How often expiry runs."],
         ["connect-timeout", None, "10s", "Timeout for connecting to an upstream."],
         ["upstream-timeout", None, "30s", "Timeout for an upstream's response headers."],
         ["idle-timeout", None, "30s", "Give up on an upstream body that sends nothing for this long."],
@@ -187,11 +193,18 @@ class Options(usage.Options):
             raise usage.UsageError(f"--storage {storage} exists and is not a directory.")
         self["storage"] = storage
 
-        for name in ("go-metadata-ttl", "npm-metadata-ttl", "negative-ttl", "connect-timeout", "upstream-timeout", "idle-timeout"):
+        for name in ("ttl", "grace", "expiry-interval", "go-metadata-ttl", "npm-metadata-ttl", "negative-ttl", "connect-timeout", "upstream-timeout", "idle-timeout"):
             try:
                 self[name] = parse_duration(str(self[name]))
             except ValueError as e:
                 raise usage.UsageError(f"--{name}: {e}.") from None
+        if self["expiry-interval"] <= 0:
+            raise usage.UsageError("--expiry-interval must be more than 0.")
+        if self["max-size"] is not None:
+            try:
+                self["max-size"] = parse_size(str(self["max-size"]))
+            except ValueError as e:
+                raise usage.UsageError(f"--max-size: {e}.") from None
         for name in ("go-upstream", "npm-upstream", "public-url"):
             url = self[name]
             if url is not None and not str(url).startswith(("http://", "https://")):
@@ -226,6 +239,9 @@ def makeService(options: Options) -> IService:
 
     store = Store(FilesystemBackend(storage, disk), os.path.join(storage, "tmp"), disk)
     StoreService(store).setServiceParent(top)
+
+    policy = Policy(ttl=options["ttl"] or None, max_size=options["max-size"], grace=options["grace"])
+    ExpiryService(Expiry(index, store, reactor, policy), reactor, options["expiry-interval"]).setServiceParent(top)
 
     ExitCleanlyOnSIGTERM(reactor).setServiceParent(top)
 

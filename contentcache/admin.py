@@ -1,0 +1,143 @@
+"""
+What the operator's command does to a storage directory, running or not:
+statistics, verifying every blob, and purging a package.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from attrs import define, field
+
+from .expiry import DEFAULT_GRACE
+from .hash import Hash, Hasher
+from .index import SQLiteIndex
+from .protocol.goproxy.paths import InvalidPath, Module, escape
+from .protocol.goproxy.resource import PROTOCOL as GO
+from .protocol.npm.names import InvalidName, PackageName
+from .protocol.npm.resource import ABBR, FULL
+from .protocol.npm.resource import PROTOCOL as NPM
+from .store import Store, blob_key
+from .web import CHUNK_SIZE
+
+Progress = Callable[[int, int | None], None]
+
+
+async def stats(index: SQLiteIndex) -> dict[str, Any]:
+    found: dict[str, Any] = await index.call("stats")
+    logical, stored = found["logical_bytes"], found["stored_bytes"]
+    found["dedup_ratio"] = round(logical / stored, 3) if stored else None
+    return found
+
+
+@define
+class Verification:
+    blobs: int = 0
+    corrupt: list[str] = field(factory=list)
+    missing: list[str] = field(factory=list)
+    orphans: list[str] = field(factory=list)
+    repaired: bool = False
+
+    @property
+    def problems(self) -> int:
+        return len(self.corrupt) + len(self.missing) + len(self.orphans)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "blobs": self.blobs,
+            "corrupt": self.corrupt,
+            "missing": self.missing,
+            "orphans": self.orphans,
+            "problems": self.problems,
+            "repaired": self.repaired,
+        }
+
+
+async def _rehash(store: Store, h: Hash) -> Hash:
+    reader = await store.get(h)
+    hasher = Hasher()
+    try:
+        while chunk := await reader.read(CHUNK_SIZE):
+            hasher.update(chunk)
+    finally:
+        await reader.close()
+    return hasher.finish()
+
+
+async def verify(
+    index: SQLiteIndex,
+    store: Store,
+    repair: bool,
+    progress: Progress | None = None,
+    grace: float = DEFAULT_GRACE,
+) -> Verification:
+    """
+    Re-hash every blob; find corrupt blobs (content does not match the
+    name), missing ones (an entry points at nothing) and orphans (no entry
+    points at them, and they are older than C{grace}). With C{repair}: delete corrupt blobs and orphans, and
+    the entries of corrupt and missing blobs, so the next request fetches
+    them again.
+    """
+    result = Verification()
+    present: set[str] = set()
+    async for h in store.hashes():
+        result.blobs += 1
+        present.add(h.hex)
+        if await _rehash(store, h) != h:
+            result.corrupt.append(h.hex)
+        if progress is not None:
+            progress(result.blobs, None)
+    referenced: set[str] = await index.call("referenced_hashes")
+    result.missing = sorted(referenced - present)
+    # A blob a running daemon has just stored has no entry for a moment.
+    young_from = time.time() - grace
+    for hexhash in sorted(present - referenced):
+        stat = await store.backend.stat(blob_key(Hash.from_hex(hexhash)))
+        if stat is not None and stat.mtime < young_from:
+            result.orphans.append(hexhash)
+    if repair:
+        for hexhash in result.corrupt + result.missing + result.orphans:
+            await index.call("delete_where_hash", hexhash)
+        for hexhash in result.corrupt + result.orphans:
+            await store.delete(Hash.from_hex(hexhash))
+        result.repaired = True
+    return result
+
+
+def purge_keys(protocol: str, name: str) -> tuple[list[str], list[str]]:
+    """
+    The exact keys and key prefixes of everything cached for a Go module or
+    an npm package, all versions and metadata.
+    """
+    if protocol in ("go", "goproxy"):
+        module = Module.parse(escape(name))
+        return [], [f"{module.escaped}/@v/", f"{module.escaped}/@latest"]
+    if protocol == "npm":
+        package = PackageName.parse(name)
+        full = package.full
+        exact = [f"packument:{FULL}:{full}", f"packument:{ABBR}:{full}", f"dist:{full}"]
+        prefixes = [f"render:packument:{v}:{full}:" for v in (FULL, ABBR)] + [f"tarball:{full}/"]
+        return exact, prefixes
+    raise ValueError(f"unknown protocol {protocol!r}: go or npm")
+
+
+async def purge(index: SQLiteIndex, store: Store, protocol: str, name: str) -> list[str]:
+    """
+    Remove a Go module or npm package: every entry, and the blobs nothing
+    else references. Returns the removed keys.
+    """
+    try:
+        exact, prefixes = purge_keys(protocol, name)
+    except (InvalidPath, InvalidName) as e:
+        raise ValueError(str(e)) from None
+    proto = GO if protocol in ("go", "goproxy") else NPM
+    removed: list[tuple[str, str]] = await index.call("delete_prefixes", proto, prefixes)
+    for key in exact:
+        entry = await index.get(proto, key)
+        if entry is not None and await index.delete(proto, key):
+            removed.append((key, entry.hash.hex))
+    for hexhash in {h for _, h in removed}:
+        if await index.call("forget_blob", hexhash):
+            await store.delete(Hash.from_hex(hexhash))
+    return sorted(k for k, _ in removed)

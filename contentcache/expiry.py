@@ -1,0 +1,235 @@
+"""
+Keeping the store bounded: entries expire a TTL after their last use; above
+the size limit the least recently used go first, down to a low-water mark;
+a blob is deleted only when no entry references it any more, and never
+while it is younger than the grace period.
+
+A pass walks the entries in LRU order in bounded batches, each batch one
+trip to the disk pool, so the daemon keeps serving while it runs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from attrs import define, frozen
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .hash import Hash
+from .index import SQLiteIndex
+from .store import Store
+from .units import DAY, MINUTE
+
+log = Logger()
+
+DEFAULT_TTL = 30 * DAY
+DEFAULT_GRACE = 15 * MINUTE
+DEFAULT_INTERVAL = 10 * MINUTE
+#: Above the limit, evict until the store is under this share of it.
+LOW_WATER = 0.9
+BATCH = 1000
+
+
+@frozen
+class Policy:
+    ttl: float | None = DEFAULT_TTL
+    max_size: int | None = None
+    grace: float = DEFAULT_GRACE
+
+
+@define
+class Report:
+    """
+    What one pass did (or, dry, would do).
+    """
+
+    dry_run: bool = False
+    expired: int = 0
+    evicted: int = 0
+    blobs_deleted: int = 0
+    bytes_freed: int = 0
+    skipped: int = 0
+    stored_before: int = 0
+    stored_after: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        verb = "would remove" if self.dry_run else "removed"
+        return (
+            f"{verb} {self.expired} expired and {self.evicted} evicted entries, "
+            f"{self.blobs_deleted} blobs ({self.bytes_freed} bytes); store "
+            f"{self.stored_before} -> {self.stored_after} bytes; "
+            f"{self.skipped} items skipped; {self.seconds:.3f} s"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "expired_entries": self.expired,
+            "evicted_entries": self.evicted,
+            "deleted_blobs": self.blobs_deleted,
+            "freed_bytes": self.bytes_freed,
+            "skipped": self.skipped,
+            "stored_bytes_before": self.stored_before,
+            "stored_bytes_after": self.stored_after,
+            "seconds": round(self.seconds, 6),
+        }
+
+
+@define
+class Expiry:
+    """
+    One expiry pass over an index and a store.
+
+    @ivar removed: called with (protocol, key) for each entry removed, and
+        with ("blob", hash) for each blob deleted (the admin command prints
+        them).
+    """
+
+    index: SQLiteIndex
+    store: Store
+    clock: IReactorTime
+    policy: Policy
+    batch: int = BATCH
+    removed: Callable[[str, str], None] | None = None
+
+    def _note(self, kind: str, name: str) -> None:
+        if self.removed is not None:
+            self.removed(kind, name)
+
+    async def run(self, dry_run: bool = False) -> Report:
+        started = time.monotonic()
+        now = self.clock.seconds()
+        report = Report(dry_run=dry_run)
+        stored = await self.index.call("stored_bytes")
+        report.stored_before = stored
+        ttl_cutoff = now - self.policy.ttl if self.policy.ttl is not None else None
+        target = int(self.policy.max_size * LOW_WATER) if self.policy.max_size is not None else None
+        over = self.policy.max_size is not None and stored > self.policy.max_size
+        blob_cutoff = now - self.policy.grace
+
+        # References each blob would lose: for the whole pass when dry (the
+        # index does not change), per batch otherwise (it does).
+        removed_refs: dict[str, int] = {}
+        after: tuple[float, float, str, str] | None = None
+        done = False
+        while not done:
+            rows = await self.index.call("least_recently_used", self.batch, after)
+            if not rows:
+                break
+            hashes = list({row[4] for row in rows})
+            counts = await self.index.call("reference_counts", hashes)
+            blobs = await self.index.call("blob_rows_for", hashes)
+            if not dry_run:
+                removed_refs = {}
+            chosen: list[tuple[str, str, str]] = []
+            for accessed, created, protocol, key, hexhash in rows:
+                expired = ttl_cutoff is not None and accessed < ttl_cutoff
+                needed = target is not None and over and stored > target
+                if not expired and not needed:
+                    done = True
+                    break
+                after = (accessed, created, protocol, key)
+                chosen.append((protocol, key, hexhash))
+                if expired:
+                    report.expired += 1
+                else:
+                    report.evicted += 1
+                self._note(protocol, key)
+                removed_refs[hexhash] = removed_refs.get(hexhash, 0) + 1
+                size, blob_created = blobs.get(hexhash, (0, now))
+                if removed_refs[hexhash] == counts.get(hexhash, 0) and blob_created < blob_cutoff:
+                    stored -= size
+                    if dry_run:
+                        report.blobs_deleted += 1
+                        report.bytes_freed += size
+                        self._note("blob", hexhash)
+            if not dry_run and chosen:
+                await self._evict(chosen, blobs, blob_cutoff, report)
+
+        if not dry_run:
+            # Blobs left unreferenced earlier (young then, or by a purge).
+            while leftovers := await self.index.call("unreferenced_blobs", blob_cutoff, self.batch):
+                deleted = report.blobs_deleted
+                await self._delete_blobs(leftovers, report)
+                if len(leftovers) < self.batch or report.blobs_deleted == deleted:
+                    break
+            stored = await self.index.call("stored_bytes")
+        report.stored_after = stored
+        report.seconds = time.monotonic() - started
+        return report
+
+    async def _evict(
+        self,
+        chosen: list[tuple[str, str, str]],
+        blobs: dict[str, tuple[int, float]],
+        blob_cutoff: float,
+        report: Report,
+    ) -> int:
+        try:
+            freed = await self.index.call("evict", chosen)
+        except Exception:
+            log.failure("evicting {count} entries failed; skipped", count=len(chosen))
+            report.skipped += len(chosen)
+            return 0
+        old = [(h, size) for h, size in freed if blobs.get(h, (0, blob_cutoff))[1] < blob_cutoff]
+        return await self._delete_blobs(old, report)
+
+    async def _delete_blobs(self, blobs: list[tuple[str, int]], report: Report) -> int:
+        freed = 0
+        for hexhash, size in blobs:
+            try:
+                # The row first: a blob without a row is an orphan that
+                # verify finds; a row without a blob would be served.
+                if await self.index.call("forget_blob", hexhash):
+                    await self.store.delete(Hash.from_hex(hexhash))
+                    report.blobs_deleted += 1
+                    report.bytes_freed += size
+                    freed += size
+                    self._note("blob", hexhash)
+            except Exception:
+                log.failure("deleting blob {hash} failed; skipped", hash=hexhash)
+                report.skipped += 1
+        return freed
+
+
+class ExpiryService(Service):
+    """
+    Runs an expiry pass every C{interval} seconds. A pass that fails is
+    logged and the timer goes on.
+    """
+
+    def __init__(self, expiry: Expiry, clock: IReactorTime, interval: float = DEFAULT_INTERVAL) -> None:
+        self.expiry = expiry
+        self._loop = LoopingCall(self._pass)
+        self._loop.clock = clock
+        self._interval = interval
+        self.passes = 0
+
+    async def _run(self) -> None:
+        try:
+            report = await self.expiry.run()
+        except Exception:
+            log.failure("expiry pass failed")
+            return
+        finally:
+            self.passes += 1
+        log.info("expiry pass: {summary}", summary=report.summary(), **report.as_dict())
+
+    def _pass(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._run())
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self._interval, now=False)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        return None
