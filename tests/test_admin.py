@@ -1,0 +1,163 @@
+"""
+The `contentcache` admin command on a storage directory: stats, gc,
+verify (and repair), purge; and an end-to-end run against a live daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Iterator
+
+import pytest
+from twisted.internet.task import Clock
+
+from contentcache.hash import Hash
+from contentcache.index import SQLiteIndex
+from contentcache.store import Store, blob_key
+
+from .conftest import resolve
+from .daemon import Daemon
+from .gomodules import GREET, HELLO, build_tree, modules
+from .npmpackages import LEAF, PACKAGES, RegistryFixture, pack
+from .test_goproxy import request
+from .upstream import UpstreamFixture
+
+COMMAND = os.path.join(os.path.dirname(sys.executable), "contentcache")
+
+
+def admin(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([COMMAND, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def filled(index: SQLiteIndex, store: Store, storage: str, clock: Clock) -> dict[str, Hash]:
+    clock.advance(1_000_000)
+    hashes = {}
+    for protocol, key, content in [
+        ("go", "example.com/m/@v/v1.0.0.zip", b"zip" * 1000),
+        ("go", "example.com/m/@v/v1.0.0.mod", b"module example.com/m\n"),
+        ("go", "example.com/other/@v/v1.0.0.mod", b"module example.com/m\n"),  # same bytes
+        ("npm", "tarball:left-pad/left-pad-1.0.0.tgz", b"tgz" * 500),
+        ("npm", "packument:full:left-pad", b'{"name":"left-pad"}'),
+    ]:
+        h = resolve(store.put([content])).hash
+        resolve(index.put(protocol, key, h, len(content), {}))
+        hashes[key] = h
+    resolve(index.close())  # the command opens it on its own
+    return hashes
+
+
+def test_stats(filled: dict[str, Hash], storage: str) -> None:
+    result = admin("stats", "--storage", storage, "--json")
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found["entries"] == {"go": 3, "npm": 2}
+    assert found["blobs"] == 4
+    logical = 3000 + 21 + 21 + 1500 + 19
+    assert found["logical_bytes"] == logical and found["stored_bytes"] == logical - 21
+    assert found["dedup_ratio"] == round(logical / (logical - 21), 3)
+    text = admin("stats", "--storage", storage).stdout
+    assert "entries (go): 3" in text and "dedup ratio" in text
+
+
+def test_verify_finds_and_repairs_corrupt_and_missing_blobs(filled: dict[str, Hash], storage: str) -> None:
+    assert admin("verify", "--storage", storage).returncode == 0
+    corrupt = filled["example.com/m/@v/v1.0.0.zip"]
+    path = os.path.join(storage, blob_key(corrupt))
+    data = bytearray(open(path, "rb").read())
+    data[100] ^= 0x01  # one flipped bit
+    open(path, "wb").write(bytes(data))
+    missing = filled["tarball:left-pad/left-pad-1.0.0.tgz"]
+    os.unlink(os.path.join(storage, blob_key(missing)))
+
+    result = admin("verify", "--storage", storage, "--json")
+    assert result.returncode == 1
+    found = json.loads(result.stdout)
+    assert found["corrupt"] == [corrupt.hex] and found["missing"] == [missing.hex]
+    assert found["problems"] == 2
+
+    result = admin("verify", "--storage", storage, "--repair")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"corrupt blob {corrupt.hex} (repaired)" in result.stdout
+    assert not os.path.exists(path)
+    again = json.loads(admin("verify", "--storage", storage, "--json").stdout)
+    assert again["problems"] == 0 and again["blobs"] == 2
+    entries = json.loads(admin("stats", "--storage", storage, "--json").stdout)["entries"]
+    assert entries == {"go": 2, "npm": 1}  # the damaged entries are gone: refetched on next request
+
+
+def test_gc_dry_run_then_for_real(filled: dict[str, Hash], storage: str) -> None:
+    result = admin("gc", "--storage", storage, "--ttl", "0", "--max-size", "2KB", "--grace", "0", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "would remove go example.com/m/@v/v1.0.0.zip" in result.stdout
+    assert json.loads(admin("stats", "--storage", storage, "--json").stdout)["blobs"] == 4
+    result = admin("gc", "--storage", storage, "--ttl", "0", "--max-size", "2KB", "--grace", "0", "--json")
+    report = json.loads(result.stdout)
+    assert report["stored_bytes_after"] <= 1800 and report["evicted_entries"] >= 1
+    assert json.loads(admin("verify", "--storage", storage, "--json").stdout)["problems"] == 0
+
+
+def test_purge(filled: dict[str, Hash], storage: str) -> None:
+    result = admin("purge", "--storage", storage, "go", "example.com/m")
+    assert result.returncode == 0, result.stderr
+    assert "removed go example.com/m/@v/v1.0.0.zip" in result.stdout
+    assert not os.path.exists(os.path.join(storage, blob_key(filled["example.com/m/@v/v1.0.0.zip"])))
+    # The go.mod bytes are shared with another module: they stay.
+    assert os.path.exists(os.path.join(storage, blob_key(filled["example.com/m/@v/v1.0.0.mod"])))
+    result = admin("purge", "--storage", storage, "npm", "left-pad", "--json")
+    assert sorted(json.loads(result.stdout)["removed"]) == [
+        "packument:full:left-pad", "tarball:left-pad/left-pad-1.0.0.tgz"
+    ]
+    assert json.loads(admin("stats", "--storage", storage, "--json").stdout)["entries"] == {"go": 1}
+    assert admin("verify", "--storage", storage).returncode == 0
+    bad = admin("purge", "--storage", storage, "npm", "../etc")
+    assert bad.returncode != 0 and "invalid" in bad.stderr
+
+
+def test_missing_storage_is_one_sentence(tmp_path: Any) -> None:
+    result = admin("stats", "--storage", str(tmp_path / "nothing"))
+    assert result.returncode != 0
+    assert result.stderr.strip().endswith("is not a storage directory.")
+
+
+@pytest.fixture
+def live(tmp_path: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    go_upstream = UpstreamFixture(build_tree(str(tmp_path / "proxy"), modules()))
+    work = str(tmp_path_factory.mktemp("packages"))
+    npm_upstream = RegistryFixture(str(tmp_path / "registry"), [(p, pack(p, work)) for p in PACKAGES])
+    storage = str(tmp_path / "storage")
+    daemon = Daemon(storage, ["--go-upstream", go_upstream.url, "--go-sumdb", "off",
+                              "--npm-upstream", npm_upstream.url])
+    yield {"daemon": daemon, "go": go_upstream, "npm": npm_upstream, "storage": storage}
+    daemon.stop()
+    go_upstream.stop()
+    npm_upstream.stop()
+
+
+def test_gc_on_a_live_daemon_then_refetch(live: dict[str, Any]) -> None:
+    daemon, storage = live["daemon"], live["storage"]
+    go_paths = [f"/goproxy/{GREET}/@v/v1.0.0.zip", f"/goproxy/{GREET}/@v/v1.0.0.mod",
+                f"/goproxy/{HELLO}/@v/v1.1.0.zip", f"/goproxy/{GREET}/@v/list"]
+    npm_paths = [f"/npm/{LEAF}", f"/npm/{LEAF}/-/{LEAF}-1.0.0.tgz", f"/npm/{LEAF}/-/{LEAF}-1.1.0.tgz"]
+    for path in go_paths + npm_paths:
+        assert request(daemon.url, path)[0] == 200, path
+    before = json.loads(admin("stats", "--storage", storage, "--json").stdout)
+    assert before["entries"]["go"] == 4 and before["entries"]["npm"] >= 4
+    limit = before["stored_bytes"] // 2
+
+    result = admin("gc", "--storage", storage, "--ttl", "0", "--max-size", str(limit), "--grace", "0")
+    assert result.returncode == 0, result.stderr
+    after = json.loads(admin("stats", "--storage", storage, "--json").stdout)
+    assert after["stored_bytes"] <= limit
+    assert json.loads(admin("verify", "--storage", storage, "--json").stdout)["problems"] == 0
+
+    # The least recently used went first: the first go zip fetched.
+    assert f"removed go {GREET}/@v/v1.0.0.zip" in result.stdout
+    upstream_path = f"/{GREET}/@v/v1.0.0.zip"
+    assert live["go"].count(upstream_path) == 1
+    status, headers, body = request(daemon.url, go_paths[0])
+    assert status == 200 and headers["x-cache"] == "MISS" and body[:2] == b"PK"
+    assert live["go"].count(upstream_path) == 2
