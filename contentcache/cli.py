@@ -57,6 +57,7 @@ class Progress:
         self._every = every
         self._tty = sys.stderr.isatty()
         self._last = 0.0
+        self._printed = 0
 
     def __call__(self, done: int, total: int | None) -> None:
         if self._tty:
@@ -66,7 +67,8 @@ class Progress:
                 of = f"/{total}" if total else ""
                 sys.stderr.write(f"\r{self._what}: {done}{of}")
                 sys.stderr.flush()
-        elif done % self._every == 0:
+        elif done // self._every > self._printed:
+            self._printed = done // self._every
             print(f"{self._what}: {done}", file=sys.stderr)
 
     def close(self) -> None:
@@ -120,8 +122,12 @@ def _gc(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"{'would remove' if args.dry_run else 'removed'} {kind} {name}")
 
-    expiry = Expiry(index, store, _clock(), policy, removed=removed)
-    report = _wait(expiry.run(dry_run=args.dry_run))
+    progress = Progress("entries examined", every=100_000)
+    expiry = Expiry(index, store, _clock(), policy, removed=removed, progress=progress)
+    try:
+        report = _wait(expiry.run(dry_run=args.dry_run))
+    finally:
+        progress.close()
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
     else:
@@ -131,7 +137,7 @@ def _gc(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     index, store = _open(args.storage)
-    progress = Progress("verified blobs")
+    progress = Progress("blobs verified")
     try:
         result = _wait(admin.verify(index, store, args.repair, progress))
     finally:

@@ -97,6 +97,8 @@ class Expiry:
     policy: Policy
     batch: int = BATCH
     removed: Callable[[str, str], None] | None = None
+    #: Called with how many entries the pass has looked at so far.
+    progress: Callable[[int, int | None], None] | None = None
 
     def _note(self, kind: str, name: str) -> None:
         if self.removed is not None:
@@ -118,10 +120,14 @@ class Expiry:
         removed_refs: dict[str, int] = {}
         after: tuple[float, float, str, str] | None = None
         done = False
+        walked = 0
         while not done:
             rows = await self.index.call("least_recently_used", self.batch, after)
             if not rows:
                 break
+            walked += len(rows)
+            if self.progress is not None:
+                self.progress(walked, None)
             hashes = list({row[4] for row in rows})
             counts = await self.index.call("reference_counts", hashes)
             blobs = await self.index.call("blob_rows_for", hashes)
