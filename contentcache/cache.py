@@ -20,7 +20,7 @@ from twisted.logger import Logger
 
 from .index import Entry, SQLiteIndex
 from .store import Spool, Store
-from .upstream import Coalescer, NegativeCache, UpstreamError
+from .upstream import Coalescer, Fetched, NegativeCache, UpstreamError
 
 log = Logger()
 
@@ -28,6 +28,10 @@ HIT = "hit"
 MISS = "miss"
 STALE = "stale"
 REVALIDATED = "revalidated"
+
+
+#: The X-Cache header for each outcome.
+OUTCOME_HEADER = {HIT: b"HIT", MISS: b"MISS", STALE: b"STALE", REVALIDATED: b"REVALIDATED"}
 
 
 class Missing(Exception):
@@ -61,6 +65,20 @@ class _NotModified:
 
 #: What a revalidating fetch returns for an upstream 304.
 NOT_MODIFIED = _NotModified()
+
+
+def body_or_status(fetched: Fetched, what: str) -> Spool | _NotModified:
+    """
+    What an upstream answer means for the cache: its spooled body, a 304,
+    L{Missing} for a 404 or 410, L{UpstreamError} for anything else.
+    """
+    if fetched.status in (404, 410):
+        raise Missing(what)
+    if fetched.status == 304:
+        return NOT_MODIFIED
+    if fetched.spool is None:
+        raise UpstreamError(f"upstream answered {fetched.status} for {what}")
+    return fetched.spool
 
 
 @frozen

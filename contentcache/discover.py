@@ -12,6 +12,7 @@ import ipaddress
 import json
 import socket
 import subprocess
+from typing import Callable
 from urllib.parse import urlsplit
 
 from twisted.logger import Logger
@@ -111,3 +112,31 @@ def points_at_self(url: str, port: int | None, prefix: str) -> bool:
     if port is not None:
         return url_port == port
     return parts.path.rstrip("/").startswith(prefix)
+
+
+def choose_upstream(
+    flag: str | None,
+    discover: Callable[[], str | None],
+    port: int | None,
+    prefix: str,
+    source: str,
+    option: str,
+) -> str | None:
+    """
+    The upstream a protocol fetches from: C{flag} if given, else what the
+    client's configuration (C{source}) names, refused when that would be
+    this daemon itself. L{None} means cache-only, and is logged.
+    """
+    url = flag
+    if url is None:
+        url = discover()
+        if url is not None and points_at_self(url, port, prefix):
+            raise SystemExit(
+                f"{source} ({url}) points at this daemon; pass {option} with the upstream to fetch from."
+            )
+        if url is not None:
+            log.info("{prefix} upstream {url} (from {source})", prefix=prefix, url=url, source=source)
+    if url is None:
+        log.warn("no upstream ({option} or {source}): {prefix} serves only what is cached",
+                 option=option, source=source, prefix=prefix)
+    return url

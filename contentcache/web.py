@@ -192,6 +192,24 @@ class NotFoundResource(Resource):
         return text(request, NOT_FOUND, self._message)
 
 
+def path_segments(request: Request, invalid: type[Exception], slash_allowed: bool) -> list[str]:
+    """
+    The request's path below a leaf resource as text, or C{invalid} raised
+    with a one-line reason. Twisted has already percent-decoded each
+    segment, so a "/" inside one was a %2F in the request.
+    """
+    segments = []
+    for raw in request.postpath or []:
+        try:
+            segment = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise invalid("invalid path: not UTF-8") from None
+        if "\x00" in segment or (not slash_allowed and "/" in segment):
+            raise invalid("invalid path: an encoded '/' or NUL")
+        segments.append(segment)
+    return segments
+
+
 @frozen
 class ByteRange:
     start: int

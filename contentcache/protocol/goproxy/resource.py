@@ -15,10 +15,7 @@ from twisted.web.http import NOT_FOUND, OK
 from twisted.web.server import Request
 
 from ...cache import (
-    HIT,
-    MISS,
-    NOT_MODIFIED,
-    REVALIDATED,
+    OUTCOME_HEADER,
     STALE,
     Fill,
     IntegrityError,
@@ -26,12 +23,13 @@ from ...cache import (
     ProtocolCache,
     Served,
     _NotModified,
+    body_or_status,
 )
 from ...index import Entry
 from ...pool import Runner
 from ...store import BlobNotFound, Store
 from ...upstream import Upstream, UpstreamError, conditional_headers
-from ...web import AsyncResource, TEXT, not_found, read_blob, send_blob, text
+from ...web import TEXT, AsyncResource, path_segments, read_blob, send_blob, text
 from .modzip import MAX_GO_MOD_SIZE, MAX_ZIP_SIZE, ZipRuleError, check_and_hash_zip, hash_go_mod
 from .paths import InvalidPath, Module, Version, is_canonical, match_prefix_patterns, unescape
 from .sumdb import InvalidSumDB, SumDB, check_tile, parse_record
@@ -78,12 +76,9 @@ class GoProxy:
         self, upstream: Upstream, path: str, limit: int, headers: dict[str, str] | None = None
     ) -> Fill | _NotModified:
         fetched = await upstream.fetch(self.store, upstream.url(path), headers, limit)
-        if fetched.status in (404, 410):
-            raise Missing(path)
-        if fetched.status == 304:
-            return NOT_MODIFIED
-        if fetched.spool is None:
-            raise UpstreamError(f"upstream answered {fetched.status} for {path}")
+        body = body_or_status(fetched, path)
+        if isinstance(body, _NotModified):
+            return body
         attrs = {
             k: v
             for k, v in (
@@ -92,7 +87,7 @@ class GoProxy:
             )
             if v
         }
-        return Fill(fetched.spool, attrs)
+        return Fill(body, attrs)
 
     async def _get_new(self, upstream: Upstream, path: str, limit: int) -> Fill:
         fill = await self._get(upstream, path, limit)
@@ -289,24 +284,6 @@ class GoProxy:
         )
 
 
-_OUTCOME_HEADER = {HIT: b"HIT", MISS: b"MISS", STALE: b"STALE", REVALIDATED: b"REVALIDATED"}
-
-
-def _segments(request: Request) -> list[str]:
-    segments = []
-    for raw in request.postpath or []:
-        try:
-            segment = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidPath("invalid path: not UTF-8") from None
-        # Twisted has already percent-decoded each segment: a "/" here was
-        # a %2F in the request, which no module path contains.
-        if "/" in segment or "\x00" in segment:
-            raise InvalidPath("invalid path: encoded '/' or NUL")
-        segments.append(segment)
-    return segments
-
-
 class GoProxyResource(AsyncResource):
     """
     C{/goproxy/...}.
@@ -331,7 +308,7 @@ class GoProxyResource(AsyncResource):
             request.write(served)
             request.finish()
             return
-        headers = {b"x-cache": _OUTCOME_HEADER[served.outcome]}
+        headers = {b"x-cache": OUTCOME_HEADER[served.outcome]}
         if served.outcome == STALE:
             headers[b"warning"] = b'111 - "Revalidation Failed"'
         headers[b"cache-control"] = IMMUTABLE if immutable else b"max-age=60"
@@ -340,7 +317,7 @@ class GoProxyResource(AsyncResource):
 
     async def render_async(self, request: Request) -> None:
         try:
-            segments = _segments(request)
+            segments = path_segments(request, InvalidPath, slash_allowed=False)
             handler = self._route(segments)
         except (InvalidPath, InvalidSumDB) as e:
             request.write(text(request, NOT_FOUND, str(e)))

@@ -11,7 +11,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
-from ...discover import first_proxy_url, go_env, points_at_self
+from ...discover import choose_upstream, first_proxy_url, go_env
 from ...upstream import Timeouts, Upstream
 from .resource import GoProxy
 from .sumdb import InvalidSumDB, SumDB, parse_gosumdb
@@ -56,19 +56,11 @@ class GoProxyService(Service):
 
     def startService(self) -> None:
         settings = self._settings()
-        url = self._upstream
-        if url is None:
-            url = first_proxy_url(settings.get("GOPROXY", ""))
-            if url is not None and points_at_self(url, self._port, "/goproxy"):
-                raise SystemExit(
-                    f"go env GOPROXY ({url}) points at this daemon; pass --go-upstream "
-                    f"with the Go module proxy to fetch from."
-                )
-            if url is not None:
-                log.info("Go upstream {url} (from go env GOPROXY)", url=url)
-        if url is None:
-            log.warn("no Go upstream (--go-upstream or go env GOPROXY): /goproxy serves only what is cached")
-        else:
+        url = choose_upstream(
+            self._upstream, lambda: first_proxy_url(settings.get("GOPROXY", "")),
+            self._port, "/goproxy", "go env GOPROXY", "--go-upstream",
+        )
+        if url is not None:
             self.proxy.upstream = Upstream.create(url, self._reactor, self._timeouts)
 
         sumdbs: list[SumDB] = []

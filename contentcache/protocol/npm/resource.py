@@ -18,10 +18,7 @@ from twisted.web.http import BAD_REQUEST, NOT_ALLOWED, NOT_FOUND, OK
 from twisted.web.server import Request
 
 from ...cache import (
-    HIT,
-    MISS,
-    NOT_MODIFIED,
-    REVALIDATED,
+    OUTCOME_HEADER,
     STALE,
     Fill,
     IntegrityError,
@@ -29,12 +26,13 @@ from ...cache import (
     ProtocolCache,
     Served,
     _NotModified,
+    body_or_status,
 )
 from ...index import Entry
 from ...pool import Runner
 from ...store import BlobNotFound, Store
 from ...upstream import Coalescer, Upstream, UpstreamError, conditional_headers
-from ...web import CHUNK_SIZE, AsyncResource, read_blob, send_blob, text
+from ...web import CHUNK_SIZE, AsyncResource, path_segments, read_blob, send_blob, text
 from .integrity import IntegrityMismatch, check_tarball
 from .names import InvalidName, PackageName, check_tarball_file, split_request
 from .packument import InvalidPackument, Renderer, allowed_host, analyse
@@ -53,7 +51,6 @@ MAX_PASS_THROUGH_BODY = 16 << 20
 IMMUTABLE = b"public, max-age=31536000, immutable"
 _HOST = re.compile(rb"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _ENDPOINT = re.compile(r"[a-z0-9-]+")
-_OUTCOME = {HIT: b"HIT", MISS: b"MISS", STALE: b"STALE", REVALIDATED: b"REVALIDATED"}
 READ_ONLY = "contentcache is a read-through cache: publish and change packages on the upstream registry"
 
 
@@ -100,17 +97,16 @@ class NpmRegistry:
         The packument's template, fresh within C{ttl} (default: the
         metadata TTL; 0 forces a revalidation).
         """
-        revalidate = None
         upstream = self.upstream
-        if upstream is not None:
 
-            async def revalidate(entry: Entry | None) -> Fill | _NotModified:
-                return await self._fetch_packument(upstream, name, variant, entry)
+        async def revalidate(entry: Entry | None) -> Fill | _NotModified:
+            assert upstream is not None
+            return await self._fetch_packument(upstream, name, variant, entry)
 
         return await self.cache.mutable(
             self._packument_key(name, variant),
             self.metadata_ttl if ttl is None else ttl,
-            revalidate,
+            revalidate if upstream is not None else None,
         )
 
     async def _fetch_packument(
@@ -120,13 +116,11 @@ class NpmRegistry:
         if entry is not None:
             headers.update(conditional_headers(entry.attrs.get("etag"), entry.attrs.get("last_modified")))
         fetched = await upstream.fetch(self.store, upstream.url(name.path), headers, MAX_PACKUMENT_SIZE)
-        if fetched.status in (404, 410):
-            raise Missing(name.full)
-        if fetched.status == 304 and entry is not None:
-            return NOT_MODIFIED
-        if fetched.spool is None:
-            raise UpstreamError(f"upstream answered {fetched.status} for {name.full}")
-        raw = fetched.spool
+        raw = body_or_status(fetched, name.full)
+        if isinstance(raw, _NotModified):
+            if entry is None:
+                raise UpstreamError(f"upstream answered 304 to an unconditional request for {name.full}")
+            return raw
         template = await self.store.spool()
         try:
             dist = await self._disk.run(analyse, raw.path, _SpoolWriter(template), name)
@@ -245,11 +239,9 @@ class NpmRegistry:
             log.warn("not fetching {url}: not an upstream host (see --npm-tarball-host)", url=url)
             raise IntegrityError(f"{name.full}/-/{file}: its address is not on an allowed upstream host")
         fetched = await upstream.fetch(self.store, url, {}, MAX_TARBALL_SIZE)
-        if fetched.status in (404, 410):
-            raise Missing(f"{name.full}/-/{file}")
-        if fetched.spool is None:
-            raise UpstreamError(f"upstream answered {fetched.status} for {name.full}/-/{file}")
-        spool = fetched.spool
+        spool = body_or_status(fetched, f"{name.full}/-/{file}")
+        if isinstance(spool, _NotModified):
+            raise UpstreamError(f"upstream answered 304 to an unconditional request for {name.full}/-/{file}")
         try:
             await self._disk.run(check_tarball, spool.path, info.get("integrity"), info.get("shasum"))
         except IntegrityMismatch as e:
@@ -272,19 +264,6 @@ class _SpoolWriter:
 
     def __init__(self, spool: Any) -> None:
         self.write = spool.write_blocking
-
-
-def _segments(request: Request) -> list[str]:
-    segments = []
-    for raw in request.postpath or []:
-        try:
-            segment = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidName("invalid path: not UTF-8") from None
-        if "\x00" in segment:
-            raise InvalidName("invalid path")
-        segments.append(segment)
-    return segments
 
 
 class NpmResource(AsyncResource):
@@ -312,7 +291,7 @@ class NpmResource(AsyncResource):
 
     async def render_async(self, request: Request) -> None:
         try:
-            segments = _segments(request)
+            segments = path_segments(request, InvalidName, slash_allowed=True)
             handler = self._route(request, segments)
         except InvalidName as e:
             request.write(text(request, BAD_REQUEST if "Host" in str(e) else NOT_FOUND, str(e)))
@@ -386,7 +365,7 @@ class NpmResource(AsyncResource):
         async def answer() -> Entry:
             entry, served = await registry.rendered(name, variant, base, gzip)
             headers = {
-                b"x-cache": _OUTCOME[served.outcome],
+                b"x-cache": OUTCOME_HEADER[served.outcome],
                 b"vary": b"Accept, Accept-Encoding",
                 b"cache-control": b"public, max-age=%d" % int(registry.metadata_ttl),
             }
@@ -413,7 +392,7 @@ class NpmResource(AsyncResource):
 
         async def answer() -> Entry:
             served = await registry.tarball(name, file)
-            headers = {b"x-cache": _OUTCOME[served.outcome], b"cache-control": IMMUTABLE}
+            headers = {b"x-cache": OUTCOME_HEADER[served.outcome], b"cache-control": IMMUTABLE}
             try:
                 await send_blob(
                     request, registry.store, served.entry.hash, served.entry.size,
@@ -433,7 +412,7 @@ class NpmResource(AsyncResource):
             raise Missing(name.full)
         if served.outcome == STALE:
             request.setHeader(b"warning", b'111 - "Revalidation Failed"')
-        request.setHeader(b"x-cache", _OUTCOME[served.outcome])
+        request.setHeader(b"x-cache", OUTCOME_HEADER[served.outcome])
         self._json(request, json.dumps(dist["dist-tags"]).encode())
 
     async def _pass_through(self, request: Request, path: str) -> None:

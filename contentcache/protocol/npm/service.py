@@ -11,7 +11,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from ...discover import npm_registry, points_at_self
+from ...discover import choose_upstream, npm_registry
 from ...upstream import Timeouts, Upstream
 from .resource import NpmRegistry
 
@@ -38,19 +38,10 @@ class NpmService(Service):
         self._port = port
 
     def startService(self) -> None:
-        url = self._upstream
-        if url is None:
-            url = npm_registry()
-            if url is not None and points_at_self(url, self._port, "/npm"):
-                raise SystemExit(
-                    f"npm config get registry ({url}) points at this daemon; pass "
-                    f"--npm-upstream with the registry to fetch from."
-                )
-            if url is not None:
-                log.info("npm upstream {url} (from npm config get registry)", url=url)
-        if url is None:
-            log.warn("no npm upstream (--npm-upstream or npm config get registry): /npm serves only what is cached")
-        else:
+        url = choose_upstream(
+            self._upstream, npm_registry, self._port, "/npm", "npm config get registry", "--npm-upstream"
+        )
+        if url is not None:
             self.registry.upstream = Upstream.create(url, self._reactor, self._timeouts)
         super().startService()
 
