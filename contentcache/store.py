@@ -188,6 +188,15 @@ class Store:
         except NotFound:
             raise BlobNotFound(h.hex) from None
 
+    async def read(self, h: Hash, offset: int, length: int) -> bytes:
+        """
+        Up to C{length} bytes of a small blob from C{offset}, in one trip.
+        """
+        try:
+            return await self.backend.read(blob_key(h), offset, length)
+        except NotFound:
+            raise BlobNotFound(h.hex) from None
+
     async def size(self, h: Hash) -> int | None:
         """
         The blob's size in bytes, or L{None} if it is not here.

@@ -38,8 +38,10 @@ from .upstream import UpstreamError, UpstreamTimeout
 
 log = Logger()
 
-#: How much of a blob one disk read fetches while streaming it out.
-CHUNK_SIZE = 128 * 1024
+#: How much of a blob one disk read fetches while streaming it out: large
+#: enough that a big blob needs few trips to the disk pool, small enough
+#: that a connection holds little while its client is slow.
+CHUNK_SIZE = 256 * 1024
 TEXT = b"text/plain; charset=utf-8"
 
 
@@ -385,6 +387,14 @@ async def send_blob(
         request.finish()
         return
 
+    if length <= CHUNK_SIZE:
+        # One trip to the disk pool instead of open, read and close.
+        data = await store.read(blob, offset, length)
+        if len(data) != length:
+            raise OSError(f"blob {blob.hex} is shorter than its recorded size")
+        request.write(data)
+        request.finish()
+        return
     reader = await store.get(blob, offset)
     try:
         await _BlobProducer(request, reader, length).run()

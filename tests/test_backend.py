@@ -133,3 +133,11 @@ def test_key_escape_attempts_are_rejected(
         resolve(backend.delete(key))
     assert files_under(os.path.dirname(backend.root)) == []
     assert os.listdir(os.path.dirname(backend.root)) == ["root"]
+
+
+def test_read_a_range_in_one_call(backend: FilesystemBackend) -> None:
+    resolve(backend.write("k", [b"0123456789"]))
+    assert resolve(backend.read("k", 3, 4)) == b"3456"
+    assert resolve(backend.read("k", 8, 100)) == b"89"
+    with pytest.raises(NotFound):
+        resolve(backend.read("missing", 0, 1))

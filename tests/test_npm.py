@@ -457,3 +457,25 @@ def test_real_registry_then_offline(tmp_path: Any, daemons: list[Daemon]) -> Non
         installed = json.load(open(os.path.join(app, "node_modules", *name.split("/"), "package.json")))
         assert installed["version"] == version
     assert "serving stale npm packument:" in offline.log()
+
+
+def test_host_headers_cannot_fill_the_disk(
+    tmp_path: Any, registry: RegistryFixture, daemons: list[Daemon]
+) -> None:
+    import sqlite3
+
+    storage = str(tmp_path / "storage")
+    daemon = start(daemons, storage, "--npm-upstream", registry.url)
+    for i in range(12):
+        status, headers, body = request(daemon.url, f"/npm/{LEAF}", headers={"Host": f"h{i}.example:80"})
+        assert status == 200 and headers["x-cache"] == "MISS"  # a new base renders
+        assert f"http://h{i}.example:80/npm/" in json.loads(body)["versions"]["1.0.0"]["dist"]["tarball"]
+    status, headers, _ = request(daemon.url, f"/npm/{LEAF}", headers={"Host": "h11.example:80"})
+    assert headers["x-cache"] == "HIT"
+    db = sqlite3.connect(os.path.join(storage, "index.sqlite"))
+    (copies,) = db.execute(
+        "SELECT count(*) FROM entries WHERE key LIKE ?", (f"render:packument:full:{LEAF}:%",)
+    ).fetchone()
+    db.close()
+    assert copies == 8
+    assert registry.count(f"/{LEAF}") == 1

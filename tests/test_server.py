@@ -19,7 +19,7 @@ from contentcache.web import CHUNK_SIZE, AsyncResource, _BlobProducer, send_blob
 
 from .conftest import resolve
 
-BLOB = bytes(range(256)) * 1024  # 256 KiB: several chunks
+BLOB = bytes(range(256)) * 2400  # 600 KiB: streamed in several chunks
 
 
 def request(
@@ -281,3 +281,14 @@ def test_producer_stops_when_the_client_goes_away() -> None:
     with pytest.raises(CancelledError):
         resolve(done)
     assert reader.reads == 1
+
+
+def test_small_blob_in_one_read(store: Store) -> None:
+    h = resolve(store.put([b'{"Version":"v1.0.0"}'])).hash
+    top = Resource()
+    top.putChild(b"blob", BlobResource(store, h, 20))
+    client = StubTreq(top)
+    response, body = request(client, "GET", "/blob")
+    assert response.code == 200 and body == b'{"Version":"v1.0.0"}'
+    response, body = request(client, "GET", "/blob", {"Range": "bytes=2-8"})
+    assert response.code == 206 and body == b"Version"

@@ -120,6 +120,13 @@ class IBackend(Interface):
         Open C{key} for reading from C{offset}; fails with L{NotFound}.
         """
 
+    def read(key: str, offset: int, length: int) -> Deferred[bytes]:
+        """
+        Up to C{length} bytes of C{key} from C{offset}, in one call: for
+        small objects, where open, read and close as three trips would cost
+        more than the bytes. Fails with L{NotFound}.
+        """
+
     def stat(key: str) -> Deferred[Stat | None]:
         """
         Fire with the object's L{Stat}, or L{None} if there is none.

@@ -138,6 +138,17 @@ class FilesystemBackend:
     def open(self, key: str, offset: int = 0) -> Deferred[IReader]:
         return self._disk.run(self._open, key, offset)
 
+    def _read(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            with open(self.path(key), "rb") as handle:
+                handle.seek(offset)
+                return handle.read(length)
+        except FileNotFoundError:
+            raise NotFound(key) from None
+
+    def read(self, key: str, offset: int, length: int) -> Deferred[bytes]:
+        return self._disk.run(self._read, key, offset, length)
+
     def _stat(self, key: str) -> Stat | None:
         try:
             st = os.stat(self.path(key))

@@ -18,6 +18,8 @@ from twisted.web.http import BAD_REQUEST, NOT_ALLOWED, NOT_FOUND, OK
 from twisted.web.server import Request
 
 from ...cache import (
+    HIT,
+    MISS,
     OUTCOME_HEADER,
     STALE,
     Fill,
@@ -48,6 +50,8 @@ MAX_PACKUMENT_SIZE = 512 << 20
 MAX_DIST_INDEX_SIZE = 256 << 20
 MAX_TARBALL_SIZE = 2 << 30
 MAX_PASS_THROUGH_BODY = 16 << 20
+#: Rendered copies kept per packument variant (distinct bases x gzip).
+MAX_RENDERS = 8
 IMMUTABLE = b"public, max-age=31536000, immutable"
 _HOST = re.compile(rb"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _ENDPOINT = re.compile(r"[a-z0-9-]+")
@@ -147,19 +151,38 @@ class NpmRegistry:
         }
         return Fill(template, attrs)
 
-    async def rendered(self, name: PackageName, variant: str, base: str, gzip: bool) -> tuple[Entry, Served]:
+    async def rendered(
+        self, name: PackageName, variant: str, base: str, gzip: bool
+    ) -> tuple[Entry, Served, bool]:
         """
         The packument as this client sees it: tarball addresses under
-        C{base}, gzip if asked. Rendered once per base and revision.
+        C{base}, gzip if asked. Rendered once per base and revision; the
+        last item says whether this call rendered it.
         """
         served = await self._either_variant(name, variant)
         source = served.entry.hash.hex
         key = f"render:{served.entry.key}:{'gzip' if gzip else 'identity'}:{base}"
         entry = await self.cache.lookup(key)
         if entry is not None and entry.attrs.get("source") == source:
-            return entry, served
+            return entry, served, False
         entry = await self._renders.run(key, lambda: self._render(key, served.entry, base, gzip))
-        return entry, served
+        await self._prune_renders(served.entry)
+        return entry, served, True
+
+    async def _prune_renders(self, template: Entry) -> None:
+        """
+        Keep at most L{MAX_RENDERS} rendered copies of a packument: the
+        base comes from the client's Host header, and a client sending a
+        new one on every request must not fill the disk. The least recently
+        used copies go; their blobs go with the next expiry pass.
+        """
+        keys = await self.cache.index.keys(PROTOCOL, f"render:{template.key}:", MAX_RENDERS * 4)
+        if len(keys) <= MAX_RENDERS:
+            return
+        entries = [e for e in [await self.cache.index.get(PROTOCOL, k) for k in keys] if e is not None]
+        entries.sort(key=lambda e: (e.accessed, e.created))
+        for entry in entries[: len(entries) - MAX_RENDERS]:
+            await self.cache.index.delete(PROTOCOL, entry.key)
 
     async def _either_variant(self, name: PackageName, variant: str) -> Served:
         """
@@ -363,9 +386,10 @@ class NpmResource(AsyncResource):
         variant, gzip, base = _variant(request), _accepts_gzip(request), self._base(request)
 
         async def answer() -> Entry:
-            entry, served = await registry.rendered(name, variant, base, gzip)
+            entry, served, fresh = await registry.rendered(name, variant, base, gzip)
+            outcome = MISS if fresh and served.outcome == HIT else served.outcome
             headers = {
-                b"x-cache": OUTCOME_HEADER[served.outcome],
+                b"x-cache": OUTCOME_HEADER[outcome],
                 b"vary": b"Accept, Accept-Encoding",
                 b"cache-control": b"public, max-age=%d" % int(registry.metadata_ttl),
             }
