@@ -18,7 +18,7 @@ from .protocol.goproxy.resource import PROTOCOL as GO
 from .protocol.npm.names import InvalidName, PackageName
 from .protocol.npm.resource import ABBR, FULL
 from .protocol.npm.resource import PROTOCOL as NPM
-from .store import Store, blob_key
+from .store import BlobNotFound, Store, blob_key
 from .web import CHUNK_SIZE
 
 Progress = Callable[[int, int | None], None]
@@ -82,14 +82,20 @@ async def verify(
     result = Verification()
     present: set[str] = set()
     async for h in store.hashes():
+        try:
+            actual = await _rehash(store, h)
+        except BlobNotFound:
+            continue  # expiry deleted it while we walked
         result.blobs += 1
         present.add(h.hex)
-        if await _rehash(store, h) != h:
+        if actual != h:
             result.corrupt.append(h.hex)
         if progress is not None:
             progress(result.blobs, None)
     referenced: set[str] = await index.call("referenced_hashes")
-    result.missing = sorted(referenced - present)
+    # A running daemon stores new blobs while the walk goes on: missing
+    # means missing now, not only from the walk.
+    result.missing = [h for h in sorted(referenced - present) if not await store.has(Hash.from_hex(h))]
     # A blob a running daemon has just stored has no entry for a moment.
     young_from = time.time() - grace
     for hexhash in sorted(present - referenced):
@@ -97,10 +103,15 @@ async def verify(
         if stat is not None and stat.mtime < young_from:
             result.orphans.append(hexhash)
     if repair:
-        for hexhash in result.corrupt + result.missing + result.orphans:
+        for hexhash in result.corrupt + result.missing:
             await index.call("delete_where_hash", hexhash)
-        for hexhash in result.corrupt + result.orphans:
+        for hexhash in result.corrupt:
             await store.delete(Hash.from_hex(hexhash))
+        for hexhash in result.orphans:
+            # Only if still nothing refers to it (a daemon may have since).
+            await index.call("forget_blob", hexhash)
+            if await index.references(Hash.from_hex(hexhash)) == 0:
+                await store.delete(Hash.from_hex(hexhash))
         result.repaired = True
     return result
 

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from . import __version__, admin
 from .backend.filesystem import FilesystemBackend
 from .expiry import DEFAULT_GRACE, DEFAULT_TTL, Expiry, Policy
-from .index import IndexTooNew, SQLiteIndex
+from .index import INDEX_FILENAME, IndexTooNew, SQLiteIndex
 from .pool import SynchronousRunner
 from .store import Store
 from .units import parse_duration, parse_size
@@ -77,8 +77,8 @@ class Progress:
 
 
 def _open(storage: str) -> tuple[SQLiteIndex, Store]:
-    if not os.path.isdir(storage):
-        raise SystemExit(f"contentcache: {storage} is not a storage directory.")
+    if not os.path.isfile(os.path.join(storage, INDEX_FILENAME)):
+        raise SystemExit(f"contentcache: {storage} is not a storage directory (it has no {INDEX_FILENAME}).")
     disk = SynchronousRunner()
     index = SQLiteIndex(storage, disk, _clock())
     try:

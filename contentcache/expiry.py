@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from . import metrics
 from .hash import Hash
 from .index import SQLiteIndex
 from .store import Store
@@ -149,9 +150,12 @@ class Expiry:
                 self._note(protocol, key)
                 removed_refs[hexhash] = removed_refs.get(hexhash, 0) + 1
                 size, blob_created = blobs.get(hexhash, (0, now))
-                if removed_refs[hexhash] == counts.get(hexhash, 0) and blob_created < blob_cutoff:
+                if removed_refs[hexhash] == counts.get(hexhash, 0):
+                    # Its last reference goes: it counts as freed now, even
+                    # if grace keeps its file a while longer; otherwise a
+                    # burst of new content would evict everything else.
                     stored -= size
-                    if dry_run:
+                    if dry_run and blob_created < blob_cutoff:
                         report.blobs_deleted += 1
                         report.bytes_freed += size
                         self._note("blob", hexhash)
@@ -216,6 +220,7 @@ class ExpiryService(Service):
         self._loop.clock = clock
         self._interval = interval
         self.passes = 0
+        self._running: Deferred[None] | None = None
 
     async def _run(self) -> None:
         try:
@@ -225,10 +230,15 @@ class ExpiryService(Service):
             return
         finally:
             self.passes += 1
+            metrics.expiry_passes.inc()
+        metrics.expiry_evicted_entries.inc(report.expired + report.evicted)
+        metrics.expiry_deleted_blobs.inc(report.blobs_deleted)
+        metrics.expiry_duration.observe(report.seconds)
         log.info("expiry pass: {summary}", summary=report.summary(), **report.as_dict())
 
     def _pass(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._run())
+        self._running = Deferred.fromCoroutine(self._run())
+        return self._running
 
     def startService(self) -> None:
         super().startService()
@@ -238,4 +248,6 @@ class ExpiryService(Service):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
-        return None
+        # A pass under way finishes before the index and the pool stop.
+        running, self._running = self._running, None
+        return running if running is not None and not running.called else None

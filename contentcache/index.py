@@ -75,6 +75,7 @@ MIGRATIONS: dict[int, list[str]] = {
         # Least recently used first; ties broken by age, older first.
         "DROP INDEX entries_by_access",
         "CREATE INDEX entries_by_lru ON entries (accessed, created)",
+        "CREATE INDEX blobs_by_created ON blobs (created)",
     ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)

@@ -120,7 +120,7 @@ def test_purge(filled: dict[str, Hash], storage: str) -> None:
 def test_missing_storage_is_one_sentence(tmp_path: Any) -> None:
     result = admin("stats", "--storage", str(tmp_path / "nothing"))
     assert result.returncode != 0
-    assert result.stderr.strip().endswith("is not a storage directory.")
+    assert "is not a storage directory" in result.stderr
 
 
 @pytest.fixture

@@ -199,3 +199,16 @@ def test_version_1_index_is_migrated_with_its_blobs(storage: str, clock: Clock) 
     assert resolve(idx.call("blob_rows")) == {h: (5, 7.0)}
     assert resolve(idx.call("stored_bytes")) == 5
     resolve(idx.close())
+
+
+def test_young_blobs_count_as_freed_when_their_last_entry_goes(
+    index: SQLiteIndex, store: Store, clock: Clock
+) -> None:
+    for i in range(10):
+        clock.advance(1)
+        add(index, store, f"e{i}", bytes([i]) * 100)
+    # All ten blobs are inside the grace period: evicting entries cannot
+    # delete them yet, but must still stop once enough is freed.
+    report = run(index, store, clock, ttl=None, max_size=500, grace=600)
+    assert report.evicted == 6
+    assert keys(index) == ["e6", "e7", "e8", "e9"]

@@ -479,3 +479,29 @@ def test_host_headers_cannot_fill_the_disk(
     db.close()
     assert copies == 8
     assert registry.count(f"/{LEAF}") == 1
+
+
+def test_missing_host_header_is_400_and_dist_index_loss_heals(
+    tmp_path: Any, registry: RegistryFixture, daemons: list[Daemon]
+) -> None:
+    import socket
+    import sqlite3
+
+    storage = str(tmp_path / "storage")
+    daemon = start(daemons, storage, "--npm-upstream", registry.url)
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as s:
+        s.sendall(f"GET /npm/{LEAF} HTTP/1.0\r\n\r\n".encode())
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.0 400") or reply.startswith(b"HTTP/1.1 400"), reply[:100]
+
+    assert request(daemon.url, f"/npm/{LEAF}")[0] == 200
+    # Expiry removed the dist index (it is read only on tarball misses):
+    # a tarball miss must still find its upstream address.
+    db = sqlite3.connect(os.path.join(storage, "index.sqlite"))
+    db.execute("DELETE FROM entries WHERE key = ?", (f"dist:{LEAF}",))
+    db.commit()
+    db.close()
+    status, _, body = request(daemon.url, f"/npm/{LEAF}/-/{LEAF}-1.0.0.tgz")
+    assert status == 200 and body[:2] == b"\x1f\x8b"

@@ -18,7 +18,7 @@ class IntegrityMismatch(ValueError):
     pass
 
 
-def _strongest(integrity: str) -> tuple[str, bytes] | None:
+def _strongest(integrity: str) -> tuple[str, list[bytes]] | None:
     candidates: dict[str, list[bytes]] = {}
     for token in integrity.split():
         algorithm, _, rest = token.partition("-")
@@ -30,7 +30,7 @@ def _strongest(integrity: str) -> tuple[str, bytes] | None:
                 continue
     for algorithm in _ALGORITHMS:
         if algorithm in candidates:
-            return algorithm, candidates[algorithm][0]
+            return algorithm, candidates[algorithm]
     return None
 
 
@@ -39,7 +39,8 @@ def check_tarball(path: str, integrity: str | None, shasum: str | None) -> None:
     Raise L{IntegrityMismatch} unless the file matches every digest the
     packument gives (at least one must be given).
     """
-    wanted = _strongest(integrity) if integrity else None
+    wanted = _strongest(integrity) if isinstance(integrity, str) else None
+    shasum = shasum.strip().lower() if isinstance(shasum, str) else None
     if wanted is None and not shasum:
         raise IntegrityMismatch("the packument gives no integrity or shasum for this tarball")
     sri = hashlib.new(wanted[0]) if wanted else None
@@ -50,7 +51,10 @@ def check_tarball(path: str, integrity: str | None, shasum: str | None) -> None:
                 sri.update(chunk)
             if sha1 is not None:
                 sha1.update(chunk)
-    if wanted is not None and sri is not None and not hmac.compare_digest(sri.digest(), wanted[1]):
+    # Like ssri: any of the strongest algorithm's digests may match.
+    if wanted is not None and sri is not None and not any(
+        hmac.compare_digest(sri.digest(), digest) for digest in wanted[1]
+    ):
         raise IntegrityMismatch(f"{wanted[0]} integrity does not match")
-    if shasum and sha1 is not None and not hmac.compare_digest(sha1.hexdigest(), shasum.lower()):
+    if shasum and sha1 is not None and not hmac.compare_digest(sha1.hexdigest(), shasum):
         raise IntegrityMismatch("shasum does not match")

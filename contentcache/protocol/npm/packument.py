@@ -117,15 +117,31 @@ class Renderer:
         return out
 
 
-def allowed_host(url: str, hosts: set[str]) -> bool:
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def host_port(url: str) -> str:
     """
-    Whether a tarball address points at one of the hosts we fetch from.
+    C{host:port} of an http or https URL, lower case, the port explicit;
+    empty for anything else.
     """
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return False
-    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
-    return netloc in hosts or parts.hostname in hosts
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        return ""
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or port is None:
+        return ""
+    return f"{parts.hostname.lower()}:{port}"
+
+
+def allowed_host(url: str, hosts: set[str]) -> bool:
+    """
+    Whether a tarball address points at one of the hosts we fetch from
+    (C{host:port} entries, or a bare host for any port).
+    """
+    where = host_port(url)
+    return bool(where) and (where in hosts or where.rsplit(":", 1)[0] in hosts)
 
 
 def basename(url: str) -> str:

@@ -14,7 +14,7 @@ import treq
 from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.http import BAD_REQUEST, NOT_ALLOWED, NOT_FOUND, OK
+from twisted.web.http import BAD_REQUEST, NOT_ALLOWED, NOT_FOUND, OK, REQUEST_ENTITY_TOO_LARGE
 from twisted.web.server import Request
 
 from ...cache import (
@@ -34,10 +34,10 @@ from ...index import Entry
 from ...pool import Runner
 from ...store import BlobNotFound, Store
 from ...upstream import Coalescer, Upstream, UpstreamError, conditional_headers
-from ...web import CHUNK_SIZE, AsyncResource, path_segments, read_blob, send_blob, text
+from ...web import CHUNK_SIZE, AsyncResource, HTTPError, path_segments, read_blob, send_blob, text
 from .integrity import IntegrityMismatch, check_tarball
 from .names import InvalidName, PackageName, check_tarball_file, split_request
-from .packument import InvalidPackument, Renderer, allowed_host, analyse
+from .packument import InvalidPackument, Renderer, allowed_host, analyse, host_port
 
 log = Logger()
 
@@ -96,16 +96,19 @@ class NpmRegistry:
     def _packument_key(self, name: PackageName, variant: str) -> str:
         return f"packument:{variant}:{name.full}"
 
-    async def packument(self, name: PackageName, variant: str, ttl: float | None = None) -> Served:
+    async def packument(
+        self, name: PackageName, variant: str, ttl: float | None = None, conditional: bool = True
+    ) -> Served:
         """
         The packument's template, fresh within C{ttl} (default: the
-        metadata TTL; 0 forces a revalidation).
+        metadata TTL; 0 forces a revalidation, and C{conditional=False} a
+        full fetch even when upstream would say 304).
         """
         upstream = self.upstream
 
         async def revalidate(entry: Entry | None) -> Fill | _NotModified:
             assert upstream is not None
-            return await self._fetch_packument(upstream, name, variant, entry)
+            return await self._fetch_packument(upstream, name, variant, entry if conditional else None)
 
         return await self.cache.mutable(
             self._packument_key(name, variant),
@@ -129,8 +132,10 @@ class NpmRegistry:
         try:
             dist = await self._disk.run(analyse, raw.path, _SpoolWriter(template), name)
         except InvalidPackument as e:
+            # An error page or a cut-off body: upstream failed, and the last
+            # good copy (if any) is served.
             await template.abort()
-            raise IntegrityError(f"{name.full}: {e}") from None
+            raise UpstreamError(f"{name.full}: {e}") from None
         except BaseException:
             await template.abort()
             raise
@@ -160,6 +165,8 @@ class NpmRegistry:
         last item says whether this call rendered it.
         """
         served = await self._either_variant(name, variant)
+        # The dist index is used with the packument: it expires with it.
+        self.cache.index.touch(PROTOCOL, f"dist:{name.full}")
         source = served.entry.hash.hex
         key = f"render:{served.entry.key}:{'gzip' if gzip else 'identity'}:{base}"
         entry = await self.cache.lookup(key)
@@ -242,9 +249,10 @@ class NpmRegistry:
     async def _tarball_info(self, name: PackageName, file: str) -> dict[str, Any]:
         dist = await self.dist_index(name)
         if dist is None or file not in dist["files"]:
-            # npm ci asks for tarballs before (or without) the packument,
-            # and a cached packument may predate this version.
-            await self.packument(name, ABBR, ttl=0)
+            # npm ci asks for tarballs before (or without) the packument, a
+            # cached packument may predate this version, and the dist index
+            # may have expired: fetch the packument whole, unconditionally.
+            await self.packument(name, ABBR, ttl=0, conditional=False)
             dist = await self.dist_index(name)
         if dist is None or file not in dist["files"]:
             raise Missing(f"{name.full}/-/{file}")
@@ -252,8 +260,7 @@ class NpmRegistry:
         return info
 
     def _allowed_hosts(self, upstream: Upstream) -> set[str]:
-        parts = upstream.base.split("://", 1)[-1].split("/", 1)[0]
-        return {parts, *self.tarball_hosts}
+        return {host_port(upstream.base), *(host.lower() for host in self.tarball_hosts)}
 
     async def _fetch_tarball(self, upstream: Upstream, name: PackageName, file: str) -> Fill:
         info = await self._tarball_info(name, file)
@@ -310,7 +317,7 @@ class NpmResource(AsyncResource):
         proto = (request.getHeader(b"x-forwarded-proto") or b"").split(b",")[0].strip().lower()
         if proto not in (b"http", b"https"):
             proto = b"https" if request.isSecure() else b"http"
-        return f"{proto.decode()}://{host.decode()}/npm"
+        return f"{proto.decode()}://{host.decode().lower()}/npm"
 
     async def render_async(self, request: Request) -> None:
         try:
@@ -332,7 +339,8 @@ class NpmResource(AsyncResource):
         if rest in ([], [""]):
             if request.args is not None and request.args.get(b"write") == [b"true"]:
                 return lambda r: self._pass_through(r, name.path)
-            return lambda r: self._packument(r, name)
+            base = self._base(request)
+            return lambda r: self._packument(r, name, base)
         if len(rest) == 2 and rest[0] == "-":
             file = check_tarball_file(name, rest[1])
             return lambda r: self._tarball(r, name, file)
@@ -381,12 +389,19 @@ class NpmResource(AsyncResource):
                 raise
             await answer()
 
-    async def _packument(self, request: Request, name: PackageName) -> None:
+    async def _packument(self, request: Request, name: PackageName, base: str) -> None:
         registry = self.registry
-        variant, gzip, base = _variant(request), _accepts_gzip(request), self._base(request)
+        variant, gzip = _variant(request), _accepts_gzip(request)
 
         async def answer() -> Entry:
-            entry, served, fresh = await registry.rendered(name, variant, base, gzip)
+            try:
+                entry, served, fresh = await registry.rendered(name, variant, base, gzip)
+            except BlobNotFound:
+                # The template's blob is gone: fetch the packument again.
+                template = await registry.cache.index.get(PROTOCOL, registry._packument_key(name, variant))
+                if template is not None:
+                    await registry.cache.forget(template)
+                raise
             outcome = MISS if fresh and served.outcome == HIT else served.outcome
             headers = {
                 b"x-cache": OUTCOME_HEADER[outcome],
@@ -454,7 +469,7 @@ class NpmResource(AsyncResource):
         if request.method == b"POST" and request.content is not None:
             body = request.content.read(MAX_PASS_THROUGH_BODY + 1)
             if len(body) > MAX_PASS_THROUGH_BODY:
-                raise Missing("request body too large")
+                raise HTTPError(REQUEST_ENTITY_TOO_LARGE, "request body too large")
         response, received = await upstream.forward(request.method.decode(), url, headers, body)
         content = await treq.content(response)
         request.setResponseCode(response.code)
