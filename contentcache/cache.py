@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable, Mapping
 
-from attrs import define, field, frozen
+from attrs import Factory, define, field, frozen
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -108,7 +108,9 @@ class ProtocolCache:
     store: Store
     _clock: IReactorTime
     negative: NegativeCache[str]
-    _coalescer: Coalescer[str, Served] = field(factory=Coalescer)
+    _coalescer: Coalescer[str, Served] = field(
+        default=Factory(lambda self: Coalescer(protocol=self.protocol), takes_self=True)
+    )
 
     @property
     def inflight(self) -> Coalescer[str, Served]:

@@ -38,9 +38,16 @@ class DiskPool(Service):
     def __init__(self, reactor: Any, threads: int = DEFAULT_THREADS) -> None:
         self._reactor = reactor
         self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="contentcache-disk")
+        #: Calls queued or running: the pool's queue depth.
+        self.pending = 0
+
+    def _done(self, result: T) -> T:
+        self.pending -= 1
+        return result
 
     def run(self, f: Callable[..., T], *args: object) -> Deferred[T]:
-        return deferToThreadPool(self._reactor, self.pool, f, *args)
+        self.pending += 1
+        return deferToThreadPool(self._reactor, self.pool, f, *args).addBoth(self._done)
 
     def startService(self) -> None:
         super().startService()

@@ -5,21 +5,25 @@ The root resource: the daemon's whole HTTP surface.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Mapping
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.web import http
 from twisted.web.http import NOT_ALLOWED, NOT_FOUND, OK, SERVICE_UNAVAILABLE
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.web.server import Request, Site
 
-from . import __version__, tempfiles
+from . import __version__, metrics, tempfiles
 from .index import SQLiteIndex
 from .pool import Runner
 from .store import Store
 from .web import AsyncResource, NotFoundResource, exact, text
 
 log = Logger()
+access = Logger(namespace="contentcache.access")
 
 
 def _probe_directory(directory: str) -> None:
@@ -66,6 +70,65 @@ class Health(AsyncResource):
         request.finish()
 
 
+class Metrics(AsyncResource):
+    """
+    C{GET /metrics}: the Prometheus text format.
+    """
+
+    def __init__(self, index: SQLiteIndex) -> None:
+        super().__init__()
+        self._index = index
+        self._stats_at = float("-inf")
+
+    async def render_async(self, request: Request) -> None:
+        if time.monotonic() - self._stats_at > metrics.STORE_STATS_MAX_AGE:
+            found = await self._index.call("stats")
+            metrics.store_blobs.set(found["blobs"])
+            metrics.store_logical_bytes.set(found["logical_bytes"])
+            metrics.store_bytes.set(found["stored_bytes"])
+            self._stats_at = time.monotonic()
+        body = generate_latest(metrics.REGISTRY)
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+
+class TimedRequest(Request):
+    """
+    A request that knows when it arrived.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started = time.monotonic()
+
+
+class CacheSite(Site):
+    """
+    The daemon's site: one log line and the metrics for every request.
+    """
+
+    requestFactory = TimedRequest
+    displayTracebacks = False
+
+    def log(self, request: http.Request) -> None:
+        started = getattr(request, "started", time.monotonic())
+        metrics.observe_request(request, started)
+        outcome = request.responseHeaders.getRawHeaders(b"x-cache", [b"-"])[0]
+        access.info(
+            "{method} {path} {status} {cache_result} {bytes} {duration:.4f}",
+            method=request.method.decode("latin-1"),
+            path=request.uri.decode("latin-1")[:2048],
+            status=request.code,
+            cache_result=outcome.decode("latin-1").lower(),
+            bytes=request.sentLength,
+            duration=time.monotonic() - started,
+            client=request.getClientAddress().host if hasattr(request.getClientAddress(), "host") else "-",
+        )
+
+
 class Root(Resource):
     """
     Routes the top-level path segment; anything unknown is a 404.
@@ -80,6 +143,7 @@ class Root(Resource):
     ) -> None:
         super().__init__()
         self.putChild(b"health", Health(store, index, disk))
+        self.putChild(b"metrics", Metrics(index))
         for name, resource in (protocols or {}).items():
             self.putChild(name, resource)
 

@@ -14,8 +14,8 @@ from twisted.application.service import IService
 from twisted.internet import reactor as _global_reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
-from twisted.web.server import Site
 
+from . import metrics
 from .backend.filesystem import FilesystemBackend
 from .protocol.goproxy.sumdb import InvalidSumDB
 from .protocol.goproxy.sumdb import parse_flag as parse_sumdb_flag
@@ -32,7 +32,7 @@ from .protocol.npm.resource import NpmRegistry, NpmResource
 from .protocol.npm.service import NpmService
 from .lifecycle import ExitCleanlyOnSIGTERM, SequentialServices, StoreService
 from .pool import DEFAULT_THREADS, DiskPool
-from .server import Root
+from .server import CacheSite, Root
 from .store import Store
 from .upstream import NegativeCache, Timeouts
 
@@ -233,6 +233,7 @@ def makeService(options: Options) -> IService:
 
     disk = DiskPool(reactor, options["disk-threads"])
     disk.setServiceParent(top)
+    metrics.disk_queue.set_function(lambda: disk.pending)
 
     index = SQLiteIndex(storage, disk, reactor)
     IndexService(index, reactor).setServiceParent(top)
@@ -274,7 +275,6 @@ def makeService(options: Options) -> IService:
     )
     NpmService(npm, reactor, timeouts, options["npm-upstream"], port).setServiceParent(top)
 
-    site = Site(Root(store, index, disk, {b"goproxy": GoProxyResource(goproxy), b"npm": NpmResource(npm)}))
-    site.displayTracebacks = False
+    site = CacheSite(Root(store, index, disk, {b"goproxy": GoProxyResource(goproxy), b"npm": NpmResource(npm)}))
     strports.service(options["port"], site).setServiceParent(top)
     return top

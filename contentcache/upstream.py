@@ -6,6 +6,7 @@ concurrent misses, and a short memory of what upstream does not have.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Coroutine, Generic, Hashable, Mapping, TypeVar, cast
 
 from attrs import define, field, frozen
@@ -23,6 +24,7 @@ from twisted.web.http import NOT_MODIFIED, OK
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from . import metrics
 from .store import Spool, Store
 
 log = Logger()
@@ -170,13 +172,17 @@ class Upstream:
     _reactor: Any
     _timeouts: Timeouts = Timeouts()
     _pool: HTTPConnectionPool | None = None
+    #: The protocol label of this upstream's metrics.
+    protocol: str = "other"
 
     @classmethod
-    def create(cls, base: str, reactor: Any, timeouts: Timeouts = Timeouts()) -> Upstream:
+    def create(
+        cls, base: str, reactor: Any, timeouts: Timeouts = Timeouts(), protocol: str = "other"
+    ) -> Upstream:
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 8
         agent = Agent(reactor, connectTimeout=timeouts.connect, pool=pool)
-        return cls(base.rstrip("/"), HTTPClient(agent), reactor, timeouts, pool)
+        return cls(base.rstrip("/"), HTTPClient(agent), reactor, timeouts, pool, protocol)
 
     def close(self) -> Deferred[None]:
         """
@@ -190,6 +196,19 @@ class Upstream:
         return f"{self.base}/{path.lstrip('/')}"
 
     async def _request(
+        self, method: str, url: str, headers: Mapping[str, str], data: bytes | None = None
+    ) -> IResponse:
+        metrics.upstream_requests.labels(self.protocol).inc()
+        started = time.monotonic()
+        try:
+            return await self._send(method, url, headers, data)
+        except UpstreamError:
+            metrics.upstream_errors.labels(self.protocol).inc()
+            raise
+        finally:
+            metrics.upstream_duration.labels(self.protocol).observe(time.monotonic() - started)
+
+    async def _send(
         self, method: str, url: str, headers: Mapping[str, str], data: bytes | None = None
     ) -> IResponse:
         try:
@@ -248,7 +267,9 @@ class Upstream:
         try:
             await body.done
             await spool.close()
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, UpstreamError):
+                metrics.upstream_errors.labels(self.protocol).inc()
             await spool.abort()
             raise
         return Fetched(OK, received, spool)
@@ -302,6 +323,8 @@ class Coalescer(Generic[K, T]):
     wait, never the shared operation.
     """
 
+    #: The protocol label of the coalesced-waiters metric.
+    protocol: str = "other"
     _inflight: dict[K, list[Deferred[T]]] = field(factory=dict)
 
     def __len__(self) -> int:
@@ -314,6 +337,7 @@ class Coalescer(Generic[K, T]):
         waiter: Deferred[T] = Deferred()
         if key in self._inflight:
             self._inflight[key].append(waiter)
+            metrics.coalesced.labels(self.protocol).inc()
             return waiter
         self._inflight[key] = [waiter]
         Deferred.fromCoroutine(operation()).addBoth(self._finished, key)

@@ -30,6 +30,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from . import metrics
 from .backend import IReader
 from .cache import IntegrityError, Missing
 from .hash import Hash
@@ -114,6 +115,7 @@ def _fail(failure: Failure, request: Request, gone: list[bool]) -> None:
     elif failure.check(Missing):
         body = text(request, NOT_FOUND, f"not found: {failure.value}")
     elif failure.check(IntegrityError):
+        metrics.integrity_failures.labels(metrics.protocol_of(request)).inc()
         body = text(request, BAD_GATEWAY, f"refused: {failure.value}")
     elif failure.check(UpstreamTimeout):
         log.warn("upstream timeout for {uri}: {error}", uri=request.uri, error=failure.value)

@@ -61,7 +61,7 @@ class GoProxyService(Service):
             self._port, "/goproxy", "go env GOPROXY", "--go-upstream",
         )
         if url is not None:
-            self.proxy.upstream = Upstream.create(url, self._reactor, self._timeouts)
+            self.proxy.upstream = Upstream.create(url, self._reactor, self._timeouts, protocol="go")
 
         sumdbs: list[SumDB] = []
         if isinstance(self._sumdbs, list):
@@ -75,7 +75,9 @@ class GoProxyService(Service):
                 sumdbs = [found]
                 log.info("checksum database {name} at {url} (from go env GOSUMDB)", name=found.name, url=found.url)
         for sumdb in sumdbs:
-            self.proxy.sumdbs[sumdb.name] = (sumdb, Upstream.create(sumdb.url, self._reactor, self._timeouts))
+            self.proxy.sumdbs[sumdb.name] = (
+                sumdb, Upstream.create(sumdb.url, self._reactor, self._timeouts, protocol="gosumdb")
+            )
         self.proxy.verifier = sumdbs[0].name if sumdbs else None
         if self._nosumdb is not None:
             self.proxy.nosumdb = self._nosumdb

@@ -42,7 +42,7 @@ class NpmService(Service):
             self._upstream, npm_registry, self._port, "/npm", "npm config get registry", "--npm-upstream"
         )
         if url is not None:
-            self.registry.upstream = Upstream.create(url, self._reactor, self._timeouts)
+            self.registry.upstream = Upstream.create(url, self._reactor, self._timeouts, protocol="npm")
         super().startService()
 
     def stopService(self) -> Deferred[Any]:

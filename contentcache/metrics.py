@@ -1,0 +1,98 @@
+"""
+Prometheus metrics: what the cache does, for a dashboard. Labels are a
+small bounded set (protocol, status class, cache result), never a package
+name.
+"""
+
+from __future__ import annotations
+
+import time
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from twisted.web import http
+
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+#: The protocol label of each top-level path.
+PROTOCOLS = {b"goproxy": "go", b"npm": "npm"}
+#: Cache results: what X-Cache says, else bypass (or error for a 4xx/5xx).
+RESULTS = {b"HIT": "hit", b"REVALIDATED": "hit", b"MISS": "miss", b"STALE": "stale"}
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+requests = Counter(
+    "contentcache_requests", "Requests answered.", ["protocol", "status_class", "cache_result"],
+    registry=REGISTRY,
+)
+response_bytes = Counter(
+    "contentcache_response_bytes", "Response body bytes sent.", ["protocol"], registry=REGISTRY
+)
+request_duration = Histogram(
+    "contentcache_request_duration_seconds", "Time from request to the end of the response.",
+    ["protocol"], buckets=_LATENCY, registry=REGISTRY,
+)
+upstream_requests = Counter(
+    "contentcache_upstream_requests", "Requests sent upstream.", ["protocol"], registry=REGISTRY
+)
+upstream_errors = Counter(
+    "contentcache_upstream_errors", "Upstream requests that failed (unreachable, timeout, broken body).",
+    ["protocol"], registry=REGISTRY,
+)
+upstream_duration = Histogram(
+    "contentcache_upstream_fetch_duration_seconds", "Time to an upstream response's headers.",
+    ["protocol"], buckets=_LATENCY, registry=REGISTRY,
+)
+coalesced = Counter(
+    "contentcache_coalesced_waiters", "Requests that waited for another request's upstream fetch.",
+    ["protocol"], registry=REGISTRY,
+)
+integrity_failures = Counter(
+    "contentcache_integrity_failures", "Upstream content refused by a check (checksum, zip rules, integrity).",
+    ["protocol"], registry=REGISTRY,
+)
+store_blobs = Gauge("contentcache_store_blobs", "Blobs in the store.", registry=REGISTRY)
+store_logical_bytes = Gauge(
+    "contentcache_store_logical_bytes", "Bytes of all cached entries, shared content counted per entry.",
+    registry=REGISTRY,
+)
+store_bytes = Gauge("contentcache_store_bytes", "Bytes of the blobs in the store.", registry=REGISTRY)
+expiry_passes = Counter("contentcache_expiry_passes", "Expiry passes run.", registry=REGISTRY)
+expiry_evicted_entries = Counter(
+    "contentcache_expiry_evicted_entries", "Entries removed by expiry (TTL or size).", registry=REGISTRY
+)
+expiry_deleted_blobs = Counter(
+    "contentcache_expiry_deleted_blobs", "Blobs deleted by expiry.", registry=REGISTRY
+)
+expiry_duration = Histogram(
+    "contentcache_expiry_pass_duration_seconds", "Time an expiry pass took.",
+    buckets=(0.01, 0.1, 1, 10, 60, 300, 1800), registry=REGISTRY,
+)
+disk_queue = Gauge(
+    "contentcache_disk_pool_queue_depth", "Calls waiting for or running on the disk thread pool.",
+    registry=REGISTRY,
+)
+
+#: How long the store gauges (an index query) are reused between scrapes.
+STORE_STATS_MAX_AGE = 30.0
+
+
+def protocol_of(request: http.Request) -> str:
+    prepath = getattr(request, "prepath", None) or [b""]
+    return PROTOCOLS.get(prepath[0], "other")
+
+
+def observe_request(request: http.Request, started: float) -> None:
+    """
+    Count a finished request: called once per request by the site.
+    """
+    protocol = protocol_of(request)
+    code = int(request.code)
+    outcome = request.responseHeaders.getRawHeaders(b"x-cache", [None])[0]
+    if outcome in RESULTS:
+        result = RESULTS[outcome]
+    elif code >= 400:
+        result = "error"
+    else:
+        result = "bypass"
+    requests.labels(protocol, f"{code // 100}xx", result).inc()
+    response_bytes.labels(protocol).inc(request.sentLength)
+    request_duration.labels(protocol).observe(time.monotonic() - started)
