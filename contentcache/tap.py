@@ -30,6 +30,8 @@ from .protocol.goproxy.service import GoProxyService
 from .protocol.npm.resource import PROTOCOL as NPM
 from .protocol.npm.resource import NpmRegistry, NpmResource
 from .protocol.npm.service import NpmService
+from . import logs
+from .logs import FORMATS, LEVELS
 from .lifecycle import ExitCleanlyOnSIGTERM, SequentialServices, StoreService
 from .pool import DEFAULT_THREADS, DiskPool
 from .server import CacheSite, Root
@@ -102,6 +104,10 @@ class Options(usage.Options):
          "least recently used entries go first, down to 90%."],
         ["grace", None, "15m", "Never delete a blob younger than this."],
         ["expiry-interval", None, "10m", "How often expiry runs."],
+        ["log-format", None, "text", "text, or json: one JSON object per line (every line, "
+         "twistd's own included), on standard output."],
+        ["log-level", None, "info", "The least severe events logged: debug, info, warn, error "
+         "or critical."],
         ["connect-timeout", None, "10s", "Timeout for connecting to an upstream."],
         ["upstream-timeout", None, "30s", "Timeout for an upstream's response headers."],
         ["idle-timeout", None, "30s", "Give up on an upstream body that sends nothing for this long."],
@@ -205,6 +211,16 @@ class Options(usage.Options):
                 self["max-size"] = parse_size(str(self["max-size"]))
             except ValueError as e:
                 raise usage.UsageError(f"--max-size: {e}.") from None
+        if self["log-format"] not in FORMATS:
+            raise usage.UsageError(f"--log-format is text or json, not {self['log-format']!r}.")
+        if self["log-level"] not in LEVELS:
+            raise usage.UsageError(f"--log-level is one of {', '.join(LEVELS)}, not {self['log-level']!r}.")
+        parent = getattr(self, "parent", None)
+        if parent is not None and (self["log-format"] != "text" or self["log-level"] != "info"):
+            # twistd reads its --logger after parsing our options and before
+            # it starts logging: the one place every line's form is decided.
+            logs.configured = (self["log-format"], self["log-level"])
+            parent["logger"] = "contentcache.logs.configured_observer"
         for name in ("go-upstream", "npm-upstream", "public-url"):
             url = self[name]
             if url is not None and not str(url).startswith(("http://", "https://")):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ class Daemon:
         extra: Sequence[str] = (),
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        port: int | None = None,
     ) -> None:
         self._output = bytearray()
         self._lock = threading.Lock()
@@ -39,7 +41,7 @@ class Daemon:
                 "--pidfile=",
                 "contentcache",
                 "--port",
-                "tcp:0:interface=127.0.0.1",
+                f"tcp:{port or 0}:interface=127.0.0.1",
                 *(["--storage", storage] if storage is not None else []),
                 *extra,
             ],
@@ -52,11 +54,23 @@ class Daemon:
         self._reader = threading.Thread(target=self._collect, daemon=True)
         self._reader.start()
         try:
-            self.port = int(self.wait_for(_LISTENING)[1])
+            self.port = port if port else int(self.wait_for(_LISTENING)[1])
+            if port:
+                self._wait_for_connection(port)
         except BaseException:
             self.stop()
             raise
         self.url = f"http://127.0.0.1:{self.port}"
+
+    def _wait_for_connection(self, port: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"daemon never listened on {port}; output:\n{self.output.decode(errors='replace')}")
 
     def _collect(self) -> None:
         assert self.process.stdout is not None
@@ -113,3 +127,9 @@ class Daemon:
         self._reader.join(5)
         if self.process.stdout is not None:
             self.process.stdout.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
