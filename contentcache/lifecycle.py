@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from types import FrameType
 from typing import Any
 
@@ -73,6 +74,46 @@ class StoreService(Service):
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
         return self.swept
+
+
+def sd_notify(state: bytes) -> bool:
+    """
+    Tell the service manager C{state} (C{READY=1}, C{STOPPING=1}) on
+    C{$NOTIFY_SOCKET}, as sd_notify(3) does; whether there was one.
+    A datagram to a local socket: it does not wait on anything.
+    """
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(state)
+    except OSError as e:
+        log.warn("could not notify the service manager: {error}", error=e)
+        return False
+    return True
+
+
+class NotifyReady(Service):
+    """
+    C{READY=1} to systemd (Type=notify) once the site listens: this
+    service starts after the listening port, which raises if it cannot
+    bind. C{STOPPING=1} when the daemon begins to stop.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.callWhenRunning(sd_notify, b"READY=1")
+
+    def stopService(self) -> None:
+        super().stopService()
+        sd_notify(b"STOPPING=1")
 
 
 class ExitCleanlyOnSIGTERM(Service):

@@ -32,7 +32,7 @@ from .protocol.npm.resource import NpmRegistry, NpmResource
 from .protocol.npm.service import NpmService
 from . import logs
 from .logs import FORMATS, LEVELS
-from .lifecycle import ExitCleanlyOnSIGTERM, SequentialServices, StoreService
+from .lifecycle import ExitCleanlyOnSIGTERM, NotifyReady, SequentialServices, StoreService
 from .pool import DEFAULT_THREADS, DiskPool
 from .server import CacheSite, Root
 from .store import Store
@@ -241,7 +241,8 @@ def makeService(options: Options) -> IService:
     """
     Wire the daemon: the disk pool first (stopped last), then the index and
     the store, and the listening port last, so that a failed bind stops
-    startup and no request arrives before what serves it is ready.
+    startup and no request arrives before what serves it is ready; then
+    the note to systemd that it is.
     """
     reactor = _global_reactor
     storage = options["storage"]
@@ -293,4 +294,5 @@ def makeService(options: Options) -> IService:
 
     site = CacheSite(Root(store, index, disk, {b"goproxy": GoProxyResource(goproxy), b"npm": NpmResource(npm)}))
     strports.service(options["port"], site).setServiceParent(top)
+    NotifyReady(reactor).setServiceParent(top)
     return top
