@@ -27,6 +27,7 @@ from zope.interface import Interface, implementer
 
 from .hash import Hash
 from .pool import Runner
+from .tracing import traced_call
 
 INDEX_FILENAME = "index.sqlite"
 #: How long a recorded access may wait in memory before it is written.
@@ -476,7 +477,7 @@ class SQLiteIndex:
     def _call(self, method: str, *args: object) -> Deferred[Any]:
         if self._database is None:
             return fail(RuntimeError("the index is not open"))
-        return self._disk.run(getattr(self._database, method), *args)
+        return traced_call(f"index {method}", self._disk.run(getattr(self._database, method), *args))
 
     def get(self, protocol: str, key: str) -> Deferred[Entry | None]:
         return self._call("get", protocol, key)

@@ -112,10 +112,12 @@ class CacheSite(Site):
 
     requestFactory = TimedRequest
     displayTracebacks = False
+    count_requests = True
 
     def log(self, request: http.Request) -> None:
         started = getattr(request, "started", time.monotonic())
-        metrics.observe_request(request, started)
+        if self.count_requests:
+            metrics.observe_request(request, started)
         outcome = request.responseHeaders.getRawHeaders(b"x-cache", [b"-"])[0]
         access.info(
             "{method} {path} {status} {cache_result} {bytes} {duration:.4f}",

@@ -21,6 +21,7 @@ from . import tempfiles
 from .pool import Runner
 from .backend import IBackend, IReader, NotFound, iterate
 from .hash import Hash, Hasher
+from .tracing import tracer
 
 BLOB_PREFIX = "blobs"
 SPOOL_PREFIX = "spool-"
@@ -107,6 +108,13 @@ class Spool:
         Turn the spooled content into a blob. With C{expected}, content that
         hashes to anything else is discarded and L{HashMismatch} raised.
         """
+        with tracer.start_as_current_span("store put", attributes={"contentcache.bytes": self.size}) as span:
+            result = await self._commit(expected)
+            span.set_attribute("contentcache.blob", result.hash.hex)
+            span.set_attribute("contentcache.created", result.created)
+            return result
+
+    async def _commit(self, expected: Hash | None) -> PutResult:
         try:
             h = await self.close()
             if expected is not None and h != expected:

@@ -36,6 +36,7 @@ from .lifecycle import ExitCleanlyOnSIGTERM, NotifyReady, SequentialServices, St
 from .pool import DEFAULT_THREADS, DiskPool
 from .server import CacheSite, Root
 from .store import Store
+from .tracing import TracingService
 from .upstream import NegativeCache, Timeouts
 
 ENVIRONMENT_PREFIX = "CONTENTCACHE_"
@@ -79,6 +80,10 @@ class Options(usage.Options):
         "Every option can also be set in the environment as "
         "CONTENTCACHE_<OPTION>, e.g. CONTENTCACHE_STORAGE; a flag wins."
     )
+
+    optFlags: list[list[object]] = [
+        ["no-metrics", None, "Do not count requests for /metrics (to measure what counting costs)."],
+    ]
 
     optParameters: list[list[object]] = [
         ["port", "p", "8080", "Where to listen: a port number or an endpoint description "
@@ -173,6 +178,10 @@ class Options(usage.Options):
                 continue
             values = value.split() if name in self.repeatable else [value]
             from_environment += [f"--{name}={v}" for v in values]
+        for flag in (str(f[0]) for f in self.optFlags):
+            value = self._environ.get(environment_name(flag), "")
+            if flag not in given and value.lower() in ("1", "true", "yes", "on"):
+                from_environment.append(f"--{flag}")
         super().parseOptions(from_environment + argv)
 
     def postOptions(self) -> None:
@@ -248,6 +257,7 @@ def makeService(options: Options) -> IService:
     storage = options["storage"]
     top = SequentialServices()
 
+    TracingService().setServiceParent(top)
     disk = DiskPool(reactor, options["disk-threads"])
     disk.setServiceParent(top)
     metrics.disk_queue.set_function(lambda: disk.pending)
@@ -293,6 +303,7 @@ def makeService(options: Options) -> IService:
     NpmService(npm, reactor, timeouts, options["npm-upstream"], port).setServiceParent(top)
 
     site = CacheSite(Root(store, index, disk, {b"goproxy": GoProxyResource(goproxy), b"npm": NpmResource(npm)}))
+    site.count_requests = not options["no-metrics"]
     strports.service(options["port"], site).setServiceParent(top)
     NotifyReady(reactor).setServiceParent(top)
     return top

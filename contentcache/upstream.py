@@ -10,6 +10,7 @@ import time
 from typing import Any, Callable, Coroutine, Generic, Hashable, Mapping, TypeVar, cast
 
 from attrs import define, field, frozen
+from opentelemetry.trace import SpanKind
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -25,6 +26,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from . import metrics
+from .tracing import tracer
 from .store import Spool, Store
 
 log = Logger()
@@ -249,6 +251,20 @@ class Upstream:
         GET C{url}. A 200's body is spooled (at most C{limit} bytes); any
         other status comes back without a body, for the caller to judge.
         """
+        with tracer.start_as_current_span(
+            "upstream fetch",
+            kind=SpanKind.CLIENT,
+            attributes={"url.full": url, "contentcache.protocol": self.protocol},
+        ) as span:
+            fetched = await self._fetch(store, url, headers, limit)
+            span.set_attribute("http.response.status_code", fetched.status)
+            if fetched.spool is not None:
+                span.set_attribute("contentcache.bytes", fetched.spool.size)
+            return fetched
+
+    async def _fetch(
+        self, store: Store, url: str, headers: Mapping[str, str] | None, limit: int | None
+    ) -> Fetched:
         response = await self._request("GET", url, headers or {})
         received = {
             k.decode("latin-1").lower(): b", ".join(v).decode("latin-1")

@@ -9,6 +9,7 @@ import re
 from typing import Any, Callable, Coroutine
 
 from attrs import frozen
+from opentelemetry.trace import SpanKind, StatusCode
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -31,6 +32,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from . import metrics
+from .tracing import tracer
 from .backend import IReader
 from .cache import IntegrityError, Missing
 from .hash import Hash
@@ -135,19 +137,43 @@ def _fail(failure: Failure, request: Request, gone: list[bool]) -> None:
 
 def handle(request: Request, handler: Callable[[], Coroutine[Any, Any, Any]]) -> object:
     """
-    Run an async handler for C{request}: cancelled when the client goes
-    away, its known errors turned into status codes, anything else logged
-    and answered with a 500 without a traceback.
+    Run an async handler for C{request} in a span of its own: cancelled
+    when the client goes away, its known errors turned into status codes,
+    anything else logged and answered with a 500 without a traceback.
     """
-    d: Deferred[Any] = Deferred.fromCoroutine(handler())
     gone: list[bool] = []
+
+    async def traced() -> None:
+        protocol = metrics.protocol_of(request)
+        with tracer.start_as_current_span(
+            f"{request.method.decode('latin-1')} {protocol}",
+            kind=SpanKind.SERVER,
+            attributes={
+                "http.request.method": request.method.decode("latin-1"),
+                "url.path": request.path.decode("latin-1")[:1024],
+                "contentcache.protocol": protocol,
+            },
+        ) as span:
+            try:
+                await handler()
+            except BaseException:
+                _fail(Failure(), request, gone)
+            span.set_attribute("http.response.status_code", request.code)
+            outcome = request.responseHeaders.getRawHeaders(b"x-cache", [None])[0]
+            span.set_attribute(
+                "contentcache.cache_result",
+                metrics.RESULTS.get(outcome or b"", "error" if request.code >= 400 else "bypass"),
+            )
+            if request.code >= 500:
+                span.set_status(StatusCode.ERROR)
+
+    d: Deferred[None] = Deferred.fromCoroutine(traced())
 
     def client_left(reason: Failure) -> None:
         gone.append(True)
         d.cancel()
 
     request.notifyFinish().addErrback(client_left)
-    d.addErrback(_fail, request, gone)
     return NOT_DONE_YET
 
 
@@ -389,19 +415,19 @@ async def send_blob(
         request.finish()
         return
 
-    if length <= CHUNK_SIZE:
-        # One trip to the disk pool instead of open, read and close.
-        data = await store.read(blob, offset, length)
-        if len(data) != length:
-            raise OSError(f"blob {blob.hex} is shorter than its recorded size")
-        request.write(data)
-        request.finish()
-        return
-    reader = await store.get(blob, offset)
-    try:
-        await _BlobProducer(request, reader, length).run()
-    finally:
-        await reader.close()
+    with tracer.start_as_current_span("store get", attributes={"contentcache.blob": blob.hex, "contentcache.bytes": length}):
+        if length <= CHUNK_SIZE:
+            # One trip to the disk pool instead of open, read and close.
+            data = await store.read(blob, offset, length)
+            if len(data) != length:
+                raise OSError(f"blob {blob.hex} is shorter than its recorded size")
+            request.write(data)
+        else:
+            reader = await store.get(blob, offset)
+            try:
+                await _BlobProducer(request, reader, length).run()
+            finally:
+                await reader.close()
     request.finish()
 
 

@@ -92,6 +92,15 @@ def test_make_service_wires_without_io(tmp_path: object) -> None:
     service = makeService(parse(["--storage", storage, "--port", "tcp:0"]))
     assert IServiceCollection.providedBy(service)
     names = [type(s).__name__ for s in service]
-    assert names[0] == "DiskPool"  # stopped last
-    assert names[-1] == "StreamServerEndpointService"  # listens last
+    # Tracing flushes last, after the disk pool, which stops after all
+    # that uses it; the port listens after everything it serves has started,
+    # and only then is systemd told the daemon is ready.
+    assert names[:2] == ["TracingService", "DiskPool"]
+    assert names[-2:] == ["StreamServerEndpointService", "NotifyReady"]
     assert not os.path.exists(storage)  # nothing touched before start
+
+
+def test_flags_from_environment() -> None:
+    assert parse([], {"CONTENTCACHE_NO_METRICS": "1"})["no-metrics"]
+    assert not parse([], {"CONTENTCACHE_NO_METRICS": "0"})["no-metrics"]
+    assert not parse([])["no-metrics"]
