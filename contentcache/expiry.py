@@ -163,11 +163,16 @@ class Expiry:
                 await self._evict(chosen, blobs, blob_cutoff, report)
 
         if not dry_run:
-            # Blobs left unreferenced earlier (young then, or by a purge).
-            while leftovers := await self.index.call("unreferenced_blobs", blob_cutoff, self.batch):
-                deleted = report.blobs_deleted
-                await self._delete_blobs(leftovers, report)
-                if len(leftovers) < self.batch or report.blobs_deleted == deleted:
+            # Blobs left unreferenced earlier (young then, or by a purge),
+            # looked at in bounded steps so hits never wait long for the index.
+            position: tuple[float, str] | None = None
+            while True:
+                leftovers, position = await self.index.call(
+                    "unreferenced_blobs", blob_cutoff, self.batch * 10, position
+                )
+                if leftovers:
+                    await self._delete_blobs(leftovers, report)
+                if position is None:
                     break
             stored = await self.index.call("stored_bytes")
         report.stored_after = stored
@@ -191,20 +196,28 @@ class Expiry:
         return await self._delete_blobs(old, report)
 
     async def _delete_blobs(self, blobs: list[tuple[str, int]], report: Report) -> int:
+        # The rows first, in one transaction: a blob without a row is an
+        # orphan that verify finds; a row without a blob would be served.
+        try:
+            dropped = set(await self.index.call("forget_blobs", [h for h, _ in blobs]))
+        except Exception:
+            log.failure("dropping {count} blobs from the index failed; skipped", count=len(blobs))
+            report.skipped += len(blobs)
+            return 0
         freed = 0
         for hexhash, size in blobs:
+            if hexhash not in dropped:
+                continue
             try:
-                # The row first: a blob without a row is an orphan that
-                # verify finds; a row without a blob would be served.
-                if await self.index.call("forget_blob", hexhash):
-                    await self.store.delete(Hash.from_hex(hexhash))
-                    report.blobs_deleted += 1
-                    report.bytes_freed += size
-                    freed += size
-                    self._note("blob", hexhash)
+                await self.store.delete(Hash.from_hex(hexhash))
             except Exception:
                 log.failure("deleting blob {hash} failed; skipped", hash=hexhash)
                 report.skipped += 1
+                continue
+            report.blobs_deleted += 1
+            report.bytes_freed += size
+            freed += size
+            self._note("blob", hexhash)
         return freed
 
 

@@ -76,7 +76,7 @@ MIGRATIONS: dict[int, list[str]] = {
         # Least recently used first; ties broken by age, older first.
         "DROP INDEX entries_by_access",
         "CREATE INDEX entries_by_lru ON entries (accessed, created)",
-        "CREATE INDEX blobs_by_created ON blobs (created)",
+        "CREATE INDEX blobs_by_created ON blobs (created, hash)",
     ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -322,17 +322,41 @@ class Database:
                     freed.append((hexhash, row[0] if row else 0))
         return freed
 
-    def unreferenced_blobs(self, cutoff: float, limit: int) -> list[tuple[str, int]]:
+    def unreferenced_blobs(
+        self, cutoff: float, limit: int, after: tuple[float, str] | None = None
+    ) -> tuple[list[tuple[str, int]], tuple[float, str] | None]:
         """
-        Up to C{limit} blobs no entry references that entered the store
-        before C{cutoff}.
+        Look at up to C{limit} blobs that entered the store before
+        C{cutoff}, in order of age, after the position C{after}; return the
+        unreferenced ones and the position to go on from (L{None} at the
+        end). Bounded, so the connection is never held for long.
         """
+        start = after or (float("-inf"), "")
         with self._lock:
-            return self._db.execute(
-                "SELECT hash, size FROM blobs WHERE created < ? AND NOT EXISTS "
-                "(SELECT 1 FROM entries WHERE entries.hash = blobs.hash) ORDER BY created LIMIT ?",
-                (cutoff, limit),
+            rows = self._db.execute(
+                "SELECT hash, size, created, NOT EXISTS "
+                "(SELECT 1 FROM entries WHERE entries.hash = blobs.hash) FROM blobs "
+                "WHERE created < ? AND (created, hash) > (?, ?) ORDER BY created, hash LIMIT ?",
+                (cutoff, *start, limit),
             ).fetchall()
+        position = (rows[-1][2], rows[-1][0]) if len(rows) == limit else None
+        return [(h, size) for h, size, _, free in rows if free], position
+
+    def forget_blobs(self, hashes: list[str]) -> list[str]:
+        """
+        Drop the rows of those blobs nothing references (checked in the same
+        transaction); return which were dropped, for their files to go.
+        """
+        dropped = []
+        with self._transaction(immediate=True) as db:
+            for hexhash in hashes:
+                cursor = db.execute(
+                    "DELETE FROM blobs WHERE hash = ? AND NOT EXISTS "
+                    "(SELECT 1 FROM entries WHERE entries.hash = ?)", (hexhash, hexhash)
+                )
+                if cursor.rowcount:
+                    dropped.append(hexhash)
+        return dropped
 
     def reference_counts(self, hashes: list[str]) -> dict[str, int]:
         counts: dict[str, int] = {}
