@@ -7,6 +7,7 @@ name.
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from twisted.web import http
 
@@ -70,6 +71,11 @@ disk_queue = Gauge(
     "contentcache_disk_pool_queue_depth", "Calls waiting for or running on the disk thread pool.",
     registry=REGISTRY,
 )
+
+#: Seconds this request has spent waiting for upstream: a one-item list
+#: set per request (in the context its handler runs in), added to by every
+#: upstream call made on its behalf.
+upstream_time: ContextVar[list[float] | None] = ContextVar("upstream_time", default=None)
 
 #: How long the store gauges (an index query) are reused between scrapes.
 STORE_STATS_MAX_AGE = 30.0

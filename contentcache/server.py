@@ -120,13 +120,14 @@ class CacheSite(Site):
             metrics.observe_request(request, started)
         outcome = request.responseHeaders.getRawHeaders(b"x-cache", [b"-"])[0]
         access.info(
-            "{method} {path} {status} {cache_result} {bytes} {duration:.4f}",
+            "{method} {path} {status} {cache_result} {bytes} {duration:.4f} {upstream_time:.4f}",
             method=request.method.decode("latin-1"),
             path=request.uri.decode("latin-1")[:2048],
             status=request.code,
             cache_result=outcome.decode("latin-1").lower(),
             bytes=request.sentLength,
             duration=time.monotonic() - started,
+            upstream_time=getattr(request, "upstream_time", [0.0])[0],
             client=request.getClientAddress().host if hasattr(request.getClientAddress(), "host") else "-",
         )
 

@@ -208,7 +208,11 @@ class Upstream:
             metrics.upstream_errors.labels(self.protocol).inc()
             raise
         finally:
-            metrics.upstream_duration.labels(self.protocol).observe(time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            metrics.upstream_duration.labels(self.protocol).observe(elapsed)
+            spent = metrics.upstream_time.get()
+            if spent is not None:
+                spent[0] += elapsed
 
     async def _send(
         self, method: str, url: str, headers: Mapping[str, str], data: bytes | None = None

@@ -142,8 +142,11 @@ def handle(request: Request, handler: Callable[[], Coroutine[Any, Any, Any]]) ->
     anything else logged and answered with a 500 without a traceback.
     """
     gone: list[bool] = []
+    spent = [0.0]
+    request.upstream_time = spent  # type: ignore[attr-defined]
 
     async def traced() -> None:
+        metrics.upstream_time.set(spent)
         protocol = metrics.protocol_of(request)
         with tracer.start_as_current_span(
             f"{request.method.decode('latin-1')} {protocol}",
