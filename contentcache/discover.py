@@ -22,24 +22,32 @@ log = Logger()
 CLIENT_TIMEOUT = 20.0
 
 
+def _ask(argv: list[str]) -> str | None:
+    """
+    What a client prints for a question about its configuration, or
+    L{None} (logged) when there is no such client or it fails. Its output
+    is captured: none of it reaches the daemon's log as is.
+    """
+    try:
+        result = subprocess.run(argv, capture_output=True, timeout=CLIENT_TIMEOUT, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.info("could not run {command}: {error}", command=" ".join(argv), error=e)
+        return None
+    if result.returncode != 0:
+        log.warn("{command} failed: {error}", command=" ".join(argv),
+                 error=result.stderr.decode(errors="replace").strip()[:500])
+        return None
+    return result.stdout.decode(errors="replace")
+
+
 def go_env(*names: str) -> dict[str, str] | None:
     """
     The go command's settings, or L{None} when there is no go command.
     """
-    try:
-        result = subprocess.run(
-            ["go", "env", "-json", *names],
-            capture_output=True,
-            timeout=CLIENT_TIMEOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        log.info("no go command to read GOPROXY from: {error}", error=e)
+    output = _ask(["go", "env", "-json", *names])
+    if output is None:
         return None
-    if result.returncode != 0:
-        log.warn("go env failed: {error}", error=result.stderr.decode(errors="replace").strip())
-        return None
-    settings: dict[str, str] = json.loads(result.stdout)
+    settings: dict[str, str] = json.loads(output)
     return settings
 
 
@@ -48,18 +56,8 @@ def npm_registry() -> str | None:
     The registry the npm client is configured to use, or L{None} when
     there is no npm client.
     """
-    try:
-        result = subprocess.run(
-            ["npm", "config", "get", "registry"],
-            capture_output=True,
-            timeout=CLIENT_TIMEOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        log.info("no npm client to read the registry from: {error}", error=e)
-        return None
-    url = result.stdout.decode(errors="replace").strip()
-    if result.returncode != 0 or not url.startswith(("http://", "https://")):
+    url = (_ask(["npm", "config", "get", "registry"]) or "").strip()
+    if not url.startswith(("http://", "https://")):
         log.warn("npm config get registry gave no registry URL")
         return None
     return url.rstrip("/")

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 _LISTENING = re.compile(rb"Site starting on (\d+)")
@@ -133,3 +133,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def concurrent_gets(get: Callable[[], tuple[int, bytes]], count: int) -> list[tuple[int, bytes]]:
+    """
+    C{count} calls of C{get} at once, each on its own thread: their
+    (status, body) results.
+    """
+    results: list[tuple[int, bytes]] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        result = get()
+        with lock:
+            results.append(result)
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results

@@ -6,7 +6,6 @@ each counter moves by what happened, no more.
 from __future__ import annotations
 
 import os
-import shutil
 import zipfile
 from typing import Any, Iterator
 

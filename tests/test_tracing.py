@@ -6,7 +6,6 @@ fetch, store and index spans as its children.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
