@@ -161,3 +161,29 @@ def test_gc_on_a_live_daemon_then_refetch(live: dict[str, Any]) -> None:
     status, headers, body = request(daemon.url, go_paths[0])
     assert status == 200 and headers["x-cache"] == "MISS" and body[:2] == b"PK"
     assert live["go"].count(upstream_path) == 2
+
+
+def test_verify_repair_on_a_live_daemon_then_refetch(live: dict[str, Any]) -> None:
+    daemon, storage, go = live["daemon"], live["storage"], live["go"]
+    corrupt_path, deleted_path = f"/{GREET}/@v/v1.0.0.zip", f"/{HELLO}/@v/v1.1.0.zip"
+    bodies = {}
+    for path in (corrupt_path, deleted_path):
+        status, _, bodies[path] = request(daemon.url, "/goproxy" + path)
+        assert status == 200
+    corrupt = Hash.of(bodies[corrupt_path])
+    deleted = Hash.of(bodies[deleted_path])
+    corrupt_file = os.path.join(storage, blob_key(corrupt))
+    data = bytearray(open(corrupt_file, "rb").read())
+    data[len(data) // 2] ^= 0x80
+    open(corrupt_file, "wb").write(bytes(data))
+    os.unlink(os.path.join(storage, blob_key(deleted)))
+
+    found = json.loads(admin("verify", "--storage", storage, "--json").stdout)
+    assert found["corrupt"] == [corrupt.hex] and found["missing"] == [deleted.hex]
+    assert admin("verify", "--storage", storage, "--repair").returncode == 0
+    assert json.loads(admin("verify", "--storage", storage, "--json").stdout)["problems"] == 0
+
+    for path in (corrupt_path, deleted_path):
+        status, headers, body = request(daemon.url, "/goproxy" + path)
+        assert status == 200 and headers["x-cache"] == "MISS" and body == bodies[path]
+        assert go.count(path) == 2
