@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from contextvars import ContextVar
+from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from twisted.web import http
 
@@ -99,6 +100,19 @@ def observe_request(request: http.Request, started: float) -> None:
         result = "error"
     else:
         result = "bypass"
-    requests.labels(protocol, f"{code // 100}xx", result).inc()
-    response_bytes.labels(protocol).inc(request.sentLength)
-    request_duration.labels(protocol).observe(time.monotonic() - started)
+    counters = _per_request.get((protocol, code // 100, result))
+    if counters is None:
+        # labels() takes a lock and builds a key on every call: keep the
+        # children, a handful of them, for the hot path.
+        counters = _per_request[protocol, code // 100, result] = (
+            requests.labels(protocol, f"{code // 100}xx", result),
+            response_bytes.labels(protocol),
+            request_duration.labels(protocol),
+        )
+    count, sent, duration = counters
+    count.inc()
+    sent.inc(request.sentLength)
+    duration.observe(time.monotonic() - started)
+
+
+_per_request: dict[tuple[str, int, str], tuple[Any, Any, Any]] = {}

@@ -21,7 +21,7 @@ from . import tempfiles
 from .pool import Runner
 from .backend import IBackend, IReader, NotFound, iterate
 from .hash import Hash, Hasher
-from .tracing import tracer
+from .tracing import child_span
 
 BLOB_PREFIX = "blobs"
 SPOOL_PREFIX = "spool-"
@@ -108,10 +108,11 @@ class Spool:
         Turn the spooled content into a blob. With C{expected}, content that
         hashes to anything else is discarded and L{HashMismatch} raised.
         """
-        with tracer.start_as_current_span("store put", attributes={"contentcache.bytes": self.size}) as span:
+        with child_span("store put", **{"contentcache.bytes": self.size}) as span:
             result = await self._commit(expected)
-            span.set_attribute("contentcache.blob", result.hash.hex)
-            span.set_attribute("contentcache.created", result.created)
+            if span is not None:
+                span.set_attribute("contentcache.blob", result.hash.hex)
+                span.set_attribute("contentcache.created", result.created)
             return result
 
     async def _commit(self, expected: Hash | None) -> PutResult:

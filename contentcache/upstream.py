@@ -26,7 +26,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from . import metrics
-from .tracing import tracer
+from .tracing import recording, tracer
 from .store import Spool, Store
 
 log = Logger()
@@ -255,6 +255,8 @@ class Upstream:
         GET C{url}. A 200's body is spooled (at most C{limit} bytes); any
         other status comes back without a body, for the caller to judge.
         """
+        if not recording():
+            return await self._fetch(store, url, headers, limit)
         with tracer.start_as_current_span(
             "upstream fetch",
             kind=SpanKind.CLIENT,

@@ -32,7 +32,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from . import metrics
-from .tracing import tracer
+from .tracing import child_span, tracer
 from .backend import IReader
 from .cache import IntegrityError, Missing
 from .hash import Hash
@@ -148,27 +148,27 @@ def handle(request: Request, handler: Callable[[], Coroutine[Any, Any, Any]]) ->
     async def traced() -> None:
         metrics.upstream_time.set(spent)
         protocol = metrics.protocol_of(request)
-        with tracer.start_as_current_span(
-            f"{request.method.decode('latin-1')} {protocol}",
-            kind=SpanKind.SERVER,
-            attributes={
-                "http.request.method": request.method.decode("latin-1"),
-                "url.path": request.path.decode("latin-1")[:1024],
-                "contentcache.protocol": protocol,
-            },
-        ) as span:
+        method = request.method.decode("latin-1")
+        with tracer.start_as_current_span(f"{method} {protocol}", kind=SpanKind.SERVER) as span:
+            # Attributes only for a recorded span: most hits are not.
+            traced = span.is_recording()
+            if traced:
+                span.set_attribute("http.request.method", method)
+                span.set_attribute("url.path", request.path.decode("latin-1")[:1024])
+                span.set_attribute("contentcache.protocol", protocol)
             try:
                 await handler()
             except BaseException:
                 _fail(Failure(), request, gone)
-            span.set_attribute("http.response.status_code", request.code)
-            outcome = request.responseHeaders.getRawHeaders(b"x-cache", [None])[0]
-            span.set_attribute(
-                "contentcache.cache_result",
-                metrics.RESULTS.get(outcome or b"", "error" if request.code >= 400 else "bypass"),
-            )
-            if request.code >= 500:
-                span.set_status(StatusCode.ERROR)
+            if traced:
+                span.set_attribute("http.response.status_code", request.code)
+                outcome = request.responseHeaders.getRawHeaders(b"x-cache", [None])[0]
+                span.set_attribute(
+                    "contentcache.cache_result",
+                    metrics.RESULTS.get(outcome or b"", "error" if request.code >= 400 else "bypass"),
+                )
+                if request.code >= 500:
+                    span.set_status(StatusCode.ERROR)
 
     d: Deferred[None] = Deferred.fromCoroutine(traced())
 
@@ -418,14 +418,14 @@ async def send_blob(
         request.finish()
         return
 
-    with tracer.start_as_current_span("store get", attributes={"contentcache.blob": blob.hex, "contentcache.bytes": length}):
-        if length <= CHUNK_SIZE:
-            # One trip to the disk pool instead of open, read and close.
-            data = await store.read(blob, offset, length)
-            if len(data) != length:
-                raise OSError(f"blob {blob.hex} is shorter than its recorded size")
-            request.write(data)
-        else:
+    if length <= CHUNK_SIZE:
+        # One trip to the disk pool instead of open, read and close.
+        data = await store.read(blob, offset, length)
+        if len(data) != length:
+            raise OSError(f"blob {blob.hex} is shorter than its recorded size")
+        request.write(data)
+    else:
+        with child_span("store get", **{"contentcache.blob": blob.hex, "contentcache.bytes": length}):
             reader = await store.get(blob, offset)
             try:
                 await _BlobProducer(request, reader, length).run()

@@ -67,10 +67,36 @@ async def test_request_span_with_children(tmp_path: Any) -> None:
     assert root.attributes["contentcache.cache_result"] == "miss"
     assert root.attributes["http.response.status_code"] == 200
     children = {s.name: s for s in spans if s.parent is not None and s.parent.span_id == root.context.span_id}
-    assert {"upstream fetch", "store put", "store get", "index get", "index put"} <= set(children)
+    assert {"upstream fetch", "store put", "index put"} <= set(children)
     fetch = children["upstream fetch"]
     assert fetch.kind == SpanKind.CLIENT
     assert fetch.attributes["http.response.status_code"] == 200
     assert fetch.attributes["url.full"].endswith(f"/{GREET}/@v/v1.0.0.zip")
     assert children["store put"].attributes["contentcache.bytes"] > 0
     assert all(s.context.trace_id == root.context.trace_id for s in children.values())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hit_is_one_span(tmp_path: Any) -> None:
+    upstream = UpstreamFixture(build_tree(str(tmp_path / "proxy"), modules()))
+    port = free_port()
+    options = Options(environ={})
+    options.parseOptions([
+        "--port", f"tcp:{port}:interface=127.0.0.1", "--storage", str(tmp_path / "storage"),
+        "--go-upstream", upstream.url, "--go-sumdb", "off", "--npm-upstream", "http://127.0.0.1:9",
+    ])
+    service = makeService(options)
+    service.startService()
+    client = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+    url = f"http://127.0.0.1:{port}/goproxy/{GREET}/@v/v1.0.0.info"
+    try:
+        await (await client.get(url, headers={"Connection": "close"})).content()
+        EXPORTER.clear()
+        response = await client.get(url, headers={"Connection": "close"})
+        await response.content()
+        assert response.headers.getRawHeaders("x-cache") == ["HIT"]
+    finally:
+        await service.stopService()
+        upstream.stop()
+    spans = EXPORTER.get_finished_spans()
+    assert [(s.name, s.attributes["contentcache.cache_result"]) for s in spans] == [("GET go", "hit")]
