@@ -27,47 +27,33 @@ the LRU walk must remove.
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import json
 import math
 import os
 import platform
 import random
-import resource
 import shutil
 import sqlite3
 import subprocess
-import sys
-import tempfile
 import time
 from typing import Any, Iterator, Sequence
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
-from twisted.logger import (
-    FilteringLogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogBeginner,
-    textFileLogObserver,
-)
 from twisted.python.failure import Failure
 
-from contentcache.backend.filesystem import FilesystemBackend
+from common import (
+    KiB, MiB, Reactor, add_dir_option, check_dir, filesystem_store, fresh_process, human,
+    make_parser, max_rss_kib, mib, print_inherited, rss_baseline, show_warnings,
+    start_disk_pool, status_kib, temporary_directory,
+)
 from contentcache.expiry import LOW_WATER, Expiry, Policy
 from contentcache.index import INDEX_FILENAME, SQLiteIndex
-from contentcache.pool import DEFAULT_THREADS, DiskPool, SynchronousRunner
-from contentcache.store import BLOB_PREFIX, Store
+from contentcache.pool import DEFAULT_THREADS, SynchronousRunner
+from contentcache.store import BLOB_PREFIX
 from contentcache.units import DAY, HOUR
-
-#: The global reactor: it provides every reactor interface used here.
-Reactor = Any
-
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
 
 ENTRIES = 1_000_000
 BLOBS = 200_000
@@ -108,45 +94,11 @@ GO_ATTRS = {
 }
 NPM_INTEGRITY = "sha512-" + "ExAmPlE0" * 11
 
-#: Starts the measuring process from a small one. On Linux a process
-#: spawned with vfork (as posix_spawn and subprocess do) starts with the
-#: spawner's peak RSS as its ru_maxrss; this benchmark's own peak (it
-#: generated the index) would hide the peak being measured.
-LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
-
 #: How each pass runs, in the order measured.
 RUNNERS = {
     "sync": "SynchronousRunner (contentcache gc)",
     "pool": "DiskPool + reactor (the daemon)",
 }
-
-
-def human(size: float) -> str:
-    for unit, name in ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
-        if size >= unit:
-            return f"{size / unit:.1f} {name}"
-    return f"{size:.0f} B"
-
-
-def mib(kib: int) -> str:
-    return f"{kib / KiB:.1f} MiB"
-
-
-def status_kib(field: str) -> int:
-    """
-    A C{/proc/self/status} memory figure (C{VmRSS}, C{VmHWM}) in KiB.
-    """
-    with open("/proc/self/status") as status:
-        for line in status:
-            name, _, value = line.partition(":")
-            if name == field:
-                return int(value.split()[0])
-    raise LookupError(f"{field} is not in /proc/self/status")
-
-
-def max_rss_kib() -> int:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def wall_clock() -> Reactor:
@@ -155,16 +107,6 @@ def wall_clock() -> Reactor:
     from twisted.internet import reactor
 
     return reactor
-
-
-def show_warnings() -> None:
-    """
-    Print warnings and logged failures (an item a pass skipped, say) to
-    stderr, and nothing else.
-    """
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
-    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
 # Generating the storage.
@@ -374,9 +316,7 @@ def choose_limit(releases: list[Release], stored: int, evict: int) -> Prediction
 
 
 async def timed_pass(expiry: Expiry) -> dict[str, Any]:
-    gc.collect()
-    baseline = status_kib("VmRSS")
-    inherited = max_rss_kib()
+    baseline, inherited = rss_baseline()
     started = time.perf_counter()
     report = await expiry.run()
     seconds = time.perf_counter() - started
@@ -399,7 +339,7 @@ def sync_pass(directory: str, max_size: int) -> dict[str, Any]:
     disk = SynchronousRunner()
     index = SQLiteIndex(directory, disk, reactor)
     index.open()
-    store = Store(FilesystemBackend(directory, disk), os.path.join(directory, "tmp"), disk)
+    store = filesystem_store(directory, disk)
     expiry = Expiry(index, store, reactor, Policy(ttl=None, max_size=max_size))
     results: list[Any] = []
     Deferred.fromCoroutine(timed_pass(expiry)).addBoth(results.append)
@@ -417,12 +357,10 @@ async def pool_pass(reactor: Reactor, directory: str, max_size: int) -> None:
     One pass as the daemon runs it: every disk call on the disk pool, the
     reactor running. Prints the measurement as JSON.
     """
-    disk = DiskPool(reactor)
-    disk.startService()
-    reactor.addSystemEventTrigger("during", "shutdown", disk.stopService)
+    disk = start_disk_pool(reactor)
     index = SQLiteIndex(directory, disk, reactor)
     index.open()
-    store = Store(FilesystemBackend(directory, disk), os.path.join(directory, "tmp"), disk)
+    store = filesystem_store(directory, disk)
     # Start a pool thread before the baseline.
     await index.call("schema_version")
     try:
@@ -438,8 +376,7 @@ def run_child(runner: str, directory: str, max_size: int) -> dict[str, Any]:
     generating done here does not raise its peak, and return what it
     measured.
     """
-    args = [sys.executable, "-c", LAUNCHER, sys.executable, __file__,
-            "--pass", runner, directory, str(max_size)]
+    args = fresh_process(__file__, "--pass", runner, directory, str(max_size))
     done = subprocess.run(args, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise SystemExit(f"the {runner} pass exited with status {done.returncode}:\n{done.stdout}")
@@ -530,9 +467,7 @@ def benchmark(workdir: str, entries: int, blobs: int, quick: bool) -> int:
         print(f"  {title:<36}{result['seconds']:>6.2f} s{removed / result['seconds']:>11,.0f}"
               f"{mib(result['baseline_kib']):>11}{mib(result['peak_kib']):>11}"
               f"{'+' + mib(above):>11}", flush=True)
-        if result["inherited_kib"] > result["baseline_kib"]:
-            # See LAUNCHER: the peak may be the spawning process's, not the pass's.
-            print(f"    note: ru_maxrss was already {mib(result['inherited_kib'])} at the baseline")
+        print_inherited(result["inherited_kib"], result["baseline_kib"], "    ")
         outcomes.append(f"  {runner}: {outcome(result, directory, stored, predicted, prepared)}")
         shutil.rmtree(directory)
 
@@ -542,7 +477,7 @@ def benchmark(workdir: str, entries: int, blobs: int, quick: bool) -> int:
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = make_parser(__doc__)
     parser.add_argument(
         "--entries", type=int, metavar="N",
         help=f"entries in the index (default: {ENTRIES:,}; {QUICK_ENTRIES:,} with --quick)",
@@ -555,11 +490,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--quick", action="store_true",
         help=f"{QUICK_ENTRIES:,} entries over {QUICK_BLOBS:,} blobs, for a smoke run",
     )
-    parser.add_argument(
-        "--dir",
-        help="create the temporary storage directory in DIR"
-        " (default: the system's temporary directory)",
-    )
+    add_dir_option(parser, "storage directory")
     # Runs the child process that measures one pass: RUNNER DIR MAX_SIZE.
     parser.add_argument("--pass", nargs=3, dest="one_pass", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -572,9 +503,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.entries < max(args.blobs, round(1 / EVICT_SHARE)):
         parser.error("--entries needs to be at least --blobs (every blob has an entry)"
                      f" and at least {round(1 / EVICT_SHARE)}")
-    if args.dir is not None and not os.path.isdir(args.dir):
-        parser.error(f"--dir {args.dir} is not a directory")
-    return args
+    return check_dir(parser, args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -587,11 +516,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             react(pool_pass, (directory, int(max_size)))
         return
-    workdir = os.path.abspath(tempfile.mkdtemp(prefix="contentcache-bench-", dir=args.dir))
-    try:
+    with temporary_directory(args.dir) as workdir:
         status = benchmark(workdir, args.entries, args.blobs, args.quick)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     raise SystemExit(status)
 
 

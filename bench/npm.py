@@ -30,38 +30,27 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import http.client
 import io
 import itertools
 import json
 import os
 import random
-import re
-import shutil
-import signal
-import subprocess
-import sys
 import tarfile
-import tempfile
 import time
 from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
-from types import FrameType
 from typing import Any, Iterator, Sequence
 
 from attrs import frozen
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The daemon and upstream fixture are the end-to-end tests' own.
-sys.path.insert(0, REPOSITORY)
+# First: it puts the repository on the path for the tests' helpers.
+from common import (
+    BenchError, DaemonLog, KiB, MiB, Row, Wrk, WrkResult, add_dir_option, add_duration_option,
+    check_dir, check_duration, describe, get, human, make_parser, measure, run_with_wrk,
+    start_daemon, wrk_settings,
+)
+from tests.upstream import UpstreamFixture
 
-from tests.daemon import Daemon  # noqa: E402
-from tests.upstream import UpstreamFixture  # noqa: E402
-
-KiB = 1024
-MiB = 1024 * KiB
-
-LOOPBACK = "127.0.0.1"
 PACKAGE = "contentcache-bench"
 #: The packument's size as upstream sends it: versions are added until it
 #: is this big. The biggest real packuments are 10-40 MB.
@@ -85,13 +74,6 @@ VARIANTS = {
     "abbreviated": "application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8, */*",
 }
 
-CONNECTIONS = (1, 32)
-#: wrk threads per connection count: the machines this runs on have 2 cores.
-WRK_THREADS = {1: 1, 32: 2}
-DEFAULT_DURATION = 5
-#: Each URL gets this many seconds of load at the most connections before
-#: it is measured: the daemon's disk pool starts its threads on demand.
-WARM_UP_SECONDS = 1
 #: wrk counts a request as timed out after this long: 32 clients sharing
 #: the daemon's 20 MiB answers wait their turn (about 0.5 s each here).
 WRK_TIMEOUT = "10s"
@@ -100,24 +82,12 @@ WRK_TIMEOUT = "10s"
 #: this many times a hit of the blob of the same size.
 TARGET_RATIO = 2.0
 
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
+#: How long a GET may take: a miss fetches, parses, stores and renders a
+#: 20 MiB packument.
 HTTP_TIMEOUT = 60.0
-#: How much of the daemon's log is kept for an error message.
-LOG_TAIL = 16 * KiB
 #: The daemon's packuments stay fresh for the whole run: a revalidation
 #: would be an upstream request in the middle of the measurement.
 METADATA_TTL = "1d"
-
-_TWISTD_STARTING = re.compile(r"twistd (\S+) \((\S+) (\S+)\) starting up")
-
-_REQUESTS_PER_SECOND = re.compile(r"^Requests/sec:\s+([\d.]+)\s*$", re.M)
-_PERCENTILE = re.compile(r"^\s*(\d+(?:\.\d+)?)%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.M)
-_REQUESTS = re.compile(r"^\s*(\d+) requests in ", re.M)
-_NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
-_SOCKET_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
-#: wrk's time units, in seconds.
-_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 DEPENDENCIES = (
     "@babel/runtime", "axios", "chalk", "commander", "debug", "fs-extra", "glob", "js-yaml",
@@ -153,21 +123,6 @@ FIRST_PUBLISHED = datetime(2015, 3, 1, tzinfo=timezone.utc)
 BETWEEN_RELEASES = timedelta(hours=7)
 
 
-class BenchError(Exception):
-    """
-    The benchmark could not measure what it set out to; the message says
-    why, with the daemon's last log lines where they help.
-    """
-
-
-def human(size: int) -> str:
-    if size >= MiB:
-        return f"{size / MiB:.1f} MiB"
-    if size >= KiB:
-        return f"{size / KiB:.1f} KiB"
-    return f"{size} B"
-
-
 def dumps(value: Any) -> bytes:
     """
     JSON as the daemon writes a packument's template: compact, ASCII. A
@@ -177,98 +132,12 @@ def dumps(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-@frozen
-class WrkResult:
-    requests: int
-    requests_per_second: float
-    #: Seconds.
-    p50: float
-    p99: float
-    non_2xx: int
-    socket_errors: int
-
-
-def parse_wrk(output: str) -> WrkResult:
+def npm_options(upstream: str) -> list[str]:
     """
-    The figures of C{wrk --latency}'s report.
+    The daemon's options to fetch npm packages from C{upstream}, with no
+    checksum database and packuments fresh for the whole run.
     """
-    rate = _REQUESTS_PER_SECOND.search(output)
-    requests = _REQUESTS.search(output)
-    percentiles = {
-        float(m[1]): float(m[2]) * _UNITS[m[3]] for m in _PERCENTILE.finditer(output)
-    }
-    if rate is None or requests is None or 50.0 not in percentiles or 99.0 not in percentiles:
-        raise BenchError(f"cannot read wrk's report:\n{output}")
-    non_2xx = _NON_2XX.search(output)
-    socket_errors = _SOCKET_ERRORS.search(output)
-    return WrkResult(
-        requests=int(requests[1]),
-        requests_per_second=float(rate[1]),
-        p50=percentiles[50.0],
-        p99=percentiles[99.0],
-        non_2xx=int(non_2xx[1]) if non_2xx else 0,
-        socket_errors=sum(map(int, socket_errors.groups())) if socket_errors else 0,
-    )
-
-
-def wrk_version(wrk: str) -> str:
-    # "wrk debian/4.1.0-3+b2 [epoll] Copyright (C) 2012 Will Glozer"
-    result = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=HTTP_TIMEOUT)
-    words = (result.stdout + result.stderr).split()
-    return words[1] if len(words) > 1 else "(unknown version)"
-
-
-def run_wrk(wrk: str, url: str, headers: dict[str, str], connections: int, seconds: int) -> WrkResult:
-    command = [
-        wrk, "--latency", "--threads", str(WRK_THREADS[connections]),
-        "--connections", str(connections), "--duration", f"{seconds}s",
-        "--timeout", WRK_TIMEOUT,
-        *itertools.chain.from_iterable(("--header", f"{k}: {v}") for k, v in headers.items()),
-        url,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=seconds + START_TIMEOUT)
-    if result.returncode != 0:
-        raise BenchError(f"{' '.join(command)} exited with status {result.returncode}:\n"
-                         f"{result.stdout}{result.stderr}")
-    return parse_wrk(result.stdout)
-
-
-def stop(daemon: Daemon) -> None:
-    """
-    SIGTERM, and SIGKILL if the daemon is still running L{STOP_TIMEOUT}
-    seconds later; a warning on stderr if it did not stop cleanly.
-    """
-    process = daemon.process
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            print(f"warning: the daemon was still running {STOP_TIMEOUT:g} s after SIGTERM; killed",
-                  file=sys.stderr)
-    # Status 0, or killed by our SIGTERM or by the terminal's Ctrl-C.
-    if process.returncode not in (0, -signal.SIGTERM, -signal.SIGINT):
-        # Daemon.log waits for the last lines to arrive.
-        print(f"warning: the daemon exited with status {process.returncode}; its log ends:\n"
-              f"{daemon.log()[-LOG_TAIL:]}", file=sys.stderr)
-
-
-def log_tail(daemon: Daemon) -> str:
-    return daemon.output[-LOG_TAIL:].decode("utf-8", "replace")
-
-
-def start_daemon(stack: ExitStack, storage: str, upstream: str) -> Daemon:
-    """
-    C{twistd -n contentcache} on 127.0.0.1, fetching npm packages from
-    C{upstream}, with no checksum database; stopped when C{stack} closes.
-    """
-    daemon = Daemon(storage, ["--npm-upstream", upstream, "--go-sumdb", "off",
-                              "--npm-metadata-ttl", METADATA_TTL])
-    stack.callback(daemon.stop)
-    stack.callback(stop, daemon)
-    return daemon
+    return ["--npm-upstream", upstream, "--go-sumdb", "off", "--npm-metadata-ttl", METADATA_TTL]
 
 
 # The package.
@@ -467,26 +336,6 @@ def rendered(body: bytes, upstream: str, daemon: str) -> bytes:
 # HTTP.
 
 
-def get(url: str, path: str, headers: dict[str, str]) -> tuple[int, str | None, bytes]:
-    """
-    GET C{path} from the server at C{url} with exactly C{headers} (as wrk
-    sends them: no Accept-Encoding): status, X-Cache and body.
-    """
-    port = int(url.rsplit(":", 1)[1])
-    connection = http.client.HTTPConnection(LOOPBACK, port, timeout=HTTP_TIMEOUT)
-    try:
-        connection.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
-        for name, value in headers.items():
-            connection.putheader(name, value)
-        connection.endheaders()
-        response = connection.getresponse()
-        return response.status, response.getheader("X-Cache"), response.read()
-    except (OSError, http.client.HTTPException) as e:
-        raise BenchError(f"GET {url}{path} failed: {e}") from None
-    finally:
-        connection.close()
-
-
 @frozen
 class Target:
     """
@@ -500,58 +349,44 @@ class Target:
     body: bytes
 
 
-def check_get(daemon: Daemon, target: Target, x_cache: str | None = None) -> None:
+def check_get(url: str, log: DaemonLog, target: Target, x_cache: str | None = None) -> None:
     """
-    GET the target: it must answer 200 with its body (and C{x_cache} in
-    X-Cache, if given).
+    GET the target from the daemon at C{url}: it must answer 200 with its
+    body (and C{x_cache} in X-Cache, if given).
     """
-    status, cache, received = get(daemon.url, target.path, target.headers)
+    status, cache, received = get(url, target.path, target.headers, HTTP_TIMEOUT)
     if status != 200 or received != target.body or (x_cache is not None and cache != x_cache):
         raise BenchError(
-            f"GET {daemon.url}{target.path} ({target.name}) answered {status} (X-Cache {cache}) "
+            f"GET {url}{target.path} ({target.name}) answered {status} (X-Cache {cache}) "
             f"with {len(received)} bytes, {'the same as' if received == target.body else 'not'} "
-            f"the {len(target.body)} expected; the daemon's log ends:\n{log_tail(daemon)}"
+            f"the {len(target.body)} expected; the daemon's log ends:\n{log.tail()}"
         )
 
 
-@frozen
-class Row:
-    target: str
-    connections: int
-    result: WrkResult
-
-    def __str__(self) -> str:
-        r = self.result
-        errors = f"  {r.socket_errors} socket errors" if r.socket_errors else ""
-        return (f"  {self.target:<24} {self.connections:>5} {r.requests_per_second:>10,.1f}"
-                f" {r.p50 * 1000:>9.3f} {r.p99 * 1000:>9.3f}{errors}")
+class PackageRow(Row):
+    # Longer names, and answers of 20 MiB counted to a tenth per second.
+    WIDTH = 24
+    RATE = ",.1f"
 
 
-HEADER = f"  {'target':<24} {'conns':>5} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9}"
-
-
-def measure(wrk: str, daemon: Daemon, targets: list[Target], seconds: int) -> list[Row]:
+def measure_targets(
+    wrk: Wrk, url: str, log: DaemonLog, targets: list[Target], seconds: int
+) -> list[PackageRow]:
     """
-    Load each target for L{WARM_UP_SECONDS}, then measure it at each of
-    L{CONNECTIONS}; print the rows as they come.
+    Measure each target on the daemon at C{url} as L{measure} does; a
+    measurement in which no request finished is a L{BenchError}.
     """
-    rows = []
+    rows: list[PackageRow] = []
     for target in targets:
-        url = daemon.url + target.path
-        run_wrk(wrk, url, target.headers, max(CONNECTIONS), WARM_UP_SECONDS)
-        for connections in CONNECTIONS:
-            result = run_wrk(wrk, url, target.headers, connections, seconds)
-            if result.non_2xx:
-                raise BenchError(
-                    f"the daemon answered {result.non_2xx} of {result.requests} requests for "
-                    f"{target.name} with an error; its log ends:\n{log_tail(daemon)}"
-                )
+
+        def row(connections: int, result: WrkResult) -> PackageRow:
             if result.requests == 0:
                 raise BenchError(f"no request for {target.name} finished in {seconds} s "
                                  f"at {connections} connections")
-            row = Row(target.name, connections, result)
-            print(row, flush=True)
-            rows.append(row)
+            return PackageRow(target.name, connections, result)
+
+        rows += measure(wrk, url + target.path, seconds, row, headers=target.headers,
+                        server="the daemon", what=target.name, log=log)
     return rows
 
 
@@ -575,7 +410,7 @@ def check_upstream(upstream: UpstreamFixture, tarballs: list[str]) -> None:
         )
 
 
-def benchmark(wrk: str, workdir: str, args: argparse.Namespace) -> bool:
+def benchmark(wrk: Wrk, workdir: str, args: argparse.Namespace) -> bool:
     """
     Measure, print, and return whether the target was met.
     """
@@ -584,12 +419,13 @@ def benchmark(wrk: str, workdir: str, args: argparse.Namespace) -> bool:
 
     print("contentcache npm benchmark: cached answers under wrk on 127.0.0.1")
     print(f"  workdir: {workdir} (removed at the end)")
-    print(f"  machine: {os.cpu_count()} CPUs, shared by wrk and the daemon; wrk {wrk_version(wrk)}")
+    print(f"  machine: {os.cpu_count()} CPUs, shared by wrk and the daemon; wrk {wrk.version()}")
 
     with ExitStack() as stack:
         upstream = UpstreamFixture(root)
         stack.callback(upstream.stop)
-        daemon = start_daemon(stack, os.path.join(workdir, "storage"), upstream.url)
+        daemon, log = start_daemon(stack, os.path.join(workdir, "storage"),
+                                   npm_options(upstream.url))
 
         document = packument(upstream.url)
         latest = document["dist-tags"]["latest"]
@@ -614,21 +450,10 @@ def benchmark(wrk: str, workdir: str, args: argparse.Namespace) -> bool:
               "as served (tarball addresses under the daemon's /npm)")
         print(f"  tarballs: {PACKAGE}@{BLOB_VERSION} {len(blob):,} random bytes (as big as the "
               f"packument served), {PACKAGE}@{latest} a .tgz of {human(len(small))} ({len(small):,} bytes)")
-        print(f"  wrk --latency: {args.duration} s per line, after {WARM_UP_SECONDS} s at "
-              f"{max(CONNECTIONS)} connections per URL; wrk threads: "
-              + ", ".join(f"{WRK_THREADS[c]} for {c}" for c in CONNECTIONS) + " connections;"
-              " no Accept-Encoding (identity bodies)")
+        print(wrk_settings(args.duration) + "; no Accept-Encoding (identity bodies)")
 
-        started = _TWISTD_STARTING.search(daemon.output.decode("utf-8", "replace"))
         host = {"Host": daemon.url.removeprefix("http://")}
-        _, _, health = get(daemon.url, "/health", host)
-        version = json.loads(health).get("version", "?")
-        if started is not None:
-            twisted_version, python, python_version = started.groups()
-            print(f"  daemon: twistd -n contentcache, contentcache {version}, Twisted "
-                  f"{twisted_version}, Python {python_version} ({python})")
-        else:
-            print(f"  daemon: twistd -n contentcache, contentcache {version}")
+        print(f"  daemon: {describe(daemon, host)}")
 
         # The daemon renders a packument once per base address, which it
         # takes from Host: the warm-up sends wrk's.
@@ -642,15 +467,15 @@ def benchmark(wrk: str, workdir: str, args: argparse.Namespace) -> bool:
         ]
         for target in targets:
             started_at = time.monotonic()
-            check_get(daemon, target)
+            check_get(daemon.url, log, target)
             took = time.monotonic() - started_at
-            check_get(daemon, target, x_cache="HIT")
+            check_get(daemon.url, log, target, x_cache="HIT")
             if target.name.startswith("packument"):
                 print(f"  {target.name}: the miss (fetch, parse, store, render) took {took:.2f} s")
         print("  cache warmed: one GET of each (a miss), a second answered with X-Cache: HIT")
         print()
-        print(HEADER)
-        rows = measure(wrk, daemon, targets, args.duration)
+        print(PackageRow.header())
+        rows = measure_targets(wrk, daemon.url, log, targets, args.duration)
         check_upstream(upstream, [tarball_path(BLOB_VERSION), tarball_path(latest)])
 
     print()
@@ -676,51 +501,14 @@ def benchmark(wrk: str, workdir: str, args: argparse.Namespace) -> bool:
     return passed
 
 
-def _terminated(signum: int, frame: FrameType | None) -> None:
-    # Unwind as Ctrl-C does, so that every process started here is stopped.
-    raise KeyboardInterrupt
-
-
-def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument(
-        "--duration", type=int, default=DEFAULT_DURATION, metavar="SECONDS",
-        help=f"how long wrk loads each line (default: {DEFAULT_DURATION})",
-    )
-    parser.add_argument(
-        "--dir",
-        help="create the temporary directory (upstream files and storage) in DIR"
-        " (default: the system's temporary directory)",
-    )
-    args = parser.parse_args(argv)
-    if args.duration < 1:
-        parser.error("--duration needs a whole number of seconds, at least 1")
-    if args.dir is not None and not os.path.isdir(args.dir):
-        parser.error(f"--dir {args.dir} is not a directory")
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse(argv)
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        print("wrk is not on PATH: this benchmark measures with it "
-              "(on Debian: apt-get install wrk).", file=sys.stderr)
-        raise SystemExit(1)
-    signal.signal(signal.SIGTERM, _terminated)
-    workdir = os.path.abspath(tempfile.mkdtemp(prefix="contentcache-bench-", dir=args.dir))
-    try:
-        passed = benchmark(wrk, workdir, args)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print("interrupted; every process started was stopped", file=sys.stderr)
-        raise SystemExit(130) from None
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    if not passed:
-        raise SystemExit(1)
+    parser = make_parser(__doc__)
+    add_duration_option(parser)
+    add_dir_option(parser, "directory (upstream files and storage)")
+    args = parser.parse_args(argv)
+    check_duration(parser, args)
+    check_dir(parser, args)
+    run_with_wrk(benchmark, args, WRK_TIMEOUT)
 
 
 if __name__ == "__main__":

@@ -19,16 +19,12 @@ The storage lives in a temporary directory that is always removed.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import platform
-import resource
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-from typing import Any, AsyncIterator, Awaitable, BinaryIO, Callable, Iterator, Sequence
+from typing import AsyncIterator, Awaitable, BinaryIO, Callable, Iterator, Sequence
 
 import treq
 from attrs import frozen
@@ -37,31 +33,22 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import react
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import (
-    FilteringLogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogBeginner,
-    textFileLogObserver,
-)
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http import OK
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from contentcache.backend.filesystem import FilesystemBackend
+from common import (
+    LOOPBACK, GiB, KiB, MiB, Reactor, add_dir_option, check_dir, filesystem_store,
+    fresh_process, make_parser, max_rss_kib, mib, print_inherited, rss_baseline, show_warnings,
+    start_disk_pool, status_kib, temporary_directory,
+)
 from contentcache.hash import Hash, Hasher, InvalidHash
 from contentcache.pool import DEFAULT_THREADS, DiskPool
 from contentcache.store import Store
 from contentcache.web import CHUNK_SIZE, handle, not_found, send_blob
 
-#: The global reactor: it provides every reactor interface used here.
-Reactor = Any
-
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
 #: Throughput is reported in decimal megabytes per second.
 MB = 1000 * 1000
 
@@ -81,53 +68,19 @@ TARGET_SECONDS = 1.0
 QUICK_TARGET_SECONDS = 0.2
 MIN_RUNS = 3
 
-#: Starts the measuring process from a small one. On Linux a process
-#: spawned with vfork (as posix_spawn and subprocess do) starts with the
-#: spawner's peak RSS as its ru_maxrss; this benchmark's own peak would
-#: hide the peak being measured.
-LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
-
-LOOPBACK = "127.0.0.1"
 OCTET_STREAM = b"application/octet-stream"
 WARM_UP = b"warm-up: load every code path before the baseline is taken\n"
 
 
 def human(size: int) -> str:
+    """
+    C{size} bytes in the largest unit that divides it: the sizes here are
+    chosen round, and a line says exactly how big its blob is.
+    """
     for unit, name in ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
         if size >= unit and size % unit == 0:
             return f"{size // unit} {name}"
     return f"{size} B"
-
-
-def mib(kib: int) -> str:
-    return f"{kib / KiB:.1f} MiB"
-
-
-def status_kib(field: str) -> int:
-    """
-    A C{/proc/self/status} memory figure (C{VmRSS}, C{VmHWM}) in KiB.
-    """
-    with open("/proc/self/status") as status:
-        for line in status:
-            name, _, value = line.partition(":")
-            if name == field:
-                return int(value.split()[0])
-    raise LookupError(f"{field} is not in /proc/self/status")
-
-
-def max_rss_kib() -> int:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def show_warnings() -> None:
-    """
-    Print warnings and logged failures (a request that failed inside the
-    resource, say) to stderr, and nothing else.
-    """
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
-    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
 async def open_store(reactor: Reactor, directory: str) -> tuple[DiskPool, Store]:
@@ -135,11 +88,8 @@ async def open_store(reactor: Reactor, directory: str) -> tuple[DiskPool, Store]
     A disk pool and a filesystem store wired as C{makeService} wires them.
     The pool stops when the reactor does, however it stops.
     """
-    disk = DiskPool(reactor)
-    disk.startService()
-    reactor.addSystemEventTrigger("during", "shutdown", disk.stopService)
-    backend = FilesystemBackend(directory, disk)
-    store = Store(backend, os.path.join(directory, "tmp"), disk)
+    disk = start_disk_pool(reactor)
+    store = filesystem_store(directory, disk)
     await store.start()
     return disk, store
 
@@ -375,9 +325,7 @@ async def big_blob(reactor: Reactor, workdir: str, size: int) -> None:
     try:
         warm = await store.put([WARM_UP])
         await fetch(client, base + warm.hash.hex, served)
-        gc.collect()
-        baseline = status_kib("VmRSS")
-        inherited = max_rss_kib()
+        baseline, inherited = rss_baseline()
 
         started = time.perf_counter()
         put = await store.put(generated_chunks(size))
@@ -405,9 +353,7 @@ async def big_blob(reactor: Reactor, workdir: str, size: int) -> None:
           f"{get_seconds:6.2f} s {size / get_seconds / MB:8.1f} MB/s, content verified")
     print(f"  peak RSS (ru_maxrss): {mib(peak)} = baseline + {mib(above)}"
           f" (VmHWM {mib(high_water)})")
-    if inherited > baseline:
-        # See LAUNCHER: the peak may be the spawning process's, not ours.
-        print(f"  note: ru_maxrss was already {mib(inherited)} at the baseline")
+    print_inherited(inherited, baseline, "  ")
     verdict = "PASS" if passed else "FAIL"
     print(f"  {verdict}: {mib(above)} above the baseline, the bound is {human(RSS_LIMIT)}")
     if not passed:
@@ -419,11 +365,10 @@ async def run_child(reactor: Reactor, workdir: str, quick: bool) -> int:
     Run L{big_blob} in a fresh Python process, so that the measurements
     made here do not raise its peak, and print what it printed.
     """
-    args = ["-c", LAUNCHER, sys.executable, __file__, "--big-blob", workdir]
-    if quick:
-        args.append("--quick")
+    quick_args = ["--quick"] if quick else []
+    command = fresh_process(__file__, "--big-blob", workdir, *quick_args)
     ran: Deferred[tuple[bytes, bytes, int]] = getProcessOutputAndValue(
-        sys.executable, args, env=os.environ, reactor=reactor
+        command[0], command[1:], env=os.environ, reactor=reactor
     )
     ran.addErrback(killed)
     out, err, code = await ran
@@ -462,12 +407,8 @@ async def benchmark(reactor: Reactor, workdir: str, args: argparse.Namespace) ->
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument(
-        "--dir",
-        help="create the temporary storage directory in DIR"
-        " (default: the system's temporary directory)",
-    )
+    parser = make_parser(__doc__)
+    add_dir_option(parser, "storage directory")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument(
         "--repeat", type=int, metavar="N",
@@ -478,9 +419,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeat is not None and args.repeat < 1:
         parser.error("--repeat needs a positive number")
-    if args.dir is not None and not os.path.isdir(args.dir):
-        parser.error(f"--dir {args.dir} is not a directory")
-    return args
+    return check_dir(parser, args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -490,11 +429,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         size = QUICK_BIG_SIZE if args.quick else BIG_SIZE
         react(big_blob, (args.big_blob, size))
     else:
-        workdir = os.path.abspath(tempfile.mkdtemp(prefix="contentcache-bench-", dir=args.dir))
-        try:
+        with temporary_directory(args.dir) as workdir:
             react(benchmark, (workdir, args))
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -28,42 +28,28 @@ also on an error or Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import re
-import shutil
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
-import zipfile
 from contextlib import ExitStack
-from types import FrameType
+from functools import partial
 from typing import Sequence
 
 from attrs import frozen
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The daemon, upstream and module helpers are the end-to-end tests' own.
-sys.path.insert(0, REPOSITORY)
+# First: it puts the repository on the path for the tests' helpers.
+from common import (
+    CONNECTIONS, EXTENSIONS, LOOPBACK, PROXY_PATHS, BenchError, DaemonLog, GoModule, KiB, MiB,
+    Wrk, WrkResult, add_dir_option, add_duration_option, build_module, check_dir,
+    check_duration, describe, get, goproxy_options, human, log_tail, make_parser, measure,
+    run_with_wrk, start_daemon, table_header, table_row, wrk_settings,
+)
+from tests.daemon import Daemon
+from tests.upstream import UpstreamFixture
 
-from contentcache.protocol.goproxy.paths import escape  # noqa: E402
-from tests.daemon import Daemon  # noqa: E402
-from tests.gomodules import ModuleVersion, build_tree  # noqa: E402
-from tests.upstream import UpstreamFixture  # noqa: E402
-
-KiB = 1024
-MiB = 1024 * KiB
-
-LOOPBACK = "127.0.0.1"
-MODULE = "example.com/bench"
-VERSION = "v1.0.0"
 #: Random bytes in the module zip: a small artifact, read in one trip to
 #: the disk pool.
 PAYLOAD_SIZE = 16 * KiB
-EXTENSIONS = ("info", "zip")
 
 OFF = "off"
 ON = "on"
@@ -72,18 +58,9 @@ SETTINGS = (OFF, ON)
 TRACES_PATH = "/v1/traces"
 SERVICE_NAME = "contentcache-bench"
 
-CONNECTIONS = (1, 32)
-#: wrk threads per connection count: the machines this runs on have 2 cores.
-WRK_THREADS = {1: 1, 32: 2}
-DEFAULT_DURATION = 5
 DEFAULT_ROUNDS = 2
 #: The share of requests traced when on, as a busy cache would be set up.
 DEFAULT_SAMPLE = 0.1
-#: Each URL gets this many seconds of load at the most connections before
-#: it is measured: the daemon's disk pool starts its threads on demand.
-WARM_UP_SECONDS = 1
-#: wrk counts a request as timed out after this long.
-WRK_TIMEOUT = "5s"
 
 #: The target: with metrics and tracing on, a cached .info at 32
 #: connections keeps more than this share of its requests/s.
@@ -91,122 +68,11 @@ TARGET_LOSS = 0.10
 TARGET_EXT = "info"
 TARGET_CONNECTIONS = 32
 
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
-HTTP_TIMEOUT = 30.0
-#: How much of the daemon's log is kept for an error message.
-LOG_TAIL = 16 * KiB
-
-_TWISTD_STARTING = re.compile(r"twistd (\S+) \((\S+) (\S+)\) starting up")
 _TRACING_ON = re.compile(rb"tracing: exporting spans with (\S+)")
 #: The SDK's warning for each span it drops, its queue being full.
 _SPANS_DROPPED = b"Queue full, dropping"
 #: The requests the daemon counted, one sample per label set.
 _REQUESTS_COUNTED = re.compile(r"^contentcache_requests_total\{[^}]*\} ([0-9.e+]+)$", re.M)
-
-_REQUESTS_PER_SECOND = re.compile(r"^Requests/sec:\s+([\d.]+)\s*$", re.M)
-_PERCENTILE = re.compile(r"^\s*(\d+(?:\.\d+)?)%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.M)
-_REQUESTS = re.compile(r"^\s*(\d+) requests in ", re.M)
-_NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
-_SOCKET_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
-#: wrk's time units, in seconds.
-_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-class BenchError(Exception):
-    """
-    The benchmark could not measure what it set out to; the message says
-    why, with the daemon's last log lines where they help.
-    """
-
-
-def human(size: int) -> str:
-    if size >= MiB:
-        return f"{size / MiB:.1f} MiB"
-    if size >= KiB:
-        return f"{size / KiB:.1f} KiB"
-    return f"{size} B"
-
-
-@frozen
-class WrkResult:
-    requests: int
-    requests_per_second: float
-    #: Seconds.
-    p50: float
-    p99: float
-    non_2xx: int
-    socket_errors: int
-
-
-def parse_wrk(output: str) -> WrkResult:
-    """
-    The figures of C{wrk --latency}'s report.
-    """
-    rate = _REQUESTS_PER_SECOND.search(output)
-    requests = _REQUESTS.search(output)
-    percentiles = {
-        float(m[1]): float(m[2]) * _UNITS[m[3]] for m in _PERCENTILE.finditer(output)
-    }
-    if rate is None or requests is None or 50.0 not in percentiles or 99.0 not in percentiles:
-        raise BenchError(f"cannot read wrk's report:\n{output}")
-    non_2xx = _NON_2XX.search(output)
-    socket_errors = _SOCKET_ERRORS.search(output)
-    return WrkResult(
-        requests=int(requests[1]),
-        requests_per_second=float(rate[1]),
-        p50=percentiles[50.0],
-        p99=percentiles[99.0],
-        non_2xx=int(non_2xx[1]) if non_2xx else 0,
-        socket_errors=sum(map(int, socket_errors.groups())) if socket_errors else 0,
-    )
-
-
-def wrk_version(wrk: str) -> str:
-    # "wrk debian/4.1.0-3+b2 [epoll] Copyright (C) 2012 Will Glozer"
-    result = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=HTTP_TIMEOUT)
-    words = (result.stdout + result.stderr).split()
-    return words[1] if len(words) > 1 else "(unknown version)"
-
-
-def run_wrk(wrk: str, url: str, connections: int, seconds: int) -> WrkResult:
-    command = [
-        wrk, "--latency", "--threads", str(WRK_THREADS[connections]),
-        "--connections", str(connections), "--duration", f"{seconds}s",
-        "--timeout", WRK_TIMEOUT, url,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=seconds + START_TIMEOUT)
-    if result.returncode != 0:
-        raise BenchError(f"{' '.join(command)} exited with status {result.returncode}:\n"
-                         f"{result.stdout}{result.stderr}")
-    return parse_wrk(result.stdout)
-
-
-def stop(daemon: Daemon) -> None:
-    """
-    SIGTERM, and SIGKILL if the daemon is still running L{STOP_TIMEOUT}
-    seconds later; a warning on stderr if it did not stop cleanly.
-    """
-    process = daemon.process
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            print(f"warning: the daemon was still running {STOP_TIMEOUT:g} s after SIGTERM; killed",
-                  file=sys.stderr)
-    # Status 0, or killed by our SIGTERM or by the terminal's Ctrl-C.
-    if process.returncode not in (0, -signal.SIGTERM, -signal.SIGINT):
-        # Daemon.log waits for the last lines to arrive.
-        print(f"warning: the daemon exited with status {process.returncode}; its log ends:\n"
-              f"{daemon.log()[-LOG_TAIL:]}", file=sys.stderr)
-
-
-def log_tail(daemon: Daemon) -> str:
-    return daemon.output[-LOG_TAIL:].decode("utf-8", "replace")
-
 
 def clear_otel_environment() -> list[str]:
     """
@@ -235,22 +101,18 @@ def tracing_environment(collector: UpstreamFixture, sample: float) -> dict[str, 
     }
 
 
-def start_daemon(
+def start_setting(
     stack: ExitStack, storage: str, upstream: str, setting: str, collector: UpstreamFixture, sample: float
-) -> Daemon:
+) -> tuple[Daemon, DaemonLog]:
     """
     C{twistd -n contentcache} on 127.0.0.1, fetching from C{upstream}, with
     no checksum database, and with metrics and tracing as C{setting} says;
     stopped when C{stack} closes.
     """
-    extra = ["--go-upstream", upstream, "--go-sumdb", "off"]
     if setting == OFF:
-        daemon = Daemon(storage, [*extra, "--no-metrics"])
-    else:
-        daemon = Daemon(storage, extra, env=tracing_environment(collector, sample))
-    stack.callback(daemon.stop)
-    stack.callback(stop, daemon)
-    return daemon
+        return start_daemon(stack, storage, [*goproxy_options(upstream), "--no-metrics"])
+    return start_daemon(stack, storage, goproxy_options(upstream),
+                        tracing_environment(collector, sample))
 
 
 def check_tracing(daemon: Daemon, setting: str) -> None:
@@ -267,58 +129,6 @@ def check_tracing(daemon: Daemon, setting: str) -> None:
     if setting == OFF and tracing is not None:
         raise BenchError("the daemon started with no OTEL_* variables but exports spans; "
                          f"its log:\n{log_tail(daemon)}")
-
-
-def build_module(root: str) -> dict[str, str]:
-    """
-    A GOPROXY tree under C{root} holding one module version whose zip is a
-    go.mod and L{PAYLOAD_SIZE} random bytes. Returns the paths of the
-    version's files by extension.
-    """
-    go_mod = f"module {MODULE}\n\ngo 1.19\n"
-    build_tree(root, [ModuleVersion(MODULE, VERSION, {"go.mod": go_mod})])
-    base = os.path.join(root, *escape(MODULE).split("/"), "@v", escape(VERSION))
-    # Written again with the payload: a ModuleVersion's files are text.
-    prefix = f"{MODULE}@{VERSION}/"
-    with zipfile.ZipFile(base + ".zip", "w") as archive:
-        for name, content, method in (
-            ("go.mod", go_mod.encode("utf-8"), zipfile.ZIP_DEFLATED),
-            ("payload.bin", os.urandom(PAYLOAD_SIZE), zipfile.ZIP_STORED),
-        ):
-            info = zipfile.ZipInfo(prefix + name, date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = method
-            archive.writestr(info, content)
-    return {ext: f"{base}.{ext}" for ext in EXTENSIONS}
-
-
-def get(url: str, path: str) -> tuple[int, str | None, bytes]:
-    """
-    GET C{path} from the server at C{url}: status, X-Cache and body.
-    """
-    port = int(url.rsplit(":", 1)[1])
-    connection = http.client.HTTPConnection(LOOPBACK, port, timeout=HTTP_TIMEOUT)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.getheader("X-Cache"), response.read()
-    except (OSError, http.client.HTTPException) as e:
-        raise BenchError(f"GET {url}{path} failed: {e}") from None
-    finally:
-        connection.close()
-
-
-def check_get(daemon: Daemon, path: str, body: bytes, x_cache: str | None = None) -> None:
-    """
-    GET C{path}: it must answer 200 with C{body} (and C{x_cache} in
-    X-Cache, if given).
-    """
-    status, cache, received = get(daemon.url, path)
-    if status != 200 or received != body or (x_cache is not None and cache != x_cache):
-        raise BenchError(
-            f"GET {daemon.url}{path} answered {status} (X-Cache {cache}) with {len(received)} "
-            f"bytes, {'the same as' if received == body else 'not'} the upstream's {len(body)}; "
-            f"the daemon's log ends:\n{log_tail(daemon)}"
-        )
 
 
 def counted_requests(daemon: Daemon) -> int:
@@ -353,37 +163,11 @@ class Row:
     result: WrkResult
 
     def __str__(self) -> str:
-        r = self.result
-        errors = f"  {r.socket_errors} socket errors" if r.socket_errors else ""
-        return (f"  {self.round:>5} {self.setting:<7} {'.' + self.ext:<6} {self.connections:>5}"
-                f" {r.requests_per_second:>10,.0f} {r.p50 * 1000:>9.3f} {r.p99 * 1000:>9.3f}{errors}")
+        label = f"{self.round:>5} {self.setting:<7} {'.' + self.ext:<6}"
+        return table_row(label, self.connections, self.result)
 
 
-HEADER = (f"  {'round':>5} {'setting':<7} {'target':<6} {'conns':>5} {'req/s':>10}"
-          f" {'p50 ms':>9} {'p99 ms':>9}")
-
-
-def measure(
-    wrk: str, daemon: Daemon, paths: dict[str, str], round: int, setting: str, seconds: int
-) -> list[Row]:
-    """
-    Load each of C{paths} for L{WARM_UP_SECONDS}, then measure it at each
-    of L{CONNECTIONS}; print the rows as they come.
-    """
-    rows = []
-    for ext, path in paths.items():
-        run_wrk(wrk, daemon.url + path, max(CONNECTIONS), WARM_UP_SECONDS)
-        for connections in CONNECTIONS:
-            result = run_wrk(wrk, daemon.url + path, connections, seconds)
-            if result.non_2xx:
-                raise BenchError(
-                    f"the daemon answered {result.non_2xx} of {result.requests} requests for "
-                    f"{path} with an error; its log ends:\n{log_tail(daemon)}"
-                )
-            row = Row(round, setting, ext, connections, result)
-            print(row, flush=True)
-            rows.append(row)
-    return rows
+HEADER = table_header(f"{'round':>5} {'setting':<7} {'target':<6}")
 
 
 @frozen
@@ -409,26 +193,12 @@ class Run:
         return sum(row.result.requests for row in self.rows)
 
 
-def describe(daemon: Daemon) -> str:
-    """
-    What the daemon runs on, as its log and C{/health} say.
-    """
-    started = _TWISTD_STARTING.search(daemon.output.decode("utf-8", "replace"))
-    _, _, health = get(daemon.url, "/health")
-    version = json.loads(health).get("version", "?")
-    if started is None:
-        return f"twistd -n contentcache, contentcache {version}"
-    twisted_version, python, python_version = started.groups()
-    return (f"twistd -n contentcache, contentcache {version}, Twisted {twisted_version}, "
-            f"Python {python_version} ({python})")
-
-
 def run_setting(
-    wrk: str,
+    wrk: Wrk,
     workdir: str,
     upstream: UpstreamFixture,
     collector: UpstreamFixture,
-    bodies: dict[str, bytes],
+    module: GoModule,
     round: int,
     setting: str,
     args: argparse.Namespace,
@@ -440,14 +210,10 @@ def run_setting(
     says, and stop it. The C{first} prints what the daemon runs on and the
     table's header.
     """
-    escaped = f"{escape(MODULE)}/@v/{escape(VERSION)}"
-    paths = {ext: f"/goproxy/{escaped}.{ext}" for ext in EXTENSIONS}
     with ExitStack() as stack:
         storage = os.path.join(workdir, f"storage-{round}-{setting}")
-        daemon = start_daemon(stack, storage, upstream.url, setting, collector, args.sample)
-        for ext, path in paths.items():
-            check_get(daemon, path, bodies[ext])
-            check_get(daemon, path, bodies[ext], x_cache="HIT")
+        daemon, log = start_setting(stack, storage, upstream.url, setting, collector, args.sample)
+        module.warm(daemon.url, log)
         check_tracing(daemon, setting)
         if first:
             print(f"  daemon: {describe(daemon)}")
@@ -456,7 +222,10 @@ def run_setting(
             print()
             print(HEADER, flush=True)
         posts, exported = collector.count(TRACES_PATH), exported_bytes(collector)
-        rows = measure(wrk, daemon, paths, round, setting, args.duration)
+        rows: list[Row] = []
+        for ext, path in PROXY_PATHS.items():
+            rows += measure(wrk, daemon.url + path, args.duration, partial(Row, round, setting, ext),
+                            server="the daemon", what=path, log=log)
         # Before the daemon stops: at its stop the SDK sends what is left.
         run = Run(
             round, setting, rows, counted_requests(daemon), collector.count(TRACES_PATH) - posts,
@@ -554,27 +323,20 @@ def compare(rows: list[Row]) -> list[Comparison]:
     return comparisons
 
 
-def benchmark(wrk: str, workdir: str, args: argparse.Namespace) -> bool:
+def benchmark(wrk: Wrk, workdir: str, args: argparse.Namespace) -> bool:
     """
     Measure, print, and return whether the target was met.
     """
     cleared = clear_otel_environment()
-    files = build_module(os.path.join(workdir, "upstream"))
-    bodies = {}
-    for ext, file in files.items():
-        with open(file, "rb") as f:
-            bodies[ext] = f.read()
-    escaped = f"{escape(MODULE)}/@v/{escape(VERSION)}"
+    module = build_module(os.path.join(workdir, "upstream"), PAYLOAD_SIZE)
     schedule = order(args.rounds)
 
     print("contentcache telemetry benchmark: cached GOPROXY answers with metrics and tracing"
           " off and on, under wrk on 127.0.0.1")
     print(f"  workdir: {workdir} (removed at the end)")
     print(f"  machine: {os.cpu_count()} CPUs, shared by wrk, the daemon and the fake collector;"
-          f" wrk {wrk_version(wrk)}")
-    print(f"  module {MODULE} {VERSION}: .info {human(len(bodies['info']))}, "
-          f".zip {human(len(bodies['zip']))} ({len(bodies['zip']):,} bytes: a go.mod and "
-          f"{human(PAYLOAD_SIZE)} of random bytes, stored)")
+          f" wrk {wrk.version()}")
+    print(module)
     print("  off: --no-metrics, no OTEL_* variables"
           + (f" (removed from this environment: {', '.join(cleared)})" if cleared else ""))
     print("  on: metrics counted (the default); OTEL_TRACES_EXPORTER=otlp,"
@@ -586,9 +348,7 @@ def benchmark(wrk: str, workdir: str, args: argparse.Namespace) -> bool:
           " with a fresh storage: " + ", ".join(setting for _, setting in schedule)
           + (" (mirrored, so that a drift over the run weighs on both alike)"
              if args.rounds > 1 else ""))
-    print(f"  wrk --latency: {args.duration} s per line, after {WARM_UP_SECONDS} s at "
-          f"{max(CONNECTIONS)} connections per URL; wrk threads: "
-          + ", ".join(f"{WRK_THREADS[c]} for {c}" for c in CONNECTIONS) + " connections")
+    print(wrk_settings(args.duration))
 
     runs: list[Run] = []
     with ExitStack() as stack:
@@ -600,9 +360,9 @@ def benchmark(wrk: str, workdir: str, args: argparse.Namespace) -> bool:
         collector.override[TRACES_PATH] = (200, b"")
         stack.callback(collector.stop)
         for round, setting in schedule:
-            runs.append(run_setting(wrk, workdir, upstream, collector, bodies, round, setting,
+            runs.append(run_setting(wrk, workdir, upstream, collector, module, round, setting,
                                     args, first=not runs))
-        fetched = {ext: upstream.count(f"/{escaped}.{ext}") for ext in EXTENSIONS}
+        fetched = module.fetched(upstream)
     if any(n != len(schedule) for n in fetched.values()):
         raise BenchError(f"upstream was asked for the files {fetched} times, not once per "
                          f"daemon ({len(schedule)}): the answers measured were not all from the "
@@ -629,7 +389,7 @@ def report(runs: list[Run]) -> bool:
     for run in on:
         print(f"  on, round {run.round}: /metrics counted {run.counted:,} requests ({run.measured:,}"
               " measured, the rest warm-up and checks); while wrk loaded it, the collector"
-              f" received {run.posts} posts, {human(run.exported)} of spans")
+              f" received {run.posts} posts, {human(run.exported, largest=MiB)} of spans")
     dropped = sum(run.dropped for run in on)
     if dropped:
         print(f"  on: the SDK dropped {dropped:,} spans, its queue being full: those were never"
@@ -654,17 +414,9 @@ def report(runs: list[Run]) -> bool:
     return passed
 
 
-def _terminated(signum: int, frame: FrameType | None) -> None:
-    # Unwind as Ctrl-C does, so that every process started here is stopped.
-    raise KeyboardInterrupt
-
-
-def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument(
-        "--duration", type=int, default=DEFAULT_DURATION, metavar="SECONDS",
-        help=f"how long wrk loads each line (default: {DEFAULT_DURATION})",
-    )
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = make_parser(__doc__)
+    add_duration_option(parser)
     parser.add_argument(
         "--rounds", type=int, default=DEFAULT_ROUNDS, metavar="N",
         help=f"how many times each setting is measured (default: {DEFAULT_ROUNDS})",
@@ -673,45 +425,15 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--sample", type=float, default=DEFAULT_SAMPLE, metavar="RATIO",
         help=f"the share of requests traced when on (default: {DEFAULT_SAMPLE:g}; 1 traces every one)",
     )
-    parser.add_argument(
-        "--dir",
-        help="create the temporary directory (module tree and storage) in DIR"
-        " (default: the system's temporary directory)",
-    )
+    add_dir_option(parser, "directory (module tree and storage)")
     args = parser.parse_args(argv)
-    if args.duration < 1:
-        parser.error("--duration needs a whole number of seconds, at least 1")
+    check_duration(parser, args)
     if args.rounds < 1:
         parser.error("--rounds needs a whole number, at least 1")
     if not 0 < args.sample <= 1:
         parser.error("--sample needs a ratio above 0, at most 1")
-
-    if args.dir is not None and not os.path.isdir(args.dir):
-        parser.error(f"--dir {args.dir} is not a directory")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse(argv)
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        print("wrk is not on PATH: this benchmark measures with it "
-              "(on Debian: apt-get install wrk).", file=sys.stderr)
-        raise SystemExit(1)
-    signal.signal(signal.SIGTERM, _terminated)
-    workdir = os.path.abspath(tempfile.mkdtemp(prefix="contentcache-bench-", dir=args.dir))
-    try:
-        passed = benchmark(wrk, workdir, args)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print("interrupted; every process started was stopped", file=sys.stderr)
-        raise SystemExit(130) from None
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    if not passed:
-        raise SystemExit(1)
+    check_dir(parser, args)
+    run_with_wrk(benchmark, args)
 
 
 if __name__ == "__main__":
