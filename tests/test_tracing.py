@@ -35,8 +35,11 @@ def provider() -> None:
     trace.set_tracer_provider(tracer_provider)
 
 
-@pytest_twisted.ensureDeferred
-async def test_request_span_with_children(tmp_path: Any) -> None:
+def in_process(tmp_path: Any) -> tuple[Any, UpstreamFixture, int]:
+    """
+    The daemon's own services, started in this process (so the in-memory
+    exporter sees their spans), in front of a fresh upstream fixture.
+    """
     upstream = UpstreamFixture(build_tree(str(tmp_path / "proxy"), modules()))
     port = free_port()
     options = Options(environ={})
@@ -46,8 +49,16 @@ async def test_request_span_with_children(tmp_path: Any) -> None:
     ])
     service = makeService(options)
     service.startService()
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    client = treq.client.HTTPClient(Agent(reactor, pool=pool))
+    return service, upstream, port
+
+
+CLIENT = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_span_with_children(tmp_path: Any) -> None:
+    service, upstream, port = in_process(tmp_path)
+    client = CLIENT
     try:
         EXPORTER.clear()
         response = await client.get(
@@ -78,16 +89,8 @@ async def test_request_span_with_children(tmp_path: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_hit_is_one_span(tmp_path: Any) -> None:
-    upstream = UpstreamFixture(build_tree(str(tmp_path / "proxy"), modules()))
-    port = free_port()
-    options = Options(environ={})
-    options.parseOptions([
-        "--port", f"tcp:{port}:interface=127.0.0.1", "--storage", str(tmp_path / "storage"),
-        "--go-upstream", upstream.url, "--go-sumdb", "off", "--npm-upstream", "http://127.0.0.1:9",
-    ])
-    service = makeService(options)
-    service.startService()
-    client = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+    service, upstream, port = in_process(tmp_path)
+    client = CLIENT
     url = f"http://127.0.0.1:{port}/goproxy/{GREET}/@v/v1.0.0.info"
     try:
         await (await client.get(url, headers={"Connection": "close"})).content()
