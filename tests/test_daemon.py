@@ -167,3 +167,13 @@ def test_plugin_is_found_after_a_regular_install(tmp_path: object) -> None:
         [TWISTD, "--help"], env=env, cwd=str(tmp_path), capture_output=True, check=True, timeout=60
     )
     assert b"contentcache" in listed.stdout
+    # The whole daemon imports from the installed files, every subpackage.
+    installed = subprocess.run(
+        [TWISTD, "contentcache", "--help"], env=env, cwd=str(tmp_path), capture_output=True, timeout=60
+    )
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    assert b"--go-upstream" in installed.stdout
+    packages = {os.path.relpath(d, target) for d, _, files in os.walk(os.path.join(target, "contentcache"))
+                if "__init__.py" in files}
+    assert {"contentcache", "contentcache/backend", "contentcache/protocol",
+            "contentcache/protocol/goproxy", "contentcache/protocol/npm"} <= packages
