@@ -112,10 +112,6 @@ class ProtocolCache:
         default=Factory(lambda self: Coalescer(protocol=self.protocol), takes_self=True)
     )
 
-    @property
-    def inflight(self) -> Coalescer[str, Served]:
-        return self._coalescer
-
     async def _commit(self, key: str, fill: Fill) -> Entry:
         result = await fill.spool.commit()
         self.negative.discard(key)

@@ -209,10 +209,6 @@ class Database:
                 raise
             self._db.execute("COMMIT")
 
-    def schema_version(self) -> int:
-        with self._lock:
-            return self._db.execute("PRAGMA user_version").fetchone()[0]
-
     def get(self, protocol: str, key: str) -> Entry | None:
         with self._lock:
             row = self._db.execute(
@@ -272,21 +268,6 @@ class Database:
     def stored_bytes(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT total(size) FROM blobs").fetchone()[0])
-
-    def expire(self, cutoff: float, limit: int) -> list[tuple[str, str, str]]:
-        """
-        Remove up to C{limit} entries last used before C{cutoff}; return
-        them as (protocol, key, blob hash).
-        """
-        with self._transaction(immediate=True) as db:
-            rows = db.execute(
-                "SELECT protocol, key, hash FROM entries WHERE accessed < ? "
-                "ORDER BY accessed, created LIMIT ?",
-                (cutoff, limit),
-            ).fetchall()
-            db.executemany("DELETE FROM entries WHERE protocol = ? AND key = ?",
-                           [(p, k) for p, k, _ in rows])
-        return rows
 
     def least_recently_used(self, limit: int, after: tuple[float, float, str, str] | None) -> list[tuple[Any, ...]]:
         """
@@ -399,11 +380,6 @@ class Database:
     def referenced_hashes(self) -> set[str]:
         with self._lock:
             return {h for (h,) in self._db.execute("SELECT DISTINCT hash FROM entries")}
-
-    def record_blob(self, hexhash: str, size: int, created: float) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO blobs (hash, size, created) VALUES (?, ?, ?)",
-                             (hexhash, size, created))
 
     def delete_where_hash(self, hexhash: str) -> int:
         with self._transaction(immediate=True) as db:

@@ -40,7 +40,6 @@ from .tracing import TracingService
 from .upstream import NegativeCache, Timeouts
 
 ENVIRONMENT_PREFIX = "CONTENTCACHE_"
-DEFAULT_PORT = "tcp:8080"
 MAX_DISK_THREADS = 256
 
 

@@ -272,10 +272,7 @@ class Upstream:
         self, store: Store, url: str, headers: Mapping[str, str] | None, limit: int | None
     ) -> Fetched:
         response = await self._request("GET", url, headers or {})
-        received = {
-            k.decode("latin-1").lower(): b", ".join(v).decode("latin-1")
-            for k, v in response.headers.getAllRawHeaders()
-        }
+        received = _headers(response)
         if response.code != OK:
             _discard(response)
             return Fetched(response.code, received)
@@ -304,11 +301,18 @@ class Upstream:
         caller streams the response body.
         """
         response = await self._request(method, url, headers, data)
-        received = {
-            k.decode("latin-1").lower(): b", ".join(v).decode("latin-1")
-            for k, v in response.headers.getAllRawHeaders()
-        }
+        received = _headers(response)
         return response, received
+
+
+def _headers(response: IResponse) -> dict[str, str]:
+    """
+    A response's headers by lower-case name, repeated ones joined.
+    """
+    return {
+        k.decode("latin-1").lower(): b", ".join(v).decode("latin-1")
+        for k, v in response.headers.getAllRawHeaders()
+    }
 
 
 def _discard(response: IResponse) -> None:

@@ -59,18 +59,6 @@ class HTTPError(Exception):
         self.message = message
 
 
-def not_found(message: str = "not found") -> HTTPError:
-    return HTTPError(NOT_FOUND, message)
-
-
-def bad_gateway(message: str) -> HTTPError:
-    return HTTPError(BAD_GATEWAY, message)
-
-
-def gateway_timeout(message: str) -> HTTPError:
-    return HTTPError(GATEWAY_TIMEOUT, message)
-
-
 def text(request: Request, code: int, message: str) -> bytes:
     """
     Set up a one-line plain-text response and return its body.

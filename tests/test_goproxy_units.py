@@ -17,7 +17,6 @@ from contentcache.protocol.goproxy.sumdb import (
     InvalidSumDB,
     SumDB,
     check_tile,
-    is_full_tile,
     parse_flag,
     parse_gosumdb,
     parse_record,
@@ -180,7 +179,6 @@ def test_tiles() -> None:
     assert check_tile("8/0/000") == "8/0/000"
     assert check_tile("8/1/x001/234.p/5")
     assert check_tile("8/data/000.p/3")
-    assert is_full_tile("8/0/000") and not is_full_tile("8/0/000.p/3")
     for bad in ("../x", "8/0/../../etc", "8/0/0001", "8/0/abc", ""):
         with pytest.raises(InvalidSumDB):
             check_tile(bad)

@@ -58,14 +58,6 @@ def parse_gosumdb(value: str) -> SumDB | None:
     return SumDB(name, url.rstrip("/"))
 
 
-def is_full_tile(path: str) -> bool:
-    """
-    Whether C{tile/<path>} names a full tile (immutable) rather than a
-    partial one (C{.p/<width>}, replaced as the log grows).
-    """
-    return ".p/" not in path
-
-
 def check_tile(path: str) -> str:
     if _TILE.fullmatch(path) is None:
         raise InvalidSumDB("invalid tile path")
