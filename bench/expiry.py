@@ -198,8 +198,8 @@ def generate(directory: str, entries: int, blobs: int) -> Generated:
         db.execute(f"PRAGMA cache_size=-{256 * KiB:d}")
         db.execute("BEGIN")
         db.executemany(
-            "INSERT INTO blobs (hash, size, created) VALUES (?, ?, ?)",
-            sorted((h, size, created) for h, size, created, _ in rows),
+            "INSERT INTO blobs (hash, size, created, stored) VALUES (?, ?, ?, ?)",
+            sorted((h, size, created, size) for h, size, created, _ in rows),
         )
         db.execute("COMMIT")
         generated = entry_rows(rng, entries, rows)

@@ -11,23 +11,33 @@ from typing import Any, Callable
 from attrs import define, field
 
 from .expiry import DEFAULT_GRACE
-from .hash import Hash, Hasher
+from .hash import Hash
 from .index import SQLiteIndex
 from .protocol.goproxy.paths import InvalidPath, Module, escape
 from .protocol.goproxy.resource import PROTOCOL as GO
 from .protocol.npm.names import InvalidName, PackageName
 from .protocol.npm.resource import ABBR, FULL
 from .protocol.npm.resource import PROTOCOL as NPM
-from .store import BlobNotFound, Store, blob_key
-from .web import CHUNK_SIZE
+from .store import BlobNotFound, Store
 
 Progress = Callable[[int, int | None], None]
 
 
+def _ratio(a: int, b: int) -> float | None:
+    return round(a / b, 3) if b else None
+
+
 async def stats(index: SQLiteIndex) -> dict[str, Any]:
+    """
+    What the store holds: entries per protocol, blobs, and bytes three
+    ways: logical (what clients get, every entry counted), unique (each
+    blob once) and stored (after compression), with the ratios between.
+    """
     found: dict[str, Any] = await index.call("stats")
-    logical, stored = found["logical_bytes"], found["stored_bytes"]
-    found["dedup_ratio"] = round(logical / stored, 3) if stored else None
+    logical, unique, stored = found["logical_bytes"], found["unique_bytes"], found["stored_bytes"]
+    found["dedup_ratio"] = _ratio(logical, unique)
+    found["compression_ratio"] = _ratio(unique, stored)
+    found["ratio"] = _ratio(logical, stored)
     return found
 
 
@@ -54,17 +64,6 @@ class Verification:
         }
 
 
-async def _rehash(store: Store, h: Hash) -> Hash:
-    reader = await store.get(h)
-    hasher = Hasher()
-    try:
-        while chunk := await reader.read(CHUNK_SIZE):
-            hasher.update(chunk)
-    finally:
-        await reader.close()
-    return hasher.finish()
-
-
 async def verify(
     index: SQLiteIndex,
     store: Store,
@@ -81,9 +80,9 @@ async def verify(
     """
     result = Verification()
     present: set[str] = set()
-    async for h in store.hashes():
+    async for h, encoding in store.stored():
         try:
-            actual = await _rehash(store, h)
+            actual = await store.rehash(h, encoding)
         except BlobNotFound:
             continue  # expiry deleted it while we walked
         result.blobs += 1
@@ -99,8 +98,8 @@ async def verify(
     # A blob a running daemon has just stored has no entry for a moment.
     young_from = time.time() - grace
     for hexhash in sorted(present - referenced):
-        stat = await store.backend.stat(blob_key(Hash.from_hex(hexhash)))
-        if stat is not None and stat.mtime < young_from:
+        found = await store.find(Hash.from_hex(hexhash))
+        if found is not None and found[1].mtime < young_from:
             result.orphans.append(hexhash)
     if repair:
         for hexhash in result.corrupt + result.missing:

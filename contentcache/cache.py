@@ -115,7 +115,7 @@ class ProtocolCache:
     async def _commit(self, key: str, fill: Fill) -> Entry:
         result = await fill.spool.commit()
         self.negative.discard(key)
-        return await self.index.put(self.protocol, key, result.hash, result.size, fill.attrs)
+        return await self.index.put(self.protocol, key, result.blob, fill.attrs)
 
     async def lookup(self, key: str) -> Entry | None:
         """
@@ -189,7 +189,7 @@ class ProtocolCache:
             return Served(entry, STALE, str(e))
         if isinstance(result, _NotModified):
             assert entry is not None
-            renewed = await self.index.put(self.protocol, key, entry.hash, entry.size, entry.attrs)
+            renewed = await self.index.put(self.protocol, key, entry.blob, entry.attrs)
             return Served(renewed, REVALIDATED)
         return Served(await self._commit(key, result), MISS)
 

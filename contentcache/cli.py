@@ -16,10 +16,12 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from . import __version__, admin
-from .backend.filesystem import FilesystemBackend
+from .backend import StorageUnavailable
+from .backend.s3 import DEFAULT_PART_SIZE
 from .expiry import DEFAULT_GRACE, DEFAULT_TTL, Expiry, Policy
 from .index import INDEX_FILENAME, IndexTooNew, SQLiteIndex
 from .pool import SynchronousRunner
+from .storage import StorageConfig
 from .store import Store
 from .units import parse_duration, parse_size
 
@@ -76,16 +78,31 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def _open(storage: str) -> tuple[SQLiteIndex, Store]:
-    if not os.path.isfile(os.path.join(storage, INDEX_FILENAME)):
-        raise SystemExit(f"contentcache: {storage} is not a storage directory (it has no {INDEX_FILENAME}).")
+def _config(args: argparse.Namespace) -> StorageConfig:
+    try:
+        return StorageConfig.parse(
+            args.storage, args.state_dir, args.s3_endpoint, args.s3_region, DEFAULT_PART_SIZE
+        )
+    except ValueError as e:
+        raise SystemExit(f"contentcache: {e}") from None
+
+
+def _open(args: argparse.Namespace) -> tuple[SQLiteIndex, Store]:
+    config = _config(args)
+    if not os.path.isfile(os.path.join(config.state_dir, INDEX_FILENAME)):
+        what = "storage" if isinstance(config.blobs, str) else "state"
+        raise SystemExit(f"contentcache: {config.state_dir} is not a {what} directory (it has no {INDEX_FILENAME}).")
     disk = SynchronousRunner()
-    index = SQLiteIndex(storage, disk, _clock())
+    store = config.store(disk, 1)
+    try:
+        store.backend.check()
+    except StorageUnavailable as e:
+        raise SystemExit(f"contentcache: {e}") from None
+    index = SQLiteIndex(config.state_dir, disk, _clock())
     try:
         index.open()
     except IndexTooNew as e:
         raise SystemExit(f"contentcache: {e}") from None
-    store = Store(FilesystemBackend(storage, disk), os.path.join(storage, "tmp"), disk)
     return index, store
 
 
@@ -99,23 +116,25 @@ def _human(n: int) -> str:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    index, _ = _open(args.storage)
+    index, _ = _open(args)
     found = _wait(admin.stats(index))
     if args.json:
         print(json.dumps(found, indent=2, sort_keys=True))
         return 0
     for protocol, count in sorted(found["entries"].items()):
         print(f"entries ({protocol}): {count}")
-    print(f"blobs: {found['blobs']}")
-    print(f"logical bytes: {found['logical_bytes']} ({_human(found['logical_bytes'])})")
-    print(f"bytes on disk: {found['stored_bytes']} ({_human(found['stored_bytes'])})")
-    ratio = found["dedup_ratio"]
-    print(f"dedup ratio: {ratio if ratio is not None else '-'}")
+    print(f"blobs: {found['blobs']} ({found['compressed_blobs']} compressed)")
+    for label, name in (("logical bytes", "logical_bytes"), ("unique bytes", "unique_bytes"),
+                        ("bytes stored", "stored_bytes")):
+        print(f"{label}: {found[name]} ({_human(found[name])})")
+    for label, name in (("dedup ratio", "dedup_ratio"), ("compression ratio", "compression_ratio"),
+                        ("logical/stored ratio", "ratio")):
+        print(f"{label}: {found[name] if found[name] is not None else '-'}")
     return 0
 
 
 def _gc(args: argparse.Namespace) -> int:
-    index, store = _open(args.storage)
+    index, store = _open(args)
     policy = Policy(ttl=args.ttl or None, max_size=args.max_size, grace=args.grace)
 
     def removed(kind: str, name: str) -> None:
@@ -136,7 +155,7 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    index, store = _open(args.storage)
+    index, store = _open(args)
     progress = Progress("blobs verified")
     try:
         result = _wait(admin.verify(index, store, args.repair, progress))
@@ -155,7 +174,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _purge(args: argparse.Namespace) -> int:
-    index, store = _open(args.storage)
+    index, store = _open(args)
     try:
         removed = _wait(admin.purge(index, store, args.protocol, args.name))
     except ValueError as e:
@@ -204,8 +223,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
-        sub.add_argument("--storage", default=os.environ.get("CONTENTCACHE_STORAGE", "./cache"),
-                         help="the storage directory (default: $CONTENTCACHE_STORAGE or ./cache)")
+        def env(option: str, default: str | None = None) -> str | None:
+            return os.environ.get("CONTENTCACHE_" + option.upper().replace("-", "_"), default)
+
+        sub.add_argument("--storage", default=env("storage", "./cache"),
+                         help="the storage directory or s3://BUCKET/PREFIX, as the daemon's "
+                              "(default: $CONTENTCACHE_STORAGE or ./cache)")
+        sub.add_argument("--state-dir", default=env("state-dir"),
+                         help="the directory of the index, as the daemon's (needed with s3://)")
+        sub.add_argument("--s3-endpoint", default=env("s3-endpoint"),
+                         help="the S3-compatible server's URL; credentials come from the AWS chain")
+        sub.add_argument("--s3-region", default=env("s3-region"), help="the S3 region")
         sub.add_argument("--json", action="store_true", help="print one JSON document")
         return sub
 

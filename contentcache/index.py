@@ -25,8 +25,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from .compress import IDENTITY
 from .hash import Hash
 from .pool import Runner
+from .store import Blob
 from .tracing import traced_call
 
 INDEX_FILENAME = "index.sqlite"
@@ -78,6 +80,13 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX entries_by_lru ON entries (accessed, created)",
         "CREATE INDEX blobs_by_created ON blobs (created, hash)",
     ],
+    3: [
+        # How the backend holds each blob and how many bytes that takes:
+        # the store may compress. What expiry counts is the stored size.
+        "ALTER TABLE blobs ADD COLUMN encoding TEXT NOT NULL DEFAULT 'identity'",
+        "ALTER TABLE blobs ADD COLUMN stored INTEGER",
+        "UPDATE blobs SET stored = size",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -101,6 +110,15 @@ class Entry:
     attrs: Mapping[str, Any]
     created: float
     accessed: float
+    #: How the store holds the blob (see L{contentcache.compress}).
+    encoding: str = IDENTITY
+
+    @property
+    def blob(self) -> Blob:
+        """
+        What the store needs to read the blob.
+        """
+        return Blob(self.hash, self.size, self.encoding)
 
 
 class IIndex(Interface):
@@ -114,11 +132,10 @@ class IIndex(Interface):
         The entry for C{(protocol, key)}, or L{None}.
         """
 
-    def put(
-        protocol: str, key: str, hash: Hash, size: int, attrs: Mapping[str, Any]
-    ) -> Deferred[Entry]:
+    def put(protocol: str, key: str, blob: Blob, attrs: Mapping[str, Any]) -> Deferred[Entry]:
         """
-        Create or replace the entry for C{(protocol, key)}.
+        Create or replace the entry for C{(protocol, key)}, answered by
+        C{blob} as the store reported it.
         """
 
     def delete(protocol: str, key: str) -> Deferred[bool]:
@@ -149,8 +166,8 @@ class IIndex(Interface):
 
 
 def _row_to_entry(row: tuple[Any, ...]) -> Entry:
-    protocol, key, hexhash, size, attrs, created, accessed = row
-    return Entry(protocol, key, Hash.from_hex(hexhash), size, json.loads(attrs), created, accessed)
+    protocol, key, hexhash, size, attrs, created, accessed, encoding = row
+    return Entry(protocol, key, Hash.from_hex(hexhash), size, json.loads(attrs), created, accessed, encoding)
 
 
 _COLUMNS = "protocol, key, hash, size, attrs, created, accessed"
@@ -212,7 +229,9 @@ class Database:
     def get(self, protocol: str, key: str) -> Entry | None:
         with self._lock:
             row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM entries WHERE protocol = ? AND key = ?",
+                "SELECT e.protocol, e.key, e.hash, e.size, e.attrs, e.created, e.accessed, "
+                "coalesce(b.encoding, 'identity') FROM entries AS e "
+                "LEFT JOIN blobs AS b ON b.hash = e.hash WHERE e.protocol = ? AND e.key = ?",
                 (protocol, key),
             ).fetchone()
         return None if row is None else _row_to_entry(row)
@@ -221,22 +240,27 @@ class Database:
         self,
         protocol: str,
         key: str,
-        hash: Hash,
-        size: int,
+        blob: Blob,
         attrs: Mapping[str, Any],
         now: float,
     ) -> Entry:
         encoded = json.dumps(attrs, sort_keys=True, separators=(",", ":"))
+        stored = blob.size if blob.stored is None else blob.stored
         with self._transaction() as db:
             db.execute(
                 f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (protocol, key, hash.hex, size, encoded, now, now),
+                (protocol, key, blob.hash.hex, blob.size, encoded, now, now),
             )
+            # What the store reports of a blob it has just written or found
+            # wins over an older row (a worker with other settings may have
+            # written it again since).
             db.execute(
-                "INSERT OR IGNORE INTO blobs (hash, size, created) VALUES (?, ?, ?)",
-                (hash.hex, size, now),
+                "INSERT INTO blobs (hash, size, created, encoding, stored) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (hash) DO UPDATE SET encoding = excluded.encoding, stored = excluded.stored "
+                "WHERE ?",
+                (blob.hash.hex, blob.size, now, blob.encoding, stored, blob.stored is not None),
             )
-        return Entry(protocol, key, hash, size, json.loads(encoded), now, now)
+        return Entry(protocol, key, blob.hash, blob.size, json.loads(encoded), now, now, blob.encoding)
 
     @contextmanager
     def _transaction(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
@@ -257,17 +281,24 @@ class Database:
                 self._db.execute("SELECT protocol, count(*) FROM entries GROUP BY protocol").fetchall()
             )
             logical = self._db.execute("SELECT total(size) FROM entries").fetchone()[0]
-            blobs, stored = self._db.execute("SELECT count(*), total(size) FROM blobs").fetchone()
+            blobs, unique, stored = self._db.execute(
+                "SELECT count(*), total(size), total(stored) FROM blobs"
+            ).fetchone()
+            compressed = self._db.execute(
+                "SELECT count(*) FROM blobs WHERE encoding != 'identity'"
+            ).fetchone()[0]
         return {
             "entries": per_protocol,
             "blobs": blobs,
+            "compressed_blobs": compressed,
             "logical_bytes": int(logical),
+            "unique_bytes": int(unique),
             "stored_bytes": int(stored),
         }
 
     def stored_bytes(self) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT total(size) FROM blobs").fetchone()[0])
+            return int(self._db.execute("SELECT total(stored) FROM blobs").fetchone()[0])
 
     def least_recently_used(self, limit: int, after: tuple[float, float, str, str] | None) -> list[tuple[Any, ...]]:
         """
@@ -289,7 +320,7 @@ class Database:
     def evict(self, entries: list[tuple[str, str, str]]) -> list[tuple[str, int]]:
         """
         Remove the given (protocol, key, hash) entries, if they still point
-        at that hash; return the blobs (hash, size) nothing references any
+        at that hash; return the blobs (hash, stored size) nothing references any
         more.
         """
         freed = []
@@ -299,7 +330,7 @@ class Database:
                            (protocol, key, hexhash))
             for hexhash in {h for _, _, h in entries}:
                 if db.execute("SELECT 1 FROM entries WHERE hash = ? LIMIT 1", (hexhash,)).fetchone() is None:
-                    row = db.execute("SELECT size FROM blobs WHERE hash = ?", (hexhash,)).fetchone()
+                    row = db.execute("SELECT stored FROM blobs WHERE hash = ?", (hexhash,)).fetchone()
                     freed.append((hexhash, row[0] if row else 0))
         return freed
 
@@ -315,7 +346,7 @@ class Database:
         start = after or (float("-inf"), "")
         with self._lock:
             rows = self._db.execute(
-                "SELECT hash, size, created, NOT EXISTS "
+                "SELECT hash, stored, created, NOT EXISTS "
                 "(SELECT 1 FROM entries WHERE entries.hash = blobs.hash) FROM blobs "
                 "WHERE created < ? AND (created, hash) > (?, ?) ORDER BY created, hash LIMIT ?",
                 (cutoff, *start, limit),
@@ -355,7 +386,7 @@ class Database:
             for i in range(0, len(hashes), _IN_CHUNK):
                 chunk = hashes[i : i + _IN_CHUNK]
                 for h, size, created in self._db.execute(
-                    f"SELECT hash, size, created FROM blobs WHERE hash IN ({','.join('?' * len(chunk))})",
+                    f"SELECT hash, stored, created FROM blobs WHERE hash IN ({','.join('?' * len(chunk))})",
                     chunk,
                 ):
                     rows[h] = (size, created)
@@ -375,7 +406,7 @@ class Database:
     def blob_rows(self) -> dict[str, tuple[int, float]]:
         with self._lock:
             return {h: (size, created) for h, size, created in
-                    self._db.execute("SELECT hash, size, created FROM blobs")}
+                    self._db.execute("SELECT hash, stored, created FROM blobs")}
 
     def referenced_hashes(self) -> set[str]:
         with self._lock:
@@ -484,11 +515,9 @@ class SQLiteIndex:
     def get(self, protocol: str, key: str) -> Deferred[Entry | None]:
         return self._call("get", protocol, key)
 
-    def put(
-        self, protocol: str, key: str, hash: Hash, size: int, attrs: Mapping[str, Any]
-    ) -> Deferred[Entry]:
+    def put(self, protocol: str, key: str, blob: Blob, attrs: Mapping[str, Any]) -> Deferred[Entry]:
         self._pending.pop((protocol, key), None)
-        return self._call("put", protocol, key, hash, size, attrs, self._clock.seconds())
+        return self._call("put", protocol, key, blob, attrs, self._clock.seconds())
 
     def delete(self, protocol: str, key: str) -> Deferred[bool]:
         self._pending.pop((protocol, key), None)

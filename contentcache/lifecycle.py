@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
+from .backend import StorageUnavailable
 from .store import Store
 
 log = Logger()
@@ -55,8 +56,13 @@ class StoreService(Service):
         self.swept: Deferred[None] | None = None
 
     def startService(self) -> None:
+        # Before the reactor runs: a bucket that is missing or refuses the
+        # credentials stops the daemon with one sentence.
         try:
+            self.store.backend.check()
             os.makedirs(self.store.staging, exist_ok=True)
+        except StorageUnavailable as e:
+            raise SystemExit(str(e)) from None
         except OSError as e:
             raise SystemExit(f"Cannot use the storage directory: {e}.") from None
         super().startService()

@@ -56,7 +56,9 @@ store_logical_bytes = Gauge(
     "contentcache_store_logical_bytes", "Bytes of all cached entries, shared content counted per entry.",
     registry=REGISTRY,
 )
-store_bytes = Gauge("contentcache_store_bytes", "Bytes of the blobs in the store.", registry=REGISTRY)
+store_bytes = Gauge(
+    "contentcache_store_bytes", "Bytes the blobs take in the backend, after compression.", registry=REGISTRY
+)
 expiry_passes = Counter("contentcache_expiry_passes", "Expiry passes run.", registry=REGISTRY)
 expiry_evicted_entries = Counter(
     "contentcache_expiry_evicted_entries", "Entries removed by expiry (TTL or size).", registry=REGISTRY

@@ -19,7 +19,7 @@ from twisted.web.server import Request, Site
 from . import __version__, metrics, tempfiles
 from .index import SQLiteIndex
 from .pool import Runner
-from .store import Store
+from .store import BLOB_PREFIX, Store
 from .web import AsyncResource, NotFoundResource, exact, text
 
 log = Logger()
@@ -51,11 +51,14 @@ class Health(AsyncResource):
             return f"error: {e}"
         return "ok"
 
+    async def _probe_storage(self) -> None:
+        await self._disk.run(_probe_directory, self._store.staging)
+        # A round trip to the backend (S3: a HEAD that finds nothing).
+        await self._store.backend.stat(BLOB_PREFIX)
+
     async def render_async(self, request: Request) -> None:
         checks = {
-            "storage": await self._check(
-                "storage", self._disk.run(_probe_directory, self._store.staging)
-            ),
+            "storage": await self._check("storage", Deferred.fromCoroutine(self._probe_storage())),
             "index": await self._check("index", self._index.writable()),
         }
         healthy = all(v == "ok" for v in checks.values())

@@ -12,18 +12,21 @@ written again.
 from __future__ import annotations
 
 import os
-from typing import AsyncIterable, BinaryIO, Iterable
+from typing import AsyncIterable, AsyncIterator, BinaryIO, Iterable
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 
 from . import tempfiles
-from .pool import Runner
-from .backend import IBackend, IReader, NotFound, iterate
+from .backend import BlockingReader, IBackend, IReader, NotFound, Stat, iterate
+from .compress import IDENTITY, SUFFIXES, Compression, decode, decoder
 from .hash import Hash, Hasher
+from .pool import Runner
 from .tracing import child_span
 
 BLOB_PREFIX = "blobs"
+#: A compressed blob up to this size is read whole to serve a slice of it.
+MAX_DECODED_READ = 1 << 20
 SPOOL_PREFIX = "spool-"
 
 
@@ -45,19 +48,63 @@ class HashMismatch(ValueError):
 
 
 @frozen
+class Blob:
+    """
+    A blob as the index records it: its hash and size (both of the
+    original bytes) and how the backend holds it.
+    """
+
+    hash: Hash
+    size: int
+    encoding: str = IDENTITY
+    #: Bytes in the backend; L{None} when not known (then C{size}).
+    stored: int | None = None
+
+
+@frozen
 class PutResult:
     """
     The outcome of adding content to the store.
     """
 
-    hash: Hash
-    size: int
+    blob: Blob
     #: False when the blob was already present and nothing new was written.
     created: bool
 
+    @property
+    def hash(self) -> Hash:
+        return self.blob.hash
 
-def blob_key(h: Hash) -> str:
-    return f"{BLOB_PREFIX}/{h.shard}/{h.hex}"
+    @property
+    def size(self) -> int:
+        return self.blob.size
+
+
+def blob_key(h: Hash, encoding: str = IDENTITY) -> str:
+    """
+    Where the backend keeps the blob C{h} stored in C{encoding}: the key
+    says the encoding too, so the store can be walked and checked without
+    the index.
+    """
+    return f"{BLOB_PREFIX}/{h.shard}/{h.hex}{SUFFIXES[encoding]}"
+
+
+def parse_blob_key(key: str) -> tuple[Hash, str] | None:
+    """
+    The hash and encoding a backend key holds, or L{None} for a key that is
+    not a blob's.
+    """
+    name = key.rsplit("/", 1)[-1]
+    for encoding, suffix in SUFFIXES.items():
+        if suffix and name.endswith(suffix):
+            name, found = name[: -len(suffix)], encoding
+            break
+    else:
+        found = IDENTITY
+    try:
+        return Hash.from_hex(name), found
+    except ValueError:
+        return None
 
 
 @define
@@ -120,16 +167,27 @@ class Spool:
             h = await self.close()
             if expected is not None and h != expected:
                 raise HashMismatch(expected, h)
-            key = blob_key(h)
-            if await self._store.backend.stat(key) is not None:
+            existing = await self._store.find(h)
+            if existing is not None:
+                encoding, stat = existing
                 await self.abort()
-                return PutResult(h, self.size, created=False)
-            await self._store.backend.write_file(key, self.path)
+                return PutResult(Blob(h, self.size, encoding, stat.size), created=False)
+            disk = self._store._disk
+            encoding, path, handle, stored = await disk.run(self._store._encode, self.path, self._handle, self.size)
+            try:
+                await self._store.backend.write_file(blob_key(h, encoding), path)
+            except BaseException:
+                await disk.run(tempfiles.discard, path, handle)
+                raise
+            # The file stays locked until it is in place, out of a
+            # starting worker's sweep.
+            await disk.run(handle.close)
+            if path != self.path:
+                await self.abort()
         except BaseException:
             await self.abort()
             raise
-        await self._store._disk.run(self._handle.close)
-        return PutResult(h, self.size, created=True)
+        return PutResult(Blob(h, self.size, encoding, stored), created=True)
 
     def abort(self) -> Deferred[None]:
         """
@@ -150,6 +208,7 @@ class Store:
     backend: IBackend
     staging: str
     _disk: Runner
+    compression: Compression = field(factory=lambda: Compression(0))
 
     def _prepare(self) -> int:
         os.makedirs(self.staging, exist_ok=True)
@@ -170,6 +229,26 @@ class Store:
         path, handle = await self._disk.run(tempfiles.create, self.staging, SPOOL_PREFIX)
         return Spool(self, path, handle)
 
+    def _encode(self, path: str, handle: BinaryIO, size: int) -> tuple[str, str, BinaryIO, int]:
+        """
+        Prepare a closed spool for the backend: (encoding, the file to
+        store, its locked handle, its size). A compressed copy goes beside
+        the spool; otherwise the spool itself is stored.
+        """
+        if not self.compression.enabled:
+            return IDENTITY, path, handle, size
+        with open(path, "rb") as source:
+            target, compressed = tempfiles.create(self.staging, SPOOL_PREFIX)
+            try:
+                encoding = self.compression.encode(source, size, compressed)
+                if encoding == IDENTITY:
+                    tempfiles.discard(target, compressed)
+                    return IDENTITY, path, handle, size
+                return encoding, target, compressed, tempfiles.finish(compressed)
+            except BaseException:
+                tempfiles.discard(target, compressed)
+                raise
+
     async def put(
         self,
         chunks: AsyncIterable[bytes] | Iterable[bytes],
@@ -188,40 +267,134 @@ class Store:
             raise
         return await spool.commit(expected)
 
-    async def get(self, h: Hash, offset: int = 0) -> IReader:
+    async def find(self, h: Hash) -> tuple[str, Stat] | None:
         """
-        Open a blob for streaming reads from C{offset}.
+        How the blob C{h} is stored (its encoding and the stored object's
+        L{Stat}), or L{None} if it is not here.
         """
-        try:
-            return await self.backend.open(blob_key(h), offset)
-        except NotFound:
-            raise BlobNotFound(h.hex) from None
+        for encoding in SUFFIXES:
+            stat = await self.backend.stat(blob_key(h, encoding))
+            if stat is not None:
+                return encoding, stat
+        return None
 
-    async def read(self, h: Hash, offset: int, length: int) -> bytes:
+    async def _open(self, h: Hash, encoding: str, offset: int) -> tuple[IReader, str]:
         """
-        Up to C{length} bytes of a small blob from C{offset}, in one trip.
+        Open the stored object, in the recorded encoding or, if that is not
+        there (another worker stored it otherwise), in any other. An
+        object stored as it came is opened at C{offset}.
+        """
+        for candidate in [encoding, *(e for e in SUFFIXES if e != encoding)]:
+            try:
+                raw = await self.backend.open(blob_key(h, candidate), offset if candidate == IDENTITY else 0)
+            except NotFound:
+                continue
+            return raw, candidate
+        raise BlobNotFound(h.hex)
+
+    def _decoding(self, raw: IReader, encoding: str, size: int, offset: int) -> IReader:
+        stream = decoder(raw.stream, encoding)
+        try:
+            # Forward only: zstd decodes and drops what comes before.
+            stream.seek(offset)
+        except BaseException:
+            stream.close()
+            raise
+        return BlockingReader(self._disk, stream, size)
+
+    async def get(self, blob: Blob, offset: int = 0) -> IReader:
+        """
+        Open a blob for streaming reads of its original bytes from
+        C{offset}; the reader's C{size} is the blob's.
+        """
+        raw, encoding = await self._open(blob.hash, blob.encoding, offset)
+        if encoding == IDENTITY:
+            return raw
+        return await self._disk.run(self._decoding, raw, encoding, blob.size, offset)
+
+    async def read(self, blob: Blob, offset: int, length: int) -> bytes:
+        """
+        Up to C{length} bytes of a small blob from C{offset}, in one trip
+        (two if it is stored compressed).
+        """
+        if blob.encoding != IDENTITY and blob.size > MAX_DECODED_READ:
+            reader = await self.get(blob, offset)
+            try:
+                parts = []
+                while length > 0 and (chunk := await reader.read(length)):
+                    parts.append(chunk)
+                    length -= len(chunk)
+                return b"".join(parts)
+            finally:
+                await reader.close()
+        for encoding in [blob.encoding, *(e for e in SUFFIXES if e != blob.encoding)]:
+            key = blob_key(blob.hash, encoding)
+            try:
+                if encoding == IDENTITY:
+                    return await self.backend.read(key, offset, length)
+                # The whole object: a small blob compressed is smaller still.
+                data = await self.backend.read(key, 0, blob.size + (blob.size >> 6) + 1024)
+            except NotFound:
+                continue
+            return await self._disk.run(_slice_decoded, data, encoding, offset, length)
+        raise BlobNotFound(blob.hash.hex)
+
+    async def rehash(self, h: Hash, encoding: str) -> Hash:
+        """
+        The hash of what the object holding C{h} in C{encoding} decodes to:
+        C{h} itself unless it is corrupt. Fails with L{BlobNotFound}.
         """
         try:
-            return await self.backend.read(blob_key(h), offset, length)
+            raw = await self.backend.open(blob_key(h, encoding))
         except NotFound:
             raise BlobNotFound(h.hex) from None
+        return await self._disk.run(_hash_stream, decoder(raw.stream, encoding))
 
     async def size(self, h: Hash) -> int | None:
         """
-        The blob's size in bytes, or L{None} if it is not here.
+        The bytes the blob takes in the backend, or L{None} if it is not
+        here.
         """
-        stat = await self.backend.stat(blob_key(h))
-        return None if stat is None else stat.size
+        found = await self.find(h)
+        return None if found is None else found[1].size
 
     async def has(self, h: Hash) -> bool:
-        return await self.size(h) is not None
+        return await self.find(h) is not None
 
-    def delete(self, h: Hash) -> Deferred[bool]:
-        return self.backend.delete(blob_key(h))
+    async def delete(self, h: Hash) -> bool:
+        """
+        Remove the blob in every encoding it is stored in; whether there was
+        one.
+        """
+        deleted = False
+        for encoding in SUFFIXES:
+            deleted = await self.backend.delete(blob_key(h, encoding)) or deleted
+        return deleted
+
+    async def stored(self) -> AsyncIterator[tuple[Hash, str]]:
+        """
+        Every stored blob object: its hash and encoding.
+        """
+        async for key in self.backend.keys(BLOB_PREFIX):
+            parsed = parse_blob_key(key)
+            if parsed is not None:
+                yield parsed
 
     async def hashes(self) -> AsyncIterable[Hash]:
         """
         Every blob in the store.
         """
-        async for key in self.backend.keys(BLOB_PREFIX):
-            yield Hash.from_hex(key.rsplit("/", 1)[-1])
+        async for h, _ in self.stored():
+            yield h
+
+
+def _hash_stream(stream: BinaryIO) -> Hash:
+    hasher = Hasher()
+    with stream:
+        while chunk := stream.read(1 << 20):
+            hasher.update(chunk)
+    return hasher.finish()
+
+
+def _slice_decoded(data: bytes, encoding: str, offset: int, length: int) -> bytes:
+    return decode(data, encoding)[offset : offset + length]

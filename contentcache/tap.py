@@ -16,7 +16,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from . import metrics
-from .backend.filesystem import FilesystemBackend
 from .protocol.goproxy.sumdb import InvalidSumDB
 from .protocol.goproxy.sumdb import parse_flag as parse_sumdb_flag
 from .units import parse_duration, parse_size
@@ -33,9 +32,10 @@ from .protocol.npm.service import NpmService
 from . import logs
 from .logs import FORMATS, LEVELS
 from .lifecycle import ExitCleanlyOnSIGTERM, NotifyReady, SequentialServices, StoreService
+from .compress import DEFAULT_LEVEL
 from .pool import DEFAULT_THREADS, DiskPool
 from .server import CacheSite, Root
-from .store import Store
+from .storage import StorageConfig
 from .tracing import TracingService
 from .upstream import NegativeCache, Timeouts
 
@@ -87,7 +87,17 @@ class Options(usage.Options):
     optParameters: list[list[object]] = [
         ["port", "p", "8080", "Where to listen: a port number or an endpoint description "
          "(tcp:8080:interface=127.0.0.1, systemd:domain=INET6:name=contentcache)."],
-        ["storage", "s", "./cache", "The storage directory (created if missing)."],
+        ["storage", "s", "./cache", "Where blobs are kept: a directory (created if missing; the "
+         "index goes there too), or s3://BUCKET/PREFIX."],
+        ["state-dir", None, None, "The local directory of the index (and, with S3, of spool "
+         "files); needed with s3:// storage. Default: the storage directory."],
+        ["s3-endpoint", None, None, "The S3-compatible server's URL (MinIO, Ceph, ...); default: "
+         "AWS S3. Credentials come from the AWS chain: environment, ~/.aws files, instance role."],
+        ["s3-region", None, None, "The S3 region (default: the AWS configuration's)."],
+        ["s3-part-size", None, "16MiB", "Blobs larger than this go to S3 in parts of this size "
+         "(at least 5MiB)."],
+        ["compression-level", None, str(DEFAULT_LEVEL), "zstd level for blobs that compress "
+         "(JSON metadata, go.mod); 0 stores everything as it came."],
         ["disk-threads", None, str(DEFAULT_THREADS), "Threads for disk and index work."],
         ["go-upstream", None, None, "The Go module proxy to fetch from (default: the first "
          "URL in `go env GOPROXY`; none: cache-only)."],
@@ -199,13 +209,20 @@ class Options(usage.Options):
             )
         self["disk-threads"] = int(threads)
 
-        storage = str(self["storage"]).strip()
-        if not storage:
-            raise usage.UsageError("--storage needs a directory.")
-        storage = os.path.abspath(os.path.expanduser(storage))
-        if os.path.exists(storage) and not os.path.isdir(storage):
-            raise usage.UsageError(f"--storage {storage} exists and is not a directory.")
-        self["storage"] = storage
+        try:
+            part_size = parse_size(str(self["s3-part-size"]))
+        except ValueError as e:
+            raise usage.UsageError(f"--s3-part-size: {e}.") from None
+        level = str(self["compression-level"]).strip()
+        if not level.lstrip("-").isdigit():
+            raise usage.UsageError(f"--compression-level must be a whole number, not {level!r}.")
+        try:
+            self["storage"] = StorageConfig.parse(
+                str(self["storage"]), self["state-dir"], self["s3-endpoint"], self["s3-region"],
+                part_size, int(level),
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
         for name in ("ttl", "grace", "expiry-interval", "go-metadata-ttl", "npm-metadata-ttl", "negative-ttl", "connect-timeout", "upstream-timeout", "idle-timeout"):
             try:
@@ -253,7 +270,7 @@ def makeService(options: Options) -> IService:
     the note to systemd that it is.
     """
     reactor = _global_reactor
-    storage = options["storage"]
+    storage: StorageConfig = options["storage"]
     top = SequentialServices()
 
     TracingService().setServiceParent(top)
@@ -261,10 +278,10 @@ def makeService(options: Options) -> IService:
     disk.setServiceParent(top)
     metrics.disk_queue.set_function(lambda: disk.pending)
 
-    index = SQLiteIndex(storage, disk, reactor)
+    index = SQLiteIndex(storage.state_dir, disk, reactor)
     IndexService(index, reactor).setServiceParent(top)
 
-    store = Store(FilesystemBackend(storage, disk), os.path.join(storage, "tmp"), disk)
+    store = storage.store(disk, options["disk-threads"])
     StoreService(store).setServiceParent(top)
 
     policy = Policy(ttl=options["ttl"] or None, max_size=options["max-size"], grace=options["grace"])

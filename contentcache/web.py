@@ -36,7 +36,7 @@ from .tracing import child_span, tracer
 from .backend import IReader
 from .cache import IntegrityError, Missing
 from .hash import Hash
-from .store import BlobNotFound, Store
+from .store import Blob, BlobNotFound, Store
 from .upstream import UpstreamError, UpstreamTimeout
 
 log = Logger()
@@ -350,8 +350,7 @@ class _BlobProducer:
 async def send_blob(
     request: Request,
     store: Store,
-    blob: Hash,
-    size: int,
+    blob: Blob,
     content_type: bytes,
     headers: dict[bytes, bytes] | None = None,
     last_modified: float | None = None,
@@ -363,7 +362,8 @@ async def send_blob(
     single C{Range} as 206 (or 416). The body streams from the store with
     backpressure; the blob is never held whole in memory.
     """
-    etag = etag_of(blob)
+    size = blob.size
+    etag = etag_of(blob.hash)
     request.setHeader(b"etag", etag)
     request.setHeader(b"accept-ranges", b"bytes")
     for name, value in (headers or {}).items():
@@ -410,10 +410,10 @@ async def send_blob(
         # One trip to the disk pool instead of open, read and close.
         data = await store.read(blob, offset, length)
         if len(data) != length:
-            raise OSError(f"blob {blob.hex} is shorter than its recorded size")
+            raise OSError(f"blob {blob.hash.hex} is shorter than its recorded size")
         request.write(data)
     else:
-        with child_span("store get", **{"contentcache.blob": blob.hex, "contentcache.bytes": length}):
+        with child_span("store get", **{"contentcache.blob": blob.hash.hex, "contentcache.bytes": length}):
             reader = await store.get(blob, offset)
             try:
                 await _BlobProducer(request, reader, length).run()
@@ -422,7 +422,7 @@ async def send_blob(
     request.finish()
 
 
-async def read_blob(store: Store, blob: Hash, limit: int) -> bytes:
+async def read_blob(store: Store, blob: Blob, limit: int) -> bytes:
     """
     A small blob's whole content (metadata, never an artifact); more than
     C{limit} bytes is an error.
@@ -430,7 +430,7 @@ async def read_blob(store: Store, blob: Hash, limit: int) -> bytes:
     reader = await store.get(blob)
     try:
         if reader.size > limit:
-            raise ValueError(f"blob {blob.hex} is {reader.size} bytes, more than {limit}")
+            raise ValueError(f"blob {blob.hash.hex} is {reader.size} bytes, more than {limit}")
         parts = []
         while chunk := await reader.read(CHUNK_SIZE):
             parts.append(chunk)

@@ -21,6 +21,9 @@ from contentcache.index import SQLiteIndex
 from contentcache.pool import SynchronousRunner
 from contentcache.store import Store
 
+from .daemon import Backing
+from .seaweed import seaweed  # noqa: F401  (a session fixture)
+
 T = TypeVar("T")
 
 
@@ -89,6 +92,21 @@ def make_store(storage: str, disk: SynchronousRunner) -> Callable[[], Store]:
 @pytest.fixture
 def store(make_store: Callable[[], Store]) -> Store:
     return make_store()
+
+
+@pytest.fixture(params=["filesystem", "s3"])
+def backing(request: Any, tmp_path: Any) -> Iterator[Backing]:
+    """
+    Storage for a test daemon, on each backend in turn: a directory, or a
+    prefix of the session's S3 bucket (emptied afterwards).
+    """
+    if request.param == "filesystem":
+        yield Backing.directory(str(tmp_path / "storage"))
+        return
+    s3 = request.getfixturevalue("seaweed")
+    prefix = f"e2e-{os.path.basename(str(tmp_path))[:30]}-{os.urandom(4).hex()}"
+    yield Backing.bucket(s3, prefix, str(tmp_path / "state"))
+    s3.empty_bucket(s3.bucket, prefix + "/")
 
 
 @pytest.fixture

@@ -8,11 +8,14 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+from attrs import define
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 _LISTENING = re.compile(rb"Site starting on (\d+)")
@@ -154,3 +157,82 @@ def concurrent_gets(get: Callable[[], tuple[int, bytes]], count: int) -> list[tu
     for t in threads:
         t.join(60)
     return results
+
+
+@define
+class Backing:
+    """
+    Where a test daemon keeps its blobs: a directory, or a prefix of its own
+    in the session's S3 bucket (with the index in a local state directory).
+    """
+
+    kind: str
+    #: The local directory that holds the index.
+    state_dir: str
+    #: The daemon's (and the admin command's) storage options.
+    args: list[str]
+    #: The environment it needs (S3 credentials).
+    env: dict[str, str]
+    _s3: Any = None
+    _prefix: str = ""
+
+    @classmethod
+    def directory(cls, path: str) -> Backing:
+        return cls("filesystem", path, ["--storage", path], {})
+
+    @classmethod
+    def bucket(cls, s3: Any, prefix: str, state_dir: str) -> Backing:
+        args = ["--storage", f"s3://{s3.bucket}/{prefix}", "--state-dir", state_dir, "--s3-endpoint", s3.endpoint]
+        return cls("s3", state_dir, args, s3.env(), s3, prefix + "/")
+
+    def blob_names(self) -> set[str]:
+        """
+        The names of the blob objects stored (the hash, and C{.zst} for a
+        compressed one).
+        """
+        if self._s3 is None:
+            root = os.path.join(self.state_dir, "blobs")
+            return {name for _, _, names in os.walk(root) for name in names}
+        return {key.rsplit("/", 1)[1] for key in self._s3.list_keys(self._s3.bucket, self._prefix + "blobs/")}
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.state_dir, *key.split("/"))
+
+    def read(self, key: str) -> bytes:
+        """
+        The stored object C{key} (a blob's, say), as the backend holds it.
+        """
+        if self._s3 is None:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        body = self._s3.client().get_object(Bucket=self._s3.bucket, Key=self._prefix + key)["Body"]
+        with body:
+            data: bytes = body.read()
+        return data
+
+    def write(self, key: str, data: bytes) -> None:
+        if self._s3 is None:
+            with open(self._path(key), "wb") as f:
+                f.write(data)
+        else:
+            self._s3.client().put_object(Bucket=self._s3.bucket, Key=self._prefix + key, Body=data)
+
+    def remove(self, key: str) -> None:
+        if self._s3 is None:
+            os.unlink(self._path(key))
+        else:
+            self._s3.client().delete_object(Bucket=self._s3.bucket, Key=self._prefix + key)
+
+    def stored(self) -> dict[str, tuple[str, str, int, int]]:
+        """
+        Each entry's key with its blob's hash, encoding, size and bytes stored,
+        as the index records them.
+        """
+        db = sqlite3.connect(f"file:{os.path.join(self.state_dir, 'index.sqlite')}?mode=ro", uri=True)
+        try:
+            rows = db.execute(
+                "SELECT e.key, b.hash, b.encoding, b.size, b.stored FROM entries AS e JOIN blobs AS b ON b.hash = e.hash"
+            ).fetchall()
+        finally:
+            db.close()
+        return {key: (h, encoding, size, stored) for key, h, encoding, size, stored in rows}

@@ -16,10 +16,10 @@ from twisted.internet.task import Clock
 
 from contentcache.hash import Hash
 from contentcache.index import SQLiteIndex
-from contentcache.store import Store, blob_key
+from contentcache.store import Blob, Store, blob_key
 
 from .conftest import resolve
-from .daemon import Daemon
+from .daemon import Backing, Daemon
 from .gomodules import GREET, HELLO, build_tree, modules
 from .npmpackages import LEAF, PACKAGES, RegistryFixture, pack
 from .test_goproxy import request
@@ -28,8 +28,9 @@ from .upstream import UpstreamFixture
 COMMAND = os.path.join(os.path.dirname(sys.executable), "contentcache")
 
 
-def admin(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([COMMAND, *args], capture_output=True, text=True, timeout=120)
+def admin(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([COMMAND, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def filled(index: SQLiteIndex, store: Store, storage: str, clock: Clock) -> dict
         ("npm", "packument:full:left-pad", b'{"name":"left-pad"}'),
     ]:
         h = resolve(store.put([content])).hash
-        resolve(index.put(protocol, key, h, len(content), {}))
+        resolve(index.put(protocol, key, Blob(h, len(content)), {}))
         hashes[key] = h
     resolve(index.close())  # the command opens it on its own
     return hashes
@@ -124,35 +125,42 @@ def test_missing_storage_is_one_sentence(tmp_path: Any) -> None:
 
 
 @pytest.fixture
-def live(tmp_path: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def live(tmp_path: Any, tmp_path_factory: pytest.TempPathFactory, backing: Backing) -> Iterator[dict[str, Any]]:
+    """
+    A daemon with go and npm upstreams, on each backend, and the admin
+    command with the same storage options.
+    """
     go_upstream = UpstreamFixture(build_tree(str(tmp_path / "proxy"), modules()))
     work = str(tmp_path_factory.mktemp("packages"))
     npm_upstream = RegistryFixture(str(tmp_path / "registry"), [(p, pack(p, work)) for p in PACKAGES])
-    storage = str(tmp_path / "storage")
-    daemon = Daemon(storage, ["--go-upstream", go_upstream.url, "--go-sumdb", "off",
-                              "--npm-upstream", npm_upstream.url])
-    yield {"daemon": daemon, "go": go_upstream, "npm": npm_upstream, "storage": storage}
+    daemon = Daemon(None, [*backing.args, "--go-upstream", go_upstream.url, "--go-sumdb", "off",
+                           "--npm-upstream", npm_upstream.url], env=backing.env)
+
+    def command(*args: str) -> subprocess.CompletedProcess[str]:
+        return admin(*args, *backing.args, env=backing.env)
+
+    yield {"daemon": daemon, "go": go_upstream, "npm": npm_upstream, "backing": backing, "admin": command}
     daemon.stop()
     go_upstream.stop()
     npm_upstream.stop()
 
 
 def test_gc_on_a_live_daemon_then_refetch(live: dict[str, Any]) -> None:
-    daemon, storage = live["daemon"], live["storage"]
+    daemon, command = live["daemon"], live["admin"]
     go_paths = [f"/goproxy/{GREET}/@v/v1.0.0.zip", f"/goproxy/{GREET}/@v/v1.0.0.mod",
                 f"/goproxy/{HELLO}/@v/v1.1.0.zip", f"/goproxy/{GREET}/@v/list"]
     npm_paths = [f"/npm/{LEAF}", f"/npm/{LEAF}/-/{LEAF}-1.0.0.tgz", f"/npm/{LEAF}/-/{LEAF}-1.1.0.tgz"]
     for path in go_paths + npm_paths:
         assert request(daemon.url, path)[0] == 200, path
-    before = json.loads(admin("stats", "--storage", storage, "--json").stdout)
+    before = json.loads(command("stats", "--json").stdout)
     assert before["entries"]["go"] == 4 and before["entries"]["npm"] >= 4
     limit = before["stored_bytes"] // 2
 
-    result = admin("gc", "--storage", storage, "--ttl", "0", "--max-size", str(limit), "--grace", "0")
+    result = command("gc", "--ttl", "0", "--max-size", str(limit), "--grace", "0")
     assert result.returncode == 0, result.stderr
-    after = json.loads(admin("stats", "--storage", storage, "--json").stdout)
+    after = json.loads(command("stats", "--json").stdout)
     assert after["stored_bytes"] <= limit
-    assert json.loads(admin("verify", "--storage", storage, "--json").stdout)["problems"] == 0
+    assert json.loads(command("verify", "--json").stdout)["problems"] == 0
 
     # The least recently used went first: the first go zip fetched.
     assert f"removed go {GREET}/@v/v1.0.0.zip" in result.stdout
@@ -164,7 +172,7 @@ def test_gc_on_a_live_daemon_then_refetch(live: dict[str, Any]) -> None:
 
 
 def test_verify_repair_on_a_live_daemon_then_refetch(live: dict[str, Any]) -> None:
-    daemon, storage, go = live["daemon"], live["storage"], live["go"]
+    daemon, go, backing, command = live["daemon"], live["go"], live["backing"], live["admin"]
     corrupt_path, deleted_path = f"/{GREET}/@v/v1.0.0.zip", f"/{HELLO}/@v/v1.1.0.zip"
     bodies = {}
     for path in (corrupt_path, deleted_path):
@@ -172,16 +180,15 @@ def test_verify_repair_on_a_live_daemon_then_refetch(live: dict[str, Any]) -> No
         assert status == 200
     corrupt = Hash.of(bodies[corrupt_path])
     deleted = Hash.of(bodies[deleted_path])
-    corrupt_file = os.path.join(storage, blob_key(corrupt))
-    data = bytearray(open(corrupt_file, "rb").read())
+    data = bytearray(backing.read(blob_key(corrupt)))
     data[len(data) // 2] ^= 0x80
-    open(corrupt_file, "wb").write(bytes(data))
-    os.unlink(os.path.join(storage, blob_key(deleted)))
+    backing.write(blob_key(corrupt), bytes(data))
+    backing.remove(blob_key(deleted))
 
-    found = json.loads(admin("verify", "--storage", storage, "--json").stdout)
+    found = json.loads(command("verify", "--json").stdout)
     assert found["corrupt"] == [corrupt.hex] and found["missing"] == [deleted.hex]
-    assert admin("verify", "--storage", storage, "--repair").returncode == 0
-    assert json.loads(admin("verify", "--storage", storage, "--json").stdout)["problems"] == 0
+    assert command("verify", "--repair").returncode == 0
+    assert json.loads(command("verify", "--json").stdout)["problems"] == 0
 
     for path in (corrupt_path, deleted_path):
         status, headers, body = request(daemon.url, "/goproxy" + path)

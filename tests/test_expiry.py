@@ -18,14 +18,14 @@ from contentcache.expiry import Expiry, ExpiryService, Policy
 from contentcache.hash import Hash
 from contentcache.index import INDEX_FILENAME, SQLiteIndex
 from contentcache.pool import SynchronousRunner
-from contentcache.store import Store
+from contentcache.store import Blob, Store
 
 from .conftest import resolve
 
 
 def add(index: SQLiteIndex, store: Store, key: str, content: bytes, protocol: str = "go") -> Hash:
     h = resolve(store.put([content])).hash
-    resolve(index.put(protocol, key, h, len(content), {}))
+    resolve(index.put(protocol, key, Blob(h, len(content)), {}))
     return h
 
 

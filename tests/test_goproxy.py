@@ -19,9 +19,10 @@ from typing import Any, Iterator
 import blake3
 import pytest
 
+from contentcache.hash import Hash
 from contentcache.protocol.goproxy.paths import escape
 
-from .daemon import TWISTD, Daemon, concurrent_gets
+from .daemon import TWISTD, Backing, Daemon, concurrent_gets
 from .gomodules import (
     GREET,
     HELLO,
@@ -134,11 +135,14 @@ def blob_hashes(storage: str) -> set[str]:
 
 
 def test_downloads_match_direct_and_survive_upstream_loss(
-    tmp_path: Any, storage: str, upstream: UpstreamFixture, sumdb: SumDBFixture, daemons: list[Daemon]
+    tmp_path: Any, backing: Backing, upstream: UpstreamFixture, sumdb: SumDBFixture, daemons: list[Daemon]
 ) -> None:
     direct = download(str(tmp_path / "direct"), upstream.url, sumdb.gosumdb)
 
-    daemon = start(storage, "--go-upstream", upstream.url, "--go-sumdb", f"{SUMDB_NAME}={sumdb.url}")
+    daemon = Daemon(
+        None, [*backing.args, "--go-upstream", upstream.url, "--go-sumdb", f"{SUMDB_NAME}={sumdb.url}"],
+        env=backing.env,
+    )
     daemons.append(daemon)
     proxy = f"{daemon.url}/goproxy"
     # Given no URL for the checksum database, the go command asks the proxy
@@ -155,6 +159,16 @@ def test_downloads_match_direct_and_survive_upstream_loss(
 
     # Everything the daemon stored was verified against the database.
     assert "unverified" not in daemon.log()
+    # Each zip is a blob in the store (a bucket object, with S3), stored as
+    # it came: zips do not compress.
+    stored = backing.stored()
+    names = backing.blob_names()
+    for key in DOWNLOADS:
+        with open(through[key]["Zip"], "rb") as f:
+            h = Hash.of(f.read())
+        path, version = key.split("@")
+        assert h.hex in names, key
+        assert stored[f"{escape(path)}/@v/{version}.zip"][:2] == (h.hex, "identity")
 
     # The list and version queries, then get @latest in a module of our own.
     home = str(tmp_path / "client")

@@ -23,6 +23,7 @@ from contentcache.index import (
     SQLiteIndex,
 )
 from contentcache.pool import DiskPool, SynchronousRunner
+from contentcache.store import Blob
 
 from .conftest import resolve
 
@@ -41,7 +42,7 @@ class CountingRunner(SynchronousRunner):
 
 def test_put_get_delete(index: SQLiteIndex, clock: Clock) -> None:
     clock.advance(1000.25)
-    entry = resolve(index.put("go", "example.com/m/@v/v1.0.0.zip", A, 123, {"h1": "h1:xyz"}))
+    entry = resolve(index.put("go", "example.com/m/@v/v1.0.0.zip", Blob(A, 123), {"h1": "h1:xyz"}))
     assert entry.created == entry.accessed == 1000.25
     got = resolve(index.get("go", "example.com/m/@v/v1.0.0.zip"))
     assert got == entry
@@ -54,18 +55,18 @@ def test_put_get_delete(index: SQLiteIndex, clock: Clock) -> None:
 
 
 def test_put_replaces(index: SQLiteIndex, clock: Clock) -> None:
-    resolve(index.put("npm", "left-pad", A, 1, {"etag": "1"}))
+    resolve(index.put("npm", "left-pad", Blob(A, 1), {"etag": "1"}))
     clock.advance(5)
-    resolve(index.put("npm", "left-pad", B, 2, {"etag": "2"}))
+    resolve(index.put("npm", "left-pad", Blob(B, 2), {"etag": "2"}))
     got = resolve(index.get("npm", "left-pad"))
     assert (got.hash, got.size, got.attrs, got.created) == (B, 2, {"etag": "2"}, 5)
 
 
 def test_reference_counts(index: SQLiteIndex) -> None:
     assert resolve(index.references(A)) == 0
-    resolve(index.put("go", "one", A, 1, {}))
-    resolve(index.put("npm", "two", A, 1, {}))
-    resolve(index.put("npm", "three", B, 1, {}))
+    resolve(index.put("go", "one", Blob(A, 1), {}))
+    resolve(index.put("npm", "two", Blob(A, 1), {}))
+    resolve(index.put("npm", "three", Blob(B, 1), {}))
     assert resolve(index.references(A)) == 2
     assert resolve(index.references(B)) == 1
     resolve(index.delete("go", "one"))
@@ -86,8 +87,8 @@ def test_touches_are_batched(storage: str, clock: Clock) -> None:
     os.makedirs(storage)
     index = SQLiteIndex(storage, runner, clock)
     index.open()
-    resolve(index.put("go", "k1", A, 1, {}))
-    resolve(index.put("go", "k2", B, 1, {}))
+    resolve(index.put("go", "k1", Blob(A, 1), {}))
+    resolve(index.put("go", "k2", Blob(B, 1), {}))
     runner.calls.clear()
 
     for i in range(100):
@@ -116,7 +117,7 @@ def test_flush_early_past_threshold(storage: str, clock: Clock) -> None:
 
 def test_access_never_moves_backwards(index: SQLiteIndex, clock: Clock) -> None:
     clock.advance(10)
-    resolve(index.put("go", "k", A, 1, {}))
+    resolve(index.put("go", "k", Blob(A, 1), {}))
     index._pending[("go", "k")] = 5.0  # a stale access from before the put
     resolve(index.flush())
     assert resolve(index.get("go", "k")).accessed == 10
@@ -127,7 +128,7 @@ def test_service_flushes_on_timer_and_at_stop(storage: str, clock: Clock) -> Non
     service = IndexService(SQLiteIndex(storage, SynchronousRunner(), clock), clock, 5.0)
     service.startService()
     idx = service.index
-    resolve(idx.put("go", "k", A, 1, {}))
+    resolve(idx.put("go", "k", Blob(A, 1), {}))
     clock.advance(1)
     idx.touch("go", "k")
     clock.advance(4)  # the timer fires
@@ -152,18 +153,19 @@ def test_wal_mode_and_schema_version(index: SQLiteIndex) -> None:
 
 
 def test_second_process_reads_and_writes(index: SQLiteIndex) -> None:
-    resolve(index.put("go", "ours", A, 1, {}))
+    resolve(index.put("go", "ours", Blob(A, 1), {}))
     script = f"""
 import sys
 from twisted.internet.task import Clock
 from contentcache.hash import Hash
 from contentcache.index import SQLiteIndex
+from contentcache.store import Blob
 from contentcache.pool import SynchronousRunner
 idx = SQLiteIndex({index.directory!r}, SynchronousRunner(), Clock())
 idx.open()
 results = []
 idx.get("go", "ours").addCallback(results.append)
-idx.put("npm", "theirs", Hash.of(b"b"), 7, {{"from": "admin"}}).addCallback(results.append)
+idx.put("npm", "theirs", Blob(Hash.of(b"b"), 7), {{"from": "admin"}}).addCallback(results.append)
 idx.close()
 print(results[0].hash.hex)
 """
@@ -178,7 +180,7 @@ print(results[0].hash.hex)
 def test_older_index_is_migrated_in_place(
     index: SQLiteIndex, storage: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    resolve(index.put("go", "k", A, 1, {"x": 1}))
+    resolve(index.put("go", "k", Blob(A, 1), {"x": 1}))
     resolve(index.close())
     migrations = dict(index_module.MIGRATIONS)
     migrations[SCHEMA_VERSION + 1] = ["ALTER TABLE entries ADD COLUMN encoding TEXT"]
@@ -227,7 +229,7 @@ async def test_calls_run_on_the_disk_pool(storage: str, monkeypatch: pytest.Monk
         os.makedirs(storage)
         idx = SQLiteIndex(storage, pool, reactor)
         idx.open()
-        await idx.put("go", "k", A, 1, {})
+        await idx.put("go", "k", Blob(A, 1), {})
         assert (await idx.get("go", "k")).hash == A
         await idx.close()
     finally:
@@ -239,8 +241,8 @@ async def test_calls_run_on_the_disk_pool(storage: str, monkeypatch: pytest.Monk
 def test_keys_by_prefix(index: SQLiteIndex) -> None:
     for key in ["example.com/a/@v/v1.0.0.info", "example.com/a/@v/v1.1.0.zip",
                 "example.com/a/@v/list", "example.com/ab/@v/v1.0.0.info", "example.com/a/@latest"]:
-        resolve(index.put("go", key, A, 1, {}))
-    resolve(index.put("npm", "example.com/a/@v/v9.0.0.info", A, 1, {}))
+        resolve(index.put("go", key, Blob(A, 1), {}))
+    resolve(index.put("npm", "example.com/a/@v/v9.0.0.info", Blob(A, 1), {}))
     assert resolve(index.keys("go", "example.com/a/@v/")) == [
         "example.com/a/@v/list",
         "example.com/a/@v/v1.0.0.info",
@@ -261,7 +263,7 @@ async def test_daemon_stop_writes_the_last_batch_through_the_pool(storage: str) 
     service.setServiceParent(top)
     top.startService()
     idx = service.index
-    await idx.put("go", "k", A, 1, {})
+    await idx.put("go", "k", Blob(A, 1), {})
     before = (await idx.get("go", "k")).accessed
     idx.touch("go", "k")
     await top.stopService()  # a MultiService would stop the pool first and hang here

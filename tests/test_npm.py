@@ -12,13 +12,14 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from typing import Any, Iterator
 
 import blake3
 import pytest
 
-from .daemon import Daemon, concurrent_gets
+from .daemon import Backing, Daemon, concurrent_gets
 from .npmpackages import (
     CLIENTS,
     LEAF,
@@ -140,10 +141,11 @@ EXPECTED = {TOP: "1.0.0", MIDDLE: "1.0.1", LEAF: "1.1.0"}
 
 @pytest.mark.parametrize("omit_resolved", [False, True])
 def test_npm_install_then_offline_ci(
-    tmp_path: Any, registry: RegistryFixture, packed: Any, daemons: list[Daemon], omit_resolved: bool
+    tmp_path: Any, registry: RegistryFixture, packed: Any, daemons: list[Daemon], omit_resolved: bool,
+    backing: Backing,
 ) -> None:
-    storage = str(tmp_path / "storage")
-    daemon = start(daemons, storage, "--npm-upstream", registry.url)
+    daemon = Daemon(None, [*backing.args, "--npm-upstream", registry.url], env=backing.env)
+    daemons.append(daemon)
     settings = {"omit-lockfile-registry-resolved": "true"} if omit_resolved else {}
     home = str(tmp_path / "home")
     npmrc(home, f"{daemon.url}/npm/", **settings)
@@ -159,6 +161,13 @@ def test_npm_install_then_offline_ci(
         assert resolved is None
     else:
         assert resolved == f"{daemon.url}/npm/{TOP}/-/{TOP}-1.0.0.tgz"
+
+    # Every tarball is a blob in the store (a bucket object, with S3).
+    names = backing.blob_names()
+    for package, report in packed:
+        if EXPECTED.get(package.name) == package.version:
+            with open(report["path"], "rb") as f:
+                assert blake3.blake3(f.read()).hexdigest() in names, package.name
 
     # The registry goes away; a fresh client cache installs from the lockfile.
     registry.stop()
@@ -235,9 +244,10 @@ def test_npm_audit_reaches_the_bulk_endpoint(
 
 
 def test_pnpm_and_yarn_install_then_offline(
-    tmp_path: Any, registry: RegistryFixture, packed: Any, daemons: list[Daemon]
+    tmp_path: Any, registry: RegistryFixture, packed: Any, daemons: list[Daemon], backing: Backing
 ) -> None:
-    daemon = start(daemons, str(tmp_path / "storage"), "--npm-upstream", registry.url)
+    daemon = Daemon(None, [*backing.args, "--npm-upstream", registry.url], env=backing.env)
+    daemons.append(daemon)
     base = f"{daemon.url}/npm/"
     clients = {
         "pnpm": [os.path.join(CLIENTS, "pnpm"), "install", "--reporter=append-only"],
@@ -328,6 +338,38 @@ def test_packument_addresses_headers_and_variants(
     status, _, body = request(daemon.url, f"/npm/-/package/{MIDDLE.replace('/', '%2f')}/dist-tags")
     assert status == 200 and json.loads(body) == {"latest": "1.0.1"}
     assert request(daemon.url, "/npm/-/ping")[0] == 200
+
+
+def test_packuments_are_stored_compressed_and_everything_served_the_same(
+    tmp_path: Any, registry: RegistryFixture, daemons: list[Daemon]
+) -> None:
+    public = ["--npm-upstream", registry.url, "--public-url", "http://cache.test/npm"]
+    compressed = Backing.directory(str(tmp_path / "compressed"))
+    plain = Backing.directory(str(tmp_path / "plain"))
+    urls = [start(daemons, compressed.state_dir, *public).url,
+            start(daemons, plain.state_dir, *public, "--compression-level", "0").url]
+    paths = [f"/npm/{LEAF}", f"/npm/{MIDDLE}", f"/npm/{LEAF}/-/{LEAF}-1.0.0.tgz",
+             f"/npm/{MIDDLE}/-/middle-1.0.1.tgz"]
+    variants = [{}, {"Accept-Encoding": "gzip"},
+                {"Accept": "application/vnd.npm.install-v1+json"}, {"Range": "bytes=20-99"}]
+    for path in paths:
+        for headers in variants:
+            answers = [request(url, path, headers=headers) for url in urls]
+            assert answers[0][0] in (200, 206), (path, headers)
+            assert answers[0][0] == answers[1][0] and answers[0][2] == answers[1][2], (path, headers)
+
+    for key, (_, encoding, size, stored) in compressed.stored().items():
+        if key.startswith(("packument:", "render:packument:")) and ":gzip:" not in key:
+            assert encoding == "zstd" and stored < size, key
+        if key.startswith("tarball:") or ":gzip:" in key:
+            assert encoding == "identity" and stored == size, key
+    assert any(k.startswith("packument:") for k in compressed.stored())
+    assert {encoding for _, encoding, _, _ in plain.stored().values()} == {"identity"}
+    stats = json.loads(subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "contentcache"), "stats", "--json", *compressed.args],
+        capture_output=True, text=True, check=True,
+    ).stdout)
+    assert stats["stored_bytes"] < stats["unique_bytes"] and stats["compression_ratio"] > 1
 
 
 def test_public_url(tmp_path: Any, registry: RegistryFixture, daemons: list[Daemon]) -> None:

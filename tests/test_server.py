@@ -14,7 +14,7 @@ from contentcache.hash import Hash
 from contentcache.index import SQLiteIndex
 from contentcache.pool import SynchronousRunner
 from contentcache.server import Root
-from contentcache.store import Store
+from contentcache.store import Blob, Store
 from contentcache.web import CHUNK_SIZE, AsyncResource, _BlobProducer, send_blob
 
 from .conftest import resolve
@@ -37,7 +37,7 @@ class BlobResource(AsyncResource):
         self._store, self._blob, self._size = store, blob, size
 
     async def render_async(self, request: Request) -> None:
-        await send_blob(request, self._store, self._blob, self._size, b"application/zip")
+        await send_blob(request, self._store, Blob(self._blob, self._size), b"application/zip")
 
 
 @pytest.fixture

@@ -1,21 +1,88 @@
+"""
+The store, on each backend: the filesystem, and S3 on a real S3-compatible
+server (SeaweedFS on 127.0.0.1), with and without compression.
+"""
+
 from __future__ import annotations
 
+import gzip
+import json
 import os
-from typing import AsyncIterator, Callable, Iterator
+import uuid
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 
+from contentcache.backend.filesystem import FilesystemBackend
+from contentcache.backend.s3 import MIN_PART_SIZE, S3Backend, S3Location, make_client
+from contentcache.compress import IDENTITY, ZSTD, Compression
 from contentcache.hash import Hash
-from contentcache.store import BlobNotFound, HashMismatch, Store, blob_key
+from contentcache.pool import SynchronousRunner
+from contentcache.store import Blob, BlobNotFound, HashMismatch, Store, blob_key
 
 from .conftest import files_under, resolve
 
 KiB = 1024
 MiB = 1024 * KiB
 
+MakeStore = Callable[..., Store]
+
+
+@pytest.fixture(params=["filesystem", "s3"])
+def make_store(request: Any, tmp_path: Any, disk: SynchronousRunner, monkeypatch: Any) -> MakeStore:
+    """
+    Makes a store (the daemon starting) on this test's backend: a
+    directory, or a prefix of its own in the session's S3 bucket.
+    """
+    storage = str(tmp_path / "storage")
+    if request.param == "s3":
+        s3 = request.getfixturevalue("seaweed")
+        for name, value in s3.env().items():
+            monkeypatch.setenv(name, value)
+        location = S3Location(s3.bucket, f"{request.node.name[:40].strip('[]-')}-{uuid.uuid4().hex[:8]}/")
+
+    def make(level: int = 0, part_size: int = MIN_PART_SIZE) -> Store:
+        if request.param == "s3":
+            backend: Any = S3Backend(make_client(s3.endpoint, s3.region, 4), location, disk, part_size)
+            staging = str(tmp_path / "state" / "tmp")
+        else:
+            backend = FilesystemBackend(storage, disk)
+            staging = os.path.join(storage, "tmp")
+        backend.check()
+        store = Store(backend, staging, disk, Compression(level))
+        resolve(store.start())
+        return store
+
+    return make
+
+
+@pytest.fixture
+def store(make_store: MakeStore) -> Store:
+    return make_store()
+
 
 def content(size: int) -> bytes:
     return os.urandom(size)
+
+
+def packument(versions: int) -> bytes:
+    """
+    JSON shaped like an npm packument: repetitive, as they are.
+    """
+    document = {
+        "name": "example",
+        "versions": {
+            f"1.{i}.0": {
+                "name": "example",
+                "version": f"1.{i}.0",
+                "dependencies": {"left-pad": "^1.3.0", "lodash": "^4.17.21"},
+                "dist": {"tarball": f"http://registry.test/example/-/example-1.{i}.0.tgz",
+                         "shasum": Hash.of(b"%d" % i).hex[:40]},
+            }
+            for i in range(versions)
+        },
+    }
+    return json.dumps(document, indent=2).encode()
 
 
 def chunked(data: bytes, size: int = 64 * KiB) -> Iterator[bytes]:
@@ -23,8 +90,9 @@ def chunked(data: bytes, size: int = 64 * KiB) -> Iterator[bytes]:
         yield data[i : i + size]
 
 
-def read_blob(store: Store, h: Hash, offset: int = 0) -> bytes:
-    reader = resolve(store.get(h, offset))
+def read_blob(store: Store, blob: Blob, offset: int = 0) -> bytes:
+    reader = resolve(store.get(blob, offset))
+    assert reader.size == blob.size
     parts = []
     while chunk := resolve(reader.read(64 * KiB)):
         parts.append(chunk)
@@ -32,42 +100,79 @@ def read_blob(store: Store, h: Hash, offset: int = 0) -> bytes:
     return b"".join(parts)
 
 
-def blobs(storage: str) -> list[str]:
-    return files_under(os.path.join(storage, "blobs"))
+def objects(store: Store) -> list[str]:
+    """
+    The keys of every blob object in the store's backend.
+    """
+
+    async def collect() -> list[str]:
+        return sorted([key async for key in store.backend.keys("blobs")])
+
+    return resolve(collect())
 
 
-@pytest.mark.parametrize("size", [0, 1, 64 * KiB, 10 * MiB])
-def test_put_get_has_delete_round_trip(store: Store, storage: str, size: int) -> None:
+def leftovers(store: Store) -> list[str]:
+    """
+    What interrupted or finished writes left outside the blobs: spool files,
+    a filesystem backend's temporary files, S3 multipart uploads.
+    """
+    found = files_under(store.staging)
+    if isinstance(store.backend, FilesystemBackend):
+        found += [f for f in files_under(store.backend.root) if not f.startswith(("blobs/", "tmp/"))]
+        found += [f for f in files_under(os.path.join(store.backend.root, "blobs")) if "/." in f]
+    else:
+        s3 = store.backend._client
+        response = s3.list_multipart_uploads(Bucket=store.backend.bucket, Prefix=store.backend.location.prefix)
+        found += [u["Key"] for u in response.get("Uploads", [])]
+    return found
+
+
+@pytest.mark.parametrize("size", [0, 1, 64 * KiB, 12 * MiB])
+def test_put_get_has_delete_round_trip(store: Store, size: int) -> None:
     data = content(size)
     result = resolve(store.put(chunked(data)))
     assert result.hash == Hash.of(data)
     assert result.size == size
     assert result.created
+    assert result.blob == Blob(result.hash, size, IDENTITY, size)
     h = result.hash
-    assert blobs(storage) == [f"{h.shard}/{h.hex}"]
+    assert objects(store) == [blob_key(h)]
     assert resolve(store.has(h))
     assert resolve(store.size(h)) == size
-    assert read_blob(store, h) == data
+    assert read_blob(store, result.blob) == data
     assert resolve(store.delete(h)) is True
     assert not resolve(store.has(h))
     assert resolve(store.size(h)) is None
     with pytest.raises(BlobNotFound):
-        resolve(store.get(h))
+        resolve(store.get(result.blob))
+    with pytest.raises(BlobNotFound):
+        resolve(store.read(result.blob, 0, 1))
     assert resolve(store.delete(h)) is False
+    assert leftovers(store) == []
 
 
-def test_layout_on_disk(store: Store, storage: str) -> None:
+def test_layout(store: Store) -> None:
     h = resolve(store.put([b"hello"])).hash
-    path = os.path.join(storage, "blobs", h.hex[:2], h.hex)
-    with open(path, "rb") as f:
-        assert f.read() == b"hello"
     assert blob_key(h) == f"blobs/{h.hex[:2]}/{h.hex}"
+    assert objects(store) == [blob_key(h)]
+    if isinstance(store.backend, FilesystemBackend):
+        with open(os.path.join(store.backend.root, "blobs", h.hex[:2], h.hex), "rb") as f:
+            assert f.read() == b"hello"
+    else:
+        s3 = store.backend._client
+        body = s3.get_object(Bucket=store.backend.bucket, Key=store.backend.location.prefix + blob_key(h))["Body"]
+        assert body.read() == b"hello"
 
 
-def test_get_from_offset(store: Store) -> None:
+def test_get_from_offset_and_read_a_range(store: Store) -> None:
     data = content(300 * KiB)
-    h = resolve(store.put(chunked(data))).hash
-    assert read_blob(store, h, 100_000) == data[100_000:]
+    blob = resolve(store.put(chunked(data))).blob
+    assert read_blob(store, blob, 100_000)[:10] == data[100_000:100_010]
+    assert read_blob(store, blob, 100_000) == data[100_000:]
+    assert resolve(store.read(blob, 1000, 5000)) == data[1000:6000]
+    assert resolve(store.read(blob, len(data) - 3, 100)) == data[-3:]
+    assert resolve(store.read(blob, len(data), 10)) == b""
+    assert read_blob(store, blob, len(data)) == b""
 
 
 def test_put_accepts_async_streams(store: Store) -> None:
@@ -75,20 +180,19 @@ def test_put_accepts_async_streams(store: Store) -> None:
         yield b"part one, "
         yield b"part two"
 
-    assert read_blob(store, resolve(store.put(stream())).hash) == b"part one, part two"
+    assert read_blob(store, resolve(store.put(stream())).blob) == b"part one, part two"
 
 
-def test_dedup_writes_nothing_new(store: Store, storage: str) -> None:
+def test_dedup_writes_nothing_new(store: Store) -> None:
     data = content(100 * KiB)
     first = resolve(store.put(chunked(data)))
-    path = os.path.join(storage, blob_key(first.hash))
-    inode = os.stat(path).st_ino
+    before = resolve(store.find(first.hash))
     second = resolve(store.put(chunked(data, 1000)))
     assert second.hash == first.hash
     assert not second.created
-    assert os.stat(path).st_ino == inode
-    assert blobs(storage) == [f"{first.hash.shard}/{first.hash.hex}"]
-    assert os.listdir(os.path.join(storage, "tmp")) == []
+    assert resolve(store.find(first.hash)) == before
+    assert objects(store) == [blob_key(first.hash)]
+    assert leftovers(store) == []
 
 
 def test_expected_hash_match(store: Store) -> None:
@@ -96,37 +200,35 @@ def test_expected_hash_match(store: Store) -> None:
     assert result.hash == Hash.of(b"abc")
 
 
-def test_expected_hash_mismatch_leaves_nothing(store: Store, storage: str) -> None:
+def test_expected_hash_mismatch_leaves_nothing(store: Store) -> None:
     with pytest.raises(HashMismatch) as e:
         resolve(store.put([b"tampered"], expected=Hash.of(b"original")))
     assert e.value.actual == Hash.of(b"tampered")
-    assert files_under(storage) == []
+    assert objects(store) == [] and leftovers(store) == []
     assert not resolve(store.has(Hash.of(b"tampered")))
 
 
-def test_interrupted_put_leaves_nothing(store: Store, storage: str) -> None:
+def test_interrupted_put_leaves_nothing(store: Store) -> None:
     def stream() -> Iterator[bytes]:
         yield b"x" * (256 * KiB)
         raise ConnectionError("upstream went away")
 
     with pytest.raises(ConnectionError):
         resolve(store.put(stream()))
-    assert files_under(storage) == []
+    assert objects(store) == [] and leftovers(store) == []
 
 
-def test_crash_mid_put_is_swept_at_restart(
-    store: Store, storage: str, make_store: Callable[[], Store]
-) -> None:
+def test_crash_mid_put_is_swept_at_restart(store: Store, make_store: MakeStore) -> None:
     # A crash: the spool was written part-way and never committed or
     # aborted; the dead process's lock is gone with it.
     spool = resolve(store.spool())
     resolve(spool.write(b"y" * (256 * KiB)))
     spool._handle.close()
-    assert len(files_under(storage)) == 1
-    assert blobs(storage) == []
+    assert len(leftovers(store)) == 1
+    assert objects(store) == []
 
     make_store()  # the daemon starting again
-    assert files_under(storage) == []
+    assert leftovers(store) == []
 
 
 def test_spool_can_be_inspected_before_commit(store: Store) -> None:
@@ -141,12 +243,12 @@ def test_spool_can_be_inspected_before_commit(store: Store) -> None:
     assert not os.path.exists(spool.path)
 
 
-def test_aborted_spool_leaves_nothing(store: Store, storage: str) -> None:
+def test_aborted_spool_leaves_nothing(store: Store) -> None:
     spool = resolve(store.spool())
     resolve(spool.write(b"rejected by a protocol check"))
     resolve(spool.close())
     resolve(spool.abort())
-    assert files_under(storage) == []
+    assert objects(store) == [] and leftovers(store) == []
 
 
 def test_hashes_lists_blobs(store: Store) -> None:
@@ -159,12 +261,73 @@ def test_hashes_lists_blobs(store: Store) -> None:
 
 
 def test_a_finished_spool_awaiting_its_check_survives_another_workers_start(
-    store: Store, make_store: Callable[[], Store]
+    store: Store, make_store: MakeStore
 ) -> None:
     spool = resolve(store.spool())
     resolve(spool.write(b"a zip being checked"))
     h = resolve(spool.close())
     make_store()  # a second worker starts and sweeps
     assert os.path.exists(spool.path)
-    assert resolve(spool.commit()).hash == h
-    assert read_blob(store, h) == b"a zip being checked"
+    result = resolve(spool.commit())
+    assert result.hash == h
+    assert read_blob(store, result.blob) == b"a zip being checked"
+
+
+# Compression.
+
+
+@pytest.mark.parametrize("versions", [50, 6000], ids=["small", "over-1MiB"])
+def test_json_is_stored_compressed_and_read_back_unchanged(make_store: MakeStore, versions: int) -> None:
+    store = make_store(level=3)
+    data = packument(versions)
+    result = resolve(store.put(chunked(data)))
+    blob = result.blob
+    assert blob.encoding == ZSTD
+    assert blob.hash == Hash.of(data), "the hash is the original bytes'"
+    assert blob.size == len(data)
+    assert blob.stored is not None and blob.stored < len(data) / 4
+    assert objects(store) == [blob_key(blob.hash, ZSTD)]
+    found = resolve(store.find(blob.hash))
+    assert found is not None and found[0] == ZSTD and found[1].size == blob.stored
+    assert resolve(store.size(blob.hash)) == blob.stored
+    assert read_blob(store, blob) == data
+    assert read_blob(store, blob, len(data) // 3) == data[len(data) // 3 :]
+    assert resolve(store.read(blob, 1000, 2000)) == data[1000:3000]
+    assert resolve(store.rehash(blob.hash, ZSTD)) == blob.hash
+    # The same content again: found compressed, nothing written.
+    again = resolve(store.put([data]))
+    assert not again.created and again.blob == blob
+    assert resolve(store.delete(blob.hash)) is True
+    assert objects(store) == [] and leftovers(store) == []
+
+
+@pytest.mark.parametrize("kind", ["random", "gzip", "tiny"])
+def test_what_does_not_compress_is_stored_as_it_came(make_store: MakeStore, kind: str) -> None:
+    store = make_store(level=3)
+    data = {
+        "random": content(300 * KiB),
+        "gzip": gzip.compress(packument(500)),
+        "tiny": b'{"Version":"v1.0.0"}',
+    }[kind]
+    blob = resolve(store.put(chunked(data))).blob
+    assert blob.encoding == IDENTITY
+    assert blob.stored == len(data)
+    assert objects(store) == [blob_key(blob.hash)]
+    assert read_blob(store, blob) == data
+    assert leftovers(store) == []
+
+
+def test_a_blob_stored_otherwise_than_recorded_is_still_read(make_store: MakeStore) -> None:
+    # Another worker, with compression off, stored it as it came.
+    data = packument(300)
+    plain = resolve(make_store(level=0).put([data])).blob
+    compressing = make_store(level=3)
+    assert read_blob(compressing, Blob(plain.hash, plain.size, ZSTD)) == data
+    assert resolve(compressing.read(Blob(plain.hash, plain.size, ZSTD), 5, 10)) == data[5:15]
+    result = resolve(compressing.put([data]))
+    assert not result.created and result.blob.encoding == IDENTITY
+
+
+def test_compression_level_is_checked() -> None:
+    with pytest.raises(ValueError, match="compression level"):
+        Compression(23)

@@ -6,6 +6,7 @@ import pytest
 from twisted.application.service import IServiceCollection
 from twisted.python.usage import UsageError
 
+from contentcache.compress import Compression
 from contentcache.tap import Options, makeService
 
 
@@ -18,7 +19,9 @@ def parse(argv: list[str], environ: dict[str, str] | None = None) -> Options:
 def test_defaults(tmp_path: object) -> None:
     options = parse([])
     assert options["port"] == "tcp:8080"
-    assert options["storage"] == os.path.abspath("./cache")
+    assert options["storage"].blobs == os.path.abspath("./cache")
+    assert options["storage"].state_dir == os.path.abspath("./cache")
+    assert options["storage"].compression == Compression(3)
     assert options["disk-threads"] == 8
 
 
@@ -71,7 +74,7 @@ def test_environment_sets_options(tmp_path: object) -> None:
         },
     )
     assert options["port"] == "tcp:9090"
-    assert options["storage"] == str(tmp_path)
+    assert options["storage"].blobs == str(tmp_path)
     assert options["disk-threads"] == 3
 
 

@@ -12,11 +12,13 @@ free for the backend's own temporary objects.
 from __future__ import annotations
 
 import re
-from typing import AsyncIterable, AsyncIterator, Iterable
+from typing import AsyncIterable, AsyncIterator, BinaryIO, Iterable
 
-from attrs import frozen
+from attrs import define, frozen
 from twisted.internet.defer import Deferred
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute, Interface, implementer
+
+from ..pool import Runner
 
 MAX_KEY_LENGTH = 1024
 _KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
@@ -25,6 +27,13 @@ _KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*
 class InvalidKey(ValueError):
     """
     A key that could name something outside the backend's root.
+    """
+
+
+class StorageUnavailable(Exception):
+    """
+    The storage cannot be used; the message is one sentence for the
+    operator.
     """
 
 
@@ -75,6 +84,10 @@ class IReader(Interface):
     """
 
     size = Attribute("The object's total size in bytes.")
+    stream = Attribute(
+        "The blocking file-like object underneath, for code that runs on "
+        "the disk pool (the store's decoder): read it nowhere else."
+    )
 
     def read(size: int) -> Deferred[bytes]:
         """
@@ -87,6 +100,25 @@ class IReader(Interface):
         """
 
 
+@implementer(IReader)
+@define
+class BlockingReader:
+    """
+    A blocking stream (a file, an HTTP response body) read on the disk
+    pool, one trip per read.
+    """
+
+    _disk: Runner
+    stream: BinaryIO
+    size: int
+
+    def read(self, size: int) -> Deferred[bytes]:
+        return self._disk.run(self.stream.read, size)
+
+    def close(self) -> Deferred[None]:
+        return self._disk.run(self.stream.close)
+
+
 class IBackend(Interface):
     """
     Atomic, streaming storage of byte objects under keys.
@@ -94,6 +126,12 @@ class IBackend(Interface):
     Every method returns a L{Deferred} (or is an async iterator) and does its
     blocking work off the reactor thread.
     """
+
+    def check() -> None:
+        """
+        Blocking, once at start before anything else runs: raise
+        L{StorageUnavailable} if the storage cannot be used.
+        """
 
     def sweep() -> Deferred[int]:
         """

@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from .. import tempfiles
 from ..pool import Runner
-from . import IBackend, IReader, NotFound, Stat, check_key, iterate
+from . import BlockingReader, IBackend, IReader, NotFound, Stat, StorageUnavailable, check_key, iterate
 
 # How many keys one thread-pool round trip of keys() collects.
 KEYS_BATCH = 1000
@@ -27,24 +27,6 @@ KEYS_BATCH = 1000
 
 def _absolute(path: str) -> str:
     return os.path.abspath(path)
-
-
-@implementer(IReader)
-@define
-class FileReader:
-    """
-    A file open for reading; every read runs on the disk pool.
-    """
-
-    _disk: Runner
-    _handle: BinaryIO
-    size: int
-
-    def read(self, size: int) -> Deferred[bytes]:
-        return self._disk.run(self._handle.read, size)
-
-    def close(self) -> Deferred[None]:
-        return self._disk.run(self._handle.close)
 
 
 @implementer(IBackend)
@@ -68,6 +50,14 @@ class FilesystemBackend:
         if os.path.commonpath([self.root, path]) != self.root:
             raise AssertionError(f"key {key!r} escaped {self.root!r}")
         return path
+
+    def check(self) -> None:
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise StorageUnavailable(f"Cannot use the storage directory: {e}.") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageUnavailable(f"Cannot use the storage directory {self.root}: it is not writable.")
 
     def sweep(self) -> Deferred[int]:
         return self._disk.run(tempfiles.sweep, self.root, tempfiles.TEMP_PREFIX, True)
@@ -125,7 +115,7 @@ class FilesystemBackend:
     def write_file(self, key: str, path: str) -> Deferred[None]:
         return self._disk.run(self._adopt, key, path)
 
-    def _open(self, key: str, offset: int) -> FileReader:
+    def _open(self, key: str, offset: int) -> BlockingReader:
         try:
             handle = open(self.path(key), "rb")
         except FileNotFoundError:
@@ -133,7 +123,7 @@ class FilesystemBackend:
         size = os.fstat(handle.fileno()).st_size
         if offset:
             handle.seek(offset)
-        return FileReader(self._disk, handle, size)
+        return BlockingReader(self._disk, handle, size)
 
     def open(self, key: str, offset: int = 0) -> Deferred[IReader]:
         return self._disk.run(self._open, key, offset)

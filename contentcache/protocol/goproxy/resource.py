@@ -183,11 +183,11 @@ class GoProxy:
             self._unreachable_warned = False
             log.info("checksum database {sumdb} answers again", sumdb=sumdb.name)
         try:
-            body = await read_blob(self.store, served.entry.hash, MAX_METADATA_SIZE)
+            body = await read_blob(self.store, served.entry.blob, MAX_METADATA_SIZE)
         except BlobNotFound:
             await self.sumdb_cache.forget(served.entry)
             served = await self.sumdb_lookup(sumdb.name, module, version)
-            body = await read_blob(self.store, served.entry.hash, MAX_METADATA_SIZE)
+            body = await read_blob(self.store, served.entry.blob, MAX_METADATA_SIZE)
         record = parse_record(body)
         expected = record.get(f"{module.path} {version.name}{suffix}")
         if expected is None:
@@ -313,7 +313,7 @@ class GoProxyResource(AsyncResource):
             headers[b"warning"] = b'111 - "Revalidation Failed"'
         headers[b"cache-control"] = IMMUTABLE if immutable else b"max-age=60"
         entry = served.entry
-        await send_blob(request, self.proxy.store, entry.hash, entry.size, content_type, headers)
+        await send_blob(request, self.proxy.store, entry.blob, content_type, headers)
 
     async def render_async(self, request: Request) -> None:
         try:

@@ -143,7 +143,7 @@ class NpmRegistry:
             await raw.abort()
         try:
             stored = await self.store.put([dist])
-            await self.cache.index.put(PROTOCOL, f"dist:{name.full}", stored.hash, stored.size, {})
+            await self.cache.index.put(PROTOCOL, f"dist:{name.full}", stored.blob, {})
         except BaseException:
             await template.abort()
             raise
@@ -210,7 +210,7 @@ class NpmRegistry:
 
     async def _render(self, key: str, template: Entry, base: str, gzip: bool) -> Entry:
         renderer = Renderer(base, gzip)
-        reader = await self.store.get(template.hash)
+        reader = await self.store.get(template.blob)
         spool = await self.store.spool()
         try:
             try:
@@ -225,15 +225,13 @@ class NpmRegistry:
             await spool.abort()
             raise
         result = await spool.commit()
-        return await self.cache.index.put(
-            PROTOCOL, key, result.hash, result.size, {"source": template.hash.hex}
-        )
+        return await self.cache.index.put(PROTOCOL, key, result.blob, {"source": template.hash.hex})
 
     async def dist_index(self, name: PackageName) -> dict[str, Any] | None:
         entry = await self.cache.lookup(f"dist:{name.full}")
         if entry is None:
             return None
-        body = await read_blob(self.store, entry.hash, MAX_DIST_INDEX_SIZE)
+        body = await read_blob(self.store, entry.blob, MAX_DIST_INDEX_SIZE)
         parsed: dict[str, Any] = await self._disk.run(json.loads, body)
         return parsed
 
@@ -415,7 +413,7 @@ class NpmResource(AsyncResource):
             content_type = str(served.entry.attrs.get("content_type", "application/json")).encode()
             try:
                 await send_blob(
-                    request, registry.store, entry.hash, entry.size, content_type, headers,
+                    request, registry.store, entry.blob, content_type, headers,
                     last_modified=served.entry.attrs.get("fetched", served.entry.created),
                 )
             except BlobNotFound:
@@ -434,8 +432,7 @@ class NpmResource(AsyncResource):
             headers = {b"x-cache": OUTCOME_HEADER[served.outcome], b"cache-control": IMMUTABLE}
             try:
                 await send_blob(
-                    request, registry.store, served.entry.hash, served.entry.size,
-                    b"application/octet-stream", headers,
+                    request, registry.store, served.entry.blob, b"application/octet-stream", headers,
                 )
             except BlobNotFound:
                 await registry.cache.forget(served.entry)

@@ -1,0 +1,104 @@
+"""
+zstd as a storage encoding. The store asks L{Compression.encode} what to do
+with a spooled blob; content that does not shrink by a tenth in a trial on
+its first chunk (tarballs, zips, anything already compressed) is stored as
+it came. The encoding is recorded, never guessed from the stored bytes.
+
+Every function here blocks: run it on the disk pool.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+import zstandard
+from attrs import frozen
+
+IDENTITY = "identity"
+ZSTD = "zstd"
+#: Every encoding, with the suffix its stored objects' keys carry.
+SUFFIXES = {IDENTITY: "", ZSTD: ".zst"}
+
+#: How much of a blob the trial compresses.
+TRIAL_SIZE = 64 * 1024
+#: Below this, a zstd frame's overhead eats what compression saves.
+MIN_SIZE = 128
+#: How much the trial must save for the blob to be stored compressed.
+MIN_SAVING = 0.10
+#: Levels zstd accepts, fast (negative) to slow.
+MIN_LEVEL, MAX_LEVEL = -7, 22
+DEFAULT_LEVEL = 3
+
+_COPY_SIZE = 1 << 20
+
+#: How formats that are compressed already begin: gzip (.tgz), zip, zstd,
+#: xz, bzip2. Such content is stored as it came without a trial: the odd
+#: small zip whose headers would shrink a little is not worth decoding on
+#: every read.
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"PK\x03\x04", b"PK\x05\x06", b"\x28\xb5\x2f\xfd", b"\xfd7zXZ\x00", b"BZh")
+
+
+@frozen
+class Compression:
+    """
+    The store's compression policy: zstd at C{level}, or none when C{level}
+    is 0.
+    """
+
+    level: int = DEFAULT_LEVEL
+
+    def __attrs_post_init__(self) -> None:
+        if not MIN_LEVEL <= self.level <= MAX_LEVEL:
+            raise ValueError(f"the compression level is 0 (off) or from {MIN_LEVEL} to {MAX_LEVEL}, not {self.level}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.level != 0
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        return zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+
+    def pays(self, sample: bytes) -> bool:
+        """
+        Whether content that starts with C{sample} is worth compressing.
+        """
+        if not self.enabled or len(sample) < MIN_SIZE or sample.startswith(COMPRESSED_MAGIC):
+            return False
+        return len(self._compressor().compress(sample)) <= len(sample) * (1 - MIN_SAVING)
+
+    def encode(self, source: BinaryIO, size: int, target: BinaryIO) -> str:
+        """
+        Decide on a blob of C{size} bytes read from C{source} (a file at its
+        start): either compress it into C{target} and return L{ZSTD}, or
+        write nothing and return L{IDENTITY}.
+        """
+        if not self.pays(source.read(TRIAL_SIZE)):
+            return IDENTITY
+        source.seek(0)
+        self._compressor().copy_stream(source, target, size=size, read_size=_COPY_SIZE, write_size=_COPY_SIZE)
+        return ZSTD
+
+
+def decoder(stream: BinaryIO, encoding: str) -> BinaryIO:
+    """
+    A blocking reader of the original bytes of C{stream}, stored in
+    C{encoding}; closing it closes C{stream}.
+    """
+    if encoding == IDENTITY:
+        return stream
+    if encoding == ZSTD:
+        reader: BinaryIO = zstandard.ZstdDecompressor().stream_reader(stream, read_size=_COPY_SIZE, closefd=True)
+        return reader
+    raise ValueError(f"unknown storage encoding {encoding!r}")
+
+
+def decode(data: bytes, encoding: str) -> bytes:
+    """
+    The original bytes of a whole stored object held in memory (a small
+    blob).
+    """
+    if encoding == IDENTITY:
+        return data
+    if encoding == ZSTD:
+        return zstandard.ZstdDecompressor().decompress(data)
+    raise ValueError(f"unknown storage encoding {encoding!r}")
