@@ -58,10 +58,12 @@ def test_stats(filled: dict[str, Hash], storage: str) -> None:
     assert found["entries"] == {"go": 3, "npm": 2}
     assert found["blobs"] == 4
     logical = 3000 + 21 + 21 + 1500 + 19
-    assert found["logical_bytes"] == logical and found["stored_bytes"] == logical - 21
+    assert found["logical_bytes"] == logical and found["unique_bytes"] == logical - 21
+    assert found["stored_bytes"] == logical - 21, "this store does not compress"
     assert found["dedup_ratio"] == round(logical / (logical - 21), 3)
+    assert found["compression_ratio"] == 1.0 and found["compressed_blobs"] == 0
     text = admin("stats", "--storage", storage).stdout
-    assert "entries (go): 3" in text and "dedup ratio" in text
+    assert "entries (go): 3" in text and "dedup ratio" in text and "compression ratio: 1.0" in text
 
 
 def test_verify_finds_and_repairs_corrupt_and_missing_blobs(filled: dict[str, Hash], storage: str) -> None:

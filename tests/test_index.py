@@ -197,6 +197,40 @@ def test_older_index_is_migrated_in_place(
     db.close()
 
 
+def test_a_version_2_index_gains_encodings(storage: str, clock: Clock) -> None:
+    # An index as the previous release left it: blobs without encodings.
+    os.makedirs(storage)
+    db = sqlite3.connect(os.path.join(storage, INDEX_FILENAME), isolation_level=None)
+    for step in (1, 2):
+        for statement in index_module.MIGRATIONS[step]:
+            db.execute(statement)
+    db.execute("INSERT INTO entries VALUES ('go', 'k', ?, 100, '{}', 1.0, 1.0)", (A.hex,))
+    db.execute("INSERT INTO blobs VALUES (?, 100, 1.0)", (A.hex,))
+    db.execute("PRAGMA user_version = 2")
+    db.close()
+
+    index = SQLiteIndex(storage, SynchronousRunner(), clock)
+    index.open()
+    entry = resolve(index.get("go", "k"))
+    assert entry.blob == Blob(A, 100, "identity")
+    assert resolve(index.call("stats"))["stored_bytes"] == 100
+    resolve(index.close())
+
+
+def test_the_index_records_how_blobs_are_stored(index: SQLiteIndex) -> None:
+    resolve(index.put("npm", "packument", Blob(A, 1000, "zstd", 90), {}))
+    entry = resolve(index.get("npm", "packument"))
+    assert entry.encoding == "zstd" and entry.blob == Blob(A, 1000, "zstd")
+    # Renewing an entry (a 304) knows nothing new of the blob: kept as is.
+    resolve(index.put("npm", "packument", entry.blob, {"etag": "2"}))
+    stats = resolve(index.call("stats"))
+    assert (stats["unique_bytes"], stats["stored_bytes"], stats["compressed_blobs"]) == (1000, 90, 1)
+    # The store wrote it again otherwise (another worker's settings).
+    resolve(index.put("npm", "other", Blob(A, 1000, "identity", 1000), {}))
+    assert resolve(index.get("npm", "packument")).encoding == "identity"
+    assert resolve(index.call("stats"))["stored_bytes"] == 1000
+
+
 def test_newer_index_is_refused(index: SQLiteIndex, storage: str, clock: Clock) -> None:
     resolve(index.close())
     db = sqlite3.connect(os.path.join(storage, INDEX_FILENAME))

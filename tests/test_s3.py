@@ -7,6 +7,7 @@ reads, retries, and the checks at start.
 from __future__ import annotations
 
 import http.client
+import json
 import math
 import os
 import subprocess
@@ -28,6 +29,8 @@ from contentcache.pool import SynchronousRunner
 from contentcache.store import Store, blob_key
 
 from .conftest import files_under, resolve
+from .daemon import Daemon
+from .test_goproxy import request
 from .seaweed import SeaweedS3
 
 MiB = 1024 * 1024
@@ -194,6 +197,8 @@ class FlakyProxy:
     def __init__(self, target: str, fail: int = 0, cut_after: int | None = None) -> None:
         self.fail = fail
         self.cut_after = cut_after
+        #: Drop every connection, kept-alive ones too, as a dead server would.
+        self.down = False
         self.requests: list[str] = []
         host, port = target.split("//")[1].split(":")
         proxy = self
@@ -205,6 +210,10 @@ class FlakyProxy:
                 pass
 
             def _forward(self) -> None:
+                if proxy.down:
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 proxy.requests.append(f"{self.command} {self.path}")
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else None
@@ -244,9 +253,10 @@ class FlakyProxy:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join()
 
 
 def test_transient_errors_are_retried(s3: SeaweedS3, location: S3Location) -> None:
@@ -301,6 +311,22 @@ def test_the_daemon_refuses_to_start_on_a_missing_bucket(s3: SeaweedS3, tmp_path
     assert process.returncode != 0
     last = (process.stdout + process.stderr).decode().strip().splitlines()[-1]
     assert last.endswith(f"The S3 bucket 'no-such-bucket' does not exist at {s3.endpoint}."), last
+
+
+def test_health_follows_the_bucket(s3: SeaweedS3, tmp_path: Any) -> None:
+    proxy = FlakyProxy(s3.endpoint)
+    daemon = Daemon(None, ["--storage", f"s3://{s3.bucket}/health", "--state-dir", str(tmp_path / "state"),
+                           "--s3-endpoint", proxy.endpoint], env=s3.env())
+    try:
+        status, _, body = request(daemon.url, "/health")
+        assert status == 200 and json.loads(body)["storage"] == "ok"
+        proxy.down = True
+        proxy.stop()
+        status, _, body = request(daemon.url, "/health")
+        assert status == 503 and json.loads(body)["storage"].startswith("error")
+    finally:
+        daemon.stop()
+        proxy.stop()
 
 
 def test_s3_storage_needs_a_state_dir(tmp_path: Any) -> None:
