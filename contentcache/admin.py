@@ -79,18 +79,26 @@ async def verify(
     them again.
     """
     result = Verification()
-    present: set[str] = set()
+    good: set[str] = set()
+    #: Each damaged object: a blob stored twice (two workers, two
+    #: encodings) may have one good copy.
+    damaged: list[tuple[str, str]] = []
     async for h, encoding in store.stored():
         try:
             actual = await store.rehash(h, encoding)
         except BlobNotFound:
             continue  # expiry deleted it while we walked
-        result.blobs += 1
-        present.add(h.hex)
-        if actual != h:
-            result.corrupt.append(h.hex)
-        if progress is not None:
-            progress(result.blobs, None)
+        if h.hex not in good and all(d[0] != h.hex for d in damaged):
+            result.blobs += 1
+            if progress is not None:
+                progress(result.blobs, None)
+        if actual == h:
+            good.add(h.hex)
+        else:
+            damaged.append((h.hex, encoding))
+    result.corrupt = sorted({hexhash for hexhash, _ in damaged})
+    # A blob with no good copy at all is corrupt, not also missing.
+    present = good | set(result.corrupt)
     referenced: set[str] = await index.call("referenced_hashes")
     # A running daemon stores new blobs while the walk goes on: missing
     # means missing now, not only from the walk.
@@ -102,10 +110,12 @@ async def verify(
         if found is not None and found[1].mtime < young_from:
             result.orphans.append(hexhash)
     if repair:
-        for hexhash in result.corrupt + result.missing:
+        # Entries go only where no good copy is left; a damaged copy beside
+        # a good one goes alone.
+        for hexhash in [h for h in result.corrupt if h not in good] + result.missing:
             await index.call("delete_where_hash", hexhash)
-        for hexhash in result.corrupt:
-            await store.delete(Hash.from_hex(hexhash))
+        for hexhash, encoding in damaged:
+            await store.delete(Hash.from_hex(hexhash), encoding)
         for hexhash in result.orphans:
             # Only if still nothing refers to it (a daemon may have since).
             await index.call("forget_blob", hexhash)

@@ -93,8 +93,8 @@ def _open(args: argparse.Namespace) -> tuple[SQLiteIndex, Store]:
         what = "storage" if isinstance(config.blobs, str) else "state"
         raise SystemExit(f"contentcache: {config.state_dir} is not a {what} directory (it has no {INDEX_FILENAME}).")
     disk = SynchronousRunner()
-    store = config.store(disk, 1)
     try:
+        store = config.store(disk, 1)
         store.backend.check()
     except StorageUnavailable as e:
         raise SystemExit(f"contentcache: {e}") from None

@@ -25,8 +25,9 @@ TRIAL_SIZE = 64 * 1024
 MIN_SIZE = 128
 #: How much the trial must save for the blob to be stored compressed.
 MIN_SAVING = 0.10
-#: Levels zstd accepts, fast (negative) to slow.
-MIN_LEVEL, MAX_LEVEL = -7, 22
+#: Levels allowed, fast (negative) to slow. zstd goes to 22, but above 19
+#: its window, which every reader must hold, grows to 64 MiB and more.
+MIN_LEVEL, MAX_LEVEL = -7, 19
 DEFAULT_LEVEL = 3
 
 _COPY_SIZE = 1 << 20
@@ -56,7 +57,9 @@ class Compression:
         return self.level != 0
 
     def _compressor(self) -> zstandard.ZstdCompressor:
-        return zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+        # The checksum makes a damaged object fail to decode instead of
+        # decoding into other bytes.
+        return zstandard.ZstdCompressor(level=self.level, write_content_size=True, write_checksum=True)
 
     def pays(self, sample: bytes) -> bool:
         """
@@ -77,6 +80,10 @@ class Compression:
         source.seek(0)
         self._compressor().copy_stream(source, target, size=size, read_size=_COPY_SIZE, write_size=_COPY_SIZE)
         return ZSTD
+
+
+#: What decoding a damaged object raises.
+DecodeError = zstandard.ZstdError
 
 
 def decoder(stream: BinaryIO, encoding: str) -> BinaryIO:

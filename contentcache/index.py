@@ -83,6 +83,8 @@ MIGRATIONS: dict[int, list[str]] = {
     3: [
         # How the backend holds each blob and how many bytes that takes:
         # the store may compress. What expiry counts is the stored size.
+        # (A worker of the previous version, still running, inserts rows
+        # without it: readers take the size then.)
         "ALTER TABLE blobs ADD COLUMN encoding TEXT NOT NULL DEFAULT 'identity'",
         "ALTER TABLE blobs ADD COLUMN stored INTEGER",
         "UPDATE blobs SET stored = size",
@@ -282,7 +284,7 @@ class Database:
             )
             logical = self._db.execute("SELECT total(size) FROM entries").fetchone()[0]
             blobs, unique, stored = self._db.execute(
-                "SELECT count(*), total(size), total(stored) FROM blobs"
+                "SELECT count(*), total(size), total(coalesce(stored, size)) FROM blobs"
             ).fetchone()
             compressed = self._db.execute(
                 "SELECT count(*) FROM blobs WHERE encoding != 'identity'"
@@ -298,7 +300,7 @@ class Database:
 
     def stored_bytes(self) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT total(stored) FROM blobs").fetchone()[0])
+            return int(self._db.execute("SELECT total(coalesce(stored, size)) FROM blobs").fetchone()[0])
 
     def least_recently_used(self, limit: int, after: tuple[float, float, str, str] | None) -> list[tuple[Any, ...]]:
         """
@@ -330,7 +332,7 @@ class Database:
                            (protocol, key, hexhash))
             for hexhash in {h for _, _, h in entries}:
                 if db.execute("SELECT 1 FROM entries WHERE hash = ? LIMIT 1", (hexhash,)).fetchone() is None:
-                    row = db.execute("SELECT stored FROM blobs WHERE hash = ?", (hexhash,)).fetchone()
+                    row = db.execute("SELECT coalesce(stored, size) FROM blobs WHERE hash = ?", (hexhash,)).fetchone()
                     freed.append((hexhash, row[0] if row else 0))
         return freed
 
@@ -346,7 +348,7 @@ class Database:
         start = after or (float("-inf"), "")
         with self._lock:
             rows = self._db.execute(
-                "SELECT hash, stored, created, NOT EXISTS "
+                "SELECT hash, coalesce(stored, size), created, NOT EXISTS "
                 "(SELECT 1 FROM entries WHERE entries.hash = blobs.hash) FROM blobs "
                 "WHERE created < ? AND (created, hash) > (?, ?) ORDER BY created, hash LIMIT ?",
                 (cutoff, *start, limit),
@@ -386,7 +388,7 @@ class Database:
             for i in range(0, len(hashes), _IN_CHUNK):
                 chunk = hashes[i : i + _IN_CHUNK]
                 for h, size, created in self._db.execute(
-                    f"SELECT hash, stored, created FROM blobs WHERE hash IN ({','.join('?' * len(chunk))})",
+                    f"SELECT hash, coalesce(stored, size), created FROM blobs WHERE hash IN ({','.join('?' * len(chunk))})",
                     chunk,
                 ):
                     rows[h] = (size, created)
@@ -406,7 +408,7 @@ class Database:
     def blob_rows(self) -> dict[str, tuple[int, float]]:
         with self._lock:
             return {h: (size, created) for h, size, created in
-                    self._db.execute("SELECT hash, stored, created FROM blobs")}
+                    self._db.execute("SELECT hash, coalesce(stored, size), created FROM blobs")}
 
     def referenced_hashes(self) -> set[str]:
         with self._lock:

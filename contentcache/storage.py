@@ -10,9 +10,9 @@ import os
 
 from attrs import frozen
 
-from .backend import IBackend
+from .backend import IBackend, StorageUnavailable
 from .backend.filesystem import FilesystemBackend
-from .backend.s3 import DEFAULT_PART_SIZE, MIN_PART_SIZE, S3Backend, S3Location, make_client
+from .backend.s3 import DEFAULT_PART_SIZE, MAX_PART_SIZE, MIN_PART_SIZE, S3Backend, S3Location, make_client
 from .compress import DEFAULT_LEVEL, Compression
 from .pool import Runner
 from .store import Store
@@ -60,8 +60,8 @@ class StorageConfig:
             raise ValueError(f"--compression-level: {e}.") from None
         if s3_endpoint is not None and not s3_endpoint.startswith(("http://", "https://")):
             raise ValueError(f"--s3-endpoint must be an http or https URL, not {s3_endpoint!r}.")
-        if s3_part_size < MIN_PART_SIZE:
-            raise ValueError(f"--s3-part-size must be at least 5MiB, not {s3_part_size} bytes.")
+        if not MIN_PART_SIZE <= s3_part_size <= MAX_PART_SIZE:
+            raise ValueError(f"--s3-part-size must be from 5MiB to 5GiB, not {s3_part_size} bytes.")
         blobs: str | S3Location
         if storage.startswith(S3_SCHEME):
             try:
@@ -92,15 +92,19 @@ class StorageConfig:
     def backend(self, disk: Runner, threads: int) -> IBackend:
         if isinstance(self.blobs, str):
             return FilesystemBackend(self.blobs, disk)
-        return S3Backend(
-            make_client(self.s3_endpoint, self.s3_region, threads),
-            self.blobs,
-            disk,
-            self.s3_part_size,
-            make_client(self.s3_endpoint, self.s3_region, 1, attempts=2),
-        )
+        try:
+            clients = [make_client(self.s3_endpoint, self.s3_region, threads),
+                       make_client(self.s3_endpoint, self.s3_region, 1, attempts=2)]
+        except Exception as e:
+            # A profile that does not exist, a region or endpoint botocore
+            # cannot use: configuration, said in one sentence.
+            raise StorageUnavailable(f"Cannot set up the S3 client for {self.blobs}: {e}.") from None
+        return S3Backend(clients[0], self.blobs, disk, self.s3_part_size, clients[1])
 
     def store(self, disk: Runner, threads: int) -> Store:
+        """
+        The store on this storage; raises L{StorageUnavailable}.
+        """
         return Store(self.backend(disk, threads), self.staging, disk, self.compression)
 
     def describe(self) -> str:

@@ -16,13 +16,16 @@ from typing import AsyncIterable, AsyncIterator, BinaryIO, Iterable
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from . import tempfiles
 from .backend import BlockingReader, IBackend, IReader, NotFound, Stat, iterate
-from .compress import IDENTITY, SUFFIXES, Compression, decode, decoder
+from .compress import IDENTITY, SUFFIXES, Compression, DecodeError, decode, decoder
 from .hash import Hash, Hasher
 from .pool import Runner
 from .tracing import child_span
+
+log = Logger()
 
 BLOB_PREFIX = "blobs"
 #: A compressed blob up to this size is read whole to serve a slice of it.
@@ -315,40 +318,53 @@ class Store:
     async def read(self, blob: Blob, offset: int, length: int) -> bytes:
         """
         Up to C{length} bytes of a small blob from C{offset}, in one trip
-        (two if it is stored compressed).
+        (two if it is stored compressed). A compressed object that does not
+        decode is deleted, and the blob is missing: fetched again.
         """
-        if blob.encoding != IDENTITY and blob.size > MAX_DECODED_READ:
-            reader = await self.get(blob, offset)
-            try:
-                parts = []
-                while length > 0 and (chunk := await reader.read(length)):
-                    parts.append(chunk)
-                    length -= len(chunk)
-                return b"".join(parts)
-            finally:
-                await reader.close()
         for encoding in [blob.encoding, *(e for e in SUFFIXES if e != blob.encoding)]:
             key = blob_key(blob.hash, encoding)
             try:
                 if encoding == IDENTITY:
                     return await self.backend.read(key, offset, length)
+                if blob.size > MAX_DECODED_READ:
+                    return await self._read_streamed(Blob(blob.hash, blob.size, encoding), offset, length)
                 # The whole object: a small blob compressed is smaller still.
                 data = await self.backend.read(key, 0, blob.size + (blob.size >> 6) + 1024)
             except NotFound:
                 continue
-            return await self._disk.run(_slice_decoded, data, encoding, offset, length)
+            try:
+                return await self._disk.run(_slice_decoded, data, encoding, offset, length)
+            except DecodeError as e:
+                log.warn("blob {hash} is damaged ({error}); deleting it to fetch it again",
+                         hash=blob.hash.hex, error=e)
+                await self.backend.delete(key)
+                raise BlobNotFound(blob.hash.hex) from None
         raise BlobNotFound(blob.hash.hex)
 
-    async def rehash(self, h: Hash, encoding: str) -> Hash:
+    async def _read_streamed(self, blob: Blob, offset: int, length: int) -> bytes:
+        reader = await self.get(blob, offset)
+        try:
+            parts = []
+            while length > 0 and (chunk := await reader.read(length)):
+                parts.append(chunk)
+                length -= len(chunk)
+            return b"".join(parts)
+        finally:
+            await reader.close()
+
+    async def rehash(self, h: Hash, encoding: str) -> Hash | None:
         """
         The hash of what the object holding C{h} in C{encoding} decodes to:
-        C{h} itself unless it is corrupt. Fails with L{BlobNotFound}.
+        C{h} itself unless it is corrupt; L{None} if it does not decode.
+        Fails with L{BlobNotFound}.
         """
         try:
             raw = await self.backend.open(blob_key(h, encoding))
+            return await self._disk.run(_hash_stream, decoder(raw.stream, encoding))
         except NotFound:
             raise BlobNotFound(h.hex) from None
-        return await self._disk.run(_hash_stream, decoder(raw.stream, encoding))
+        except DecodeError:
+            return None
 
     async def size(self, h: Hash) -> int | None:
         """
@@ -361,13 +377,13 @@ class Store:
     async def has(self, h: Hash) -> bool:
         return await self.find(h) is not None
 
-    async def delete(self, h: Hash) -> bool:
+    async def delete(self, h: Hash, encoding: str | None = None) -> bool:
         """
-        Remove the blob in every encoding it is stored in; whether there was
-        one.
+        Remove the blob as stored in C{encoding}, or in every encoding it is
+        stored in; whether there was one.
         """
         deleted = False
-        for encoding in SUFFIXES:
+        for encoding in SUFFIXES if encoding is None else [encoding]:
             deleted = await self.backend.delete(blob_key(h, encoding)) or deleted
         return deleted
 

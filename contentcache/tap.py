@@ -35,6 +35,7 @@ from .lifecycle import ExitCleanlyOnSIGTERM, NotifyReady, SequentialServices, St
 from .compress import DEFAULT_LEVEL
 from .pool import DEFAULT_THREADS, DiskPool
 from .server import CacheSite, Root
+from .backend import StorageUnavailable
 from .storage import StorageConfig
 from .tracing import TracingService
 from .upstream import NegativeCache, Timeouts
@@ -281,7 +282,10 @@ def makeService(options: Options) -> IService:
     index = SQLiteIndex(storage.state_dir, disk, reactor)
     IndexService(index, reactor).setServiceParent(top)
 
-    store = storage.store(disk, options["disk-threads"])
+    try:
+        store = storage.store(disk, options["disk-threads"])
+    except StorageUnavailable as e:
+        raise SystemExit(str(e)) from None
     StoreService(store).setServiceParent(top)
 
     policy = Policy(ttl=options["ttl"] or None, max_size=options["max-size"], grace=options["grace"])

@@ -26,6 +26,7 @@ from twisted.web.http import (
     OK,
     PARTIAL_CONTENT,
     REQUESTED_RANGE_NOT_SATISFIABLE,
+    SERVICE_UNAVAILABLE,
 )
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -33,7 +34,7 @@ from zope.interface import implementer
 
 from . import metrics
 from .tracing import child_span, tracer
-from .backend import IReader
+from .backend import IReader, StorageUnavailable
 from .cache import IntegrityError, Missing
 from .hash import Hash
 from .store import Blob, BlobNotFound, Store
@@ -113,6 +114,9 @@ def _fail(failure: Failure, request: Request, gone: list[bool]) -> None:
     elif failure.check(UpstreamError):
         log.warn("upstream failure for {uri}: {error}", uri=request.uri, error=failure.value)
         body = text(request, BAD_GATEWAY, f"upstream failure: {failure.value}")
+    elif failure.check(StorageUnavailable):
+        log.warn("storage unavailable for {uri}: {error}", uri=request.uri, error=failure.value)
+        body = text(request, SERVICE_UNAVAILABLE, "storage unavailable; try again")
     elif failure.check(BlobNotFound):
         log.warn("blob {hash} is missing from the store", hash=str(failure.value))
         body = text(request, NOT_FOUND, "not found")

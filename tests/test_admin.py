@@ -14,6 +14,9 @@ from typing import Any, Iterator
 import pytest
 from twisted.internet.task import Clock
 
+from contentcache import admin as admin_module
+from contentcache.backend.filesystem import FilesystemBackend
+from contentcache.compress import Compression
 from contentcache.hash import Hash
 from contentcache.index import SQLiteIndex
 from contentcache.store import Blob, Store, blob_key
@@ -118,6 +121,33 @@ def test_purge(filled: dict[str, Hash], storage: str) -> None:
     assert admin("verify", "--storage", storage).returncode == 0
     bad = admin("purge", "--storage", storage, "npm", "../etc")
     assert bad.returncode != 0 and "invalid" in bad.stderr
+
+
+def test_verify_removes_a_damaged_copy_and_keeps_the_good_one(
+    index: SQLiteIndex, storage: str, disk: Any
+) -> None:
+    # Two workers stored the same packument at once, one compressing.
+    data = json.dumps({"versions": {str(i): {"name": "p", "i": i} for i in range(500)}}).encode()
+    plain = Store(FilesystemBackend(storage, disk), os.path.join(storage, "tmp"), disk)
+    squeezed = Store(plain.backend, plain.staging, disk, Compression(3))
+    resolve(squeezed.start())
+    h = Hash.of(data)
+    compressed = resolve(squeezed.put([data])).blob
+    assert compressed.encoding == "zstd"
+    resolve(plain.backend.write(blob_key(h), [data]))
+    resolve(index.put("npm", "packument:full:p", compressed, {}))
+    path = os.path.join(storage, blob_key(h, "zstd"))
+    damaged = bytearray(open(path, "rb").read())
+    damaged[len(damaged) // 2] ^= 0x01
+    open(path, "wb").write(bytes(damaged))
+
+    found = resolve(admin_module.verify(index, plain, repair=False))
+    assert found.blobs == 1 and found.corrupt == [h.hex] and found.missing == []
+    repaired = resolve(admin_module.verify(index, plain, repair=True))
+    assert repaired.corrupt == [h.hex]
+    assert not os.path.exists(path) and os.path.exists(os.path.join(storage, blob_key(h)))
+    assert resolve(index.get("npm", "packument:full:p")) is not None, "a good copy is left"
+    assert resolve(admin_module.verify(index, plain, repair=False)).problems == 0
 
 
 def test_missing_storage_is_one_sentence(tmp_path: Any) -> None:

@@ -217,6 +217,20 @@ def test_a_version_2_index_gains_encodings(storage: str, clock: Clock) -> None:
     resolve(index.close())
 
 
+def test_rows_a_previous_worker_writes_count_their_size(index: SQLiteIndex, clock: Clock) -> None:
+    # A worker of version 2 still running beside a migrated index inserts
+    # blobs without a stored size.
+    resolve(index.put("go", "new", Blob(A, 10, "zstd", 4), {}))
+    db = sqlite3.connect(os.path.join(index.directory, INDEX_FILENAME), isolation_level=None)
+    db.execute("INSERT INTO entries VALUES ('go', 'old', ?, 100, '{}', 1.0, 1.0)", (B.hex,))
+    db.execute("INSERT INTO blobs (hash, size, created) VALUES (?, 100, 1.0)", (B.hex,))
+    db.close()
+    assert resolve(index.call("stored_bytes")) == 104
+    assert resolve(index.call("stats"))["stored_bytes"] == 104
+    assert resolve(index.call("blob_rows"))[B.hex] == (100, 1.0)
+    assert resolve(index.call("evict", [("go", "old", B.hex)])) == [(B.hex, 100)]
+
+
 def test_the_index_records_how_blobs_are_stored(index: SQLiteIndex) -> None:
     resolve(index.put("npm", "packument", Blob(A, 1000, "zstd", 90), {}))
     entry = resolve(index.get("npm", "packument"))

@@ -20,18 +20,21 @@ from typing import Any, Iterator
 
 import pytest
 
-from contentcache.backend import StorageUnavailable
+from contentcache.backend import NotFound, StorageUnavailable
 from contentcache.backend import s3 as s3_module
 from contentcache.backend.s3 import MIN_PART_SIZE, S3Backend, S3Location, make_client
 from contentcache.compress import Compression
 from contentcache.hash import Hasher
 from contentcache.pool import SynchronousRunner
+from contentcache.storage import StorageConfig
 from contentcache.store import Store, blob_key
 
 from .conftest import files_under, resolve
 from .daemon import Daemon
+from .gomodules import GREET, build_tree, modules
 from .test_goproxy import request
 from .seaweed import SeaweedS3
+from .upstream import UpstreamFixture
 
 MiB = 1024 * 1024
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -166,25 +169,41 @@ def test_ranged_reads(s3: SeaweedS3, location: S3Location) -> None:
     assert stat is not None and stat.size == 100_000 and abs(stat.mtime - time.time()) < 300
 
 
-def test_keys_stay_under_the_prefix(s3: SeaweedS3, location: S3Location) -> None:
-    # A neighbour whose prefix extends ours must not show up in our listing.
+def test_keys_and_sweep_stay_under_the_prefix(s3: SeaweedS3, location: S3Location, monkeypatch: Any) -> None:
+    # Another daemon's prefix below ours, and one beside it that extends it.
     ours = backend_for(s3, location)
-    neighbour = backend_for(s3, S3Location(location.bucket, location.prefix.rstrip("/") + "x/"))
+    below = backend_for(s3, S3Location(location.bucket, location.prefix + "team-b/"))
+    beside = backend_for(s3, S3Location(location.bucket, location.prefix.rstrip("/") + "x/"))
+    client = s3.client()
     try:
-        for key in ["blobs/aa/1", "blobs/bb/2", "other"]:
+        for key in ["blobs/aa/1", "blobs/bb/2"]:
             resolve(ours.write(key, [key.encode()]))
-        resolve(neighbour.write("blobs/aa/3", [b"theirs"]))
+        resolve(below.write("blobs/aa/3", [b"theirs"]))
+        resolve(beside.write("blobs/aa/4", [b"theirs"]))
+        for other in (below, beside):
+            client.create_multipart_upload(Bucket=s3.bucket, Key=other.name("blobs/cc/in-flight"))
 
-        async def collect(prefix: str) -> list[str]:
-            return [key async for key in ours.keys(prefix)]
+        async def collect(backend: S3Backend) -> list[str]:
+            return sorted([key async for key in backend.keys("blobs")])
 
-        assert sorted(resolve(collect(""))) == ["blobs/aa/1", "blobs/bb/2", "other"]
-        assert sorted(resolve(collect("blobs"))) == ["blobs/aa/1", "blobs/bb/2"]
+        assert resolve(collect(ours)) == ["blobs/aa/1", "blobs/bb/2"]
+        assert resolve(collect(below)) == ["blobs/aa/3"]
         assert resolve(ours.delete("blobs/aa/1")) is True
         assert resolve(ours.delete("blobs/aa/1")) is False
-        assert resolve(neighbour.stat("blobs/aa/3")) is not None
+        monkeypatch.setattr(s3_module, "STALE_UPLOAD_AGE", -60)
+        assert resolve(ours.sweep()) == 0
+        # Even with no prefix at all (a whole bucket), only blobs/ is ours.
+        assert resolve(backend_for(s3, S3Location(location.bucket, "")).sweep()) == 0
+        assert len(s3.list_multipart_uploads(s3.bucket, location.prefix.rstrip("/"))) == 2
     finally:
-        s3.empty_bucket(s3.bucket, neighbour.location.prefix)
+        s3.empty_bucket(s3.bucket, beside.location.prefix)
+
+
+def test_bad_client_settings_are_one_sentence(tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    config = StorageConfig.parse("s3://bucket/prefix", str(tmp_path), "http://127.0.0.1:1")
+    with pytest.raises(StorageUnavailable, match=r"^Cannot set up the S3 client for s3://bucket/prefix/: .*no-such-profile.*\.$"):
+        config.backend(SynchronousRunner(), 1)
 
 
 class FlakyProxy:
@@ -285,6 +304,23 @@ def test_a_read_whose_connection_breaks_resumes_where_it_stopped(
         proxy.stop()
 
 
+def test_a_resume_never_joins_another_objects_bytes(s3: SeaweedS3, location: S3Location) -> None:
+    direct = backend_for(s3, location)
+    resolve(direct.write("k", [os.urandom(3 * MiB)]))
+    proxy = FlakyProxy(s3.endpoint, cut_after=2 * MiB)
+    try:
+        reader = resolve(backend_for(s3, location, endpoint=proxy.endpoint).open("k"))
+        assert len(resolve(reader.read(MiB))) == MiB
+        # Another worker writes other bytes under the key meanwhile.
+        resolve(direct.write("k", [os.urandom(3 * MiB)]))
+        with pytest.raises(NotFound):
+            while resolve(reader.read(MiB)):
+                pass
+        resolve(reader.close())
+    finally:
+        proxy.stop()
+
+
 def test_missing_bucket_and_refused_credentials_are_one_sentence(
     s3: SeaweedS3, location: S3Location, monkeypatch: Any
 ) -> None:
@@ -297,7 +333,7 @@ def test_missing_bucket_and_refused_credentials_are_one_sentence(
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    with pytest.raises(StorageUnavailable, match=r"^No AWS credentials were found"):
+    with pytest.raises(StorageUnavailable, match=r"^No usable AWS credentials were found"):
         backend_for(s3, location).check()
 
 
@@ -313,20 +349,32 @@ def test_the_daemon_refuses_to_start_on_a_missing_bucket(s3: SeaweedS3, tmp_path
     assert last.endswith(f"The S3 bucket 'no-such-bucket' does not exist at {s3.endpoint}."), last
 
 
-def test_health_follows_the_bucket(s3: SeaweedS3, tmp_path: Any) -> None:
+def test_health_and_requests_follow_the_bucket(s3: SeaweedS3, tmp_path: Any) -> None:
     proxy = FlakyProxy(s3.endpoint)
+    upstream = UpstreamFixture(build_tree(str(tmp_path / "proxy"), modules()))
     daemon = Daemon(None, ["--storage", f"s3://{s3.bucket}/health", "--state-dir", str(tmp_path / "state"),
-                           "--s3-endpoint", proxy.endpoint], env=s3.env())
+                           "--s3-endpoint", proxy.endpoint, "--go-upstream", upstream.url, "--go-sumdb", "off"],
+                    env=s3.env())
+    zip_path = f"/goproxy/{GREET}/@v/v1.0.0.zip"
     try:
         status, _, body = request(daemon.url, "/health")
         assert status == 200 and json.loads(body)["storage"] == "ok"
+        status, headers, _ = request(daemon.url, zip_path)
+        assert status == 200 and headers["x-cache"] == "MISS"
+
         proxy.down = True
         proxy.stop()
         status, _, body = request(daemon.url, "/health")
         assert status == 503 and json.loads(body)["storage"].startswith("error")
+        # Cached, but the bucket does not answer: 503, one line, no traceback.
+        status, headers, body = request(daemon.url, zip_path)
+        assert status == 503 and body == b"storage unavailable; try again\n"
+        log = daemon.log()
+        assert "storage unavailable for" in log and "Traceback" not in log
     finally:
         daemon.stop()
         proxy.stop()
+        upstream.stop()
 
 
 def test_s3_storage_needs_a_state_dir(tmp_path: Any) -> None:

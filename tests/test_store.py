@@ -328,6 +328,22 @@ def test_a_blob_stored_otherwise_than_recorded_is_still_read(make_store: MakeSto
     assert not result.created and result.blob.encoding == IDENTITY
 
 
+def test_a_damaged_compressed_blob_is_deleted_and_missing(make_store: MakeStore) -> None:
+    store = make_store(level=3)
+    data = packument(50)
+    blob = resolve(store.put([data])).blob
+    key = blob_key(blob.hash, ZSTD)
+    stored = bytearray(resolve(store.backend.read(key, 0, len(data))))
+    stored[len(stored) // 2] ^= 0x01  # one bit: the frame's checksum catches it
+    resolve(store.backend.write(key, [bytes(stored)]))
+    assert resolve(store.rehash(blob.hash, ZSTD)) is None
+    with pytest.raises(BlobNotFound):
+        resolve(store.read(blob, 0, 100))
+    assert objects(store) == [], "deleted, so that the next request fetches it again"
+    again = resolve(store.put([data]))
+    assert again.created and read_blob(store, again.blob) == data
+
+
 def test_compression_level_is_checked() -> None:
     with pytest.raises(ValueError, match="compression level"):
-        Compression(23)
+        Compression(20)

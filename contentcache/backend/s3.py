@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from typing import Any, AsyncIterable, AsyncIterator, BinaryIO, Iterable, cast
+from typing import Any, AsyncIterable, AsyncIterator, BinaryIO, Callable, Iterable, TypeVar, cast
 from urllib.parse import urlsplit
 
 from attrs import define, field, frozen
@@ -32,6 +32,7 @@ from ..pool import Runner
 from . import BlockingReader, IBackend, IReader, NotFound, Stat, StorageUnavailable, check_key, iterate
 
 log = Logger()
+T = TypeVar("T")
 
 #: S3 refuses parts smaller than this, but for the last.
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -46,9 +47,14 @@ STALE_UPLOAD_AGE = 24 * 3600
 MAX_ATTEMPTS = 5
 #: How often a read that lost its connection starts again from where it was.
 READ_RESUMES = 3
+#: The part of the key space under the prefix that the store writes.
+UPLOADS_UNDER = "blobs/"
+#: S3's largest part, and largest single PUT.
+MAX_PART_SIZE = 5 * 1024**3
 
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 _NO_BUCKET = {"NoSuchBucket"}
+_CHANGED = {"412", "PreconditionFailed"}
 _REFUSED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
             "ExpiredToken", "AuthorizationHeaderMalformed"}
 
@@ -119,11 +125,13 @@ class _ObjectStream(io.RawIOBase):
     GET, up to L{READ_RESUMES} times.
     """
 
-    def __init__(self, backend: S3Backend, key: str, body: Any, position: int, size: int) -> None:
+    def __init__(self, backend: S3Backend, key: str, response: dict[str, Any], position: int, size: int) -> None:
         super().__init__()
         self._backend = backend
         self._key = key
-        self._body = body
+        self._body = response["Body"]
+        #: The object read: a resume must not join another one's bytes.
+        self._etag = response.get("ETag")
         self._position = position
         self._size = size
         self._resumes = 0
@@ -132,7 +140,7 @@ class _ObjectStream(io.RawIOBase):
         return True
 
     def read(self, size: int = -1) -> bytes:
-        from botocore.exceptions import BotoCoreError
+        from botocore.exceptions import BotoCoreError, ClientError
         from urllib3.exceptions import HTTPError
 
         if size < 0:
@@ -143,12 +151,18 @@ class _ObjectStream(io.RawIOBase):
                 break
             except (BotoCoreError, HTTPError, OSError) as e:
                 if self._resumes >= READ_RESUMES:
-                    raise
+                    raise StorageUnavailable(f"reading {self._key} from S3 failed: {e}") from e
                 self._resumes += 1
                 log.warn("reading {key} from S3 failed at byte {position} ({error}); resuming",
                          key=self._key, position=self._position, error=e)
                 self._body.close()
-                self._body = self._backend._get(self._key, self._position)["Body"]
+                try:
+                    self._body = self._backend._get(self._key, self._position, if_match=self._etag)["Body"]
+                except ClientError as gone:
+                    # Deleted, or replaced by another object, meanwhile.
+                    if _code(gone) in _MISSING or _code(gone) in _CHANGED:
+                        raise NotFound(self._key) from None
+                    raise StorageUnavailable(f"reading {self._key} from S3 failed: {gone}") from gone
         self._position += len(data)
         return data
 
@@ -179,12 +193,28 @@ class S3Backend:
 
     @part_size.validator
     def _valid_part_size(self, attribute: object, value: int) -> None:
-        if value < MIN_PART_SIZE:
-            raise ValueError(f"the S3 part size must be at least {MIN_PART_SIZE} bytes (5 MiB), not {value}")
+        if not MIN_PART_SIZE <= value <= MAX_PART_SIZE:
+            raise ValueError(f"the S3 part size must be from 5MiB to 5GiB, not {value} bytes")
 
     @property
     def bucket(self) -> str:
         return self.location.bucket
+
+    def _run(self, f: Callable[..., T], *args: object) -> Deferred[T]:
+        """
+        Run a blocking S3 call on the disk pool. Errors it does not handle
+        itself (S3 down after the retries, throttling that does not stop)
+        become L{StorageUnavailable}: 503 for a client, one log line.
+        """
+        return self._disk.run(self._guarded, f, *args)
+
+    def _guarded(self, f: Callable[..., T], *args: object) -> T:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return f(*args)
+        except (BotoCoreError, ClientError) as e:
+            raise StorageUnavailable(f"S3 at {self._client.meta.endpoint_url} failed: {e}") from e
 
     def name(self, key: str) -> str:
         """
@@ -198,15 +228,16 @@ class S3Backend:
         missing, the credentials are refused or the endpoint is out of
         reach.
         """
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
         client = self._check_client or self._client
         where = client.meta.endpoint_url
         try:
             client.head_bucket(Bucket=self.bucket)
-        except NoCredentialsError:
+        except (NoCredentialsError, PartialCredentialsError) as e:
+            found = "were found" if isinstance(e, NoCredentialsError) else "are incomplete"
             raise StorageUnavailable(
-                f"No AWS credentials were found for {self.location}: set AWS_ACCESS_KEY_ID and "
+                f"No usable AWS credentials {found} for {self.location}: set AWS_ACCESS_KEY_ID and "
                 f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an instance role."
             ) from None
         except ClientError as e:
@@ -252,14 +283,15 @@ class S3Backend:
             log.warn("could not abort the upload of {key}: {error}", key=key, error=e)
 
     async def _multipart(self, key: str, parts: AsyncIterator[bytes]) -> None:
-        upload = await self._disk.run(self._begin, key)
+        # (Parts are numbered from 1; _part refuses number 10,001.)
+        upload = await self._run(self._begin, key)
         try:
             done: list[dict[str, Any]] = []
             async for data in parts:
-                done.append(await self._disk.run(self._part, key, upload, len(done) + 1, data))
-            await self._disk.run(self._complete, key, upload, done)
+                done.append(await self._run(self._part, key, upload, len(done) + 1, data))
+            await self._run(self._complete, key, upload, done)
         except BaseException:
-            await self._disk.run(self._abort, key, upload)
+            await self._run(self._abort, key, upload)
             raise
 
     async def _write(self, key: str, chunks: AsyncIterable[bytes] | Iterable[bytes]) -> None:
@@ -274,7 +306,7 @@ class S3Backend:
                 ended = True
                 break
         if ended:
-            await self._disk.run(self._put, name, bytes(buffer))
+            await self._run(self._put, name, bytes(buffer))
             return
 
         async def parts() -> AsyncIterator[bytes]:
@@ -296,11 +328,13 @@ class S3Backend:
         name = self.name(key)
         size = await self._disk.run(os.path.getsize, path)
         if size <= self.part_size:
-            await self._disk.run(self._put_file, name, path)
+            await self._run(self._put_file, name, path)
         else:
+            # Larger parts for a blob that would need more than S3 allows.
+            part_size = max(self.part_size, -(-size // MAX_PARTS))
             handle: BinaryIO = await self._disk.run(open, path, "rb")
             try:
-                await self._multipart(name, self._file_parts(handle))
+                await self._multipart(name, self._file_parts(handle, part_size))
             finally:
                 await self._disk.run(handle.close)
         await self._disk.run(os.unlink, path)
@@ -309,9 +343,9 @@ class S3Backend:
         with open(path, "rb") as body:
             self._put(key, body)
 
-    async def _file_parts(self, handle: BinaryIO) -> AsyncIterator[bytes]:
+    async def _file_parts(self, handle: BinaryIO, part_size: int) -> AsyncIterator[bytes]:
         # One part in memory at a time, read on the pool.
-        while data := await self._disk.run(handle.read, self.part_size):
+        while data := await self._disk.run(handle.read, part_size):
             yield data
 
     def write_file(self, key: str, path: str) -> Deferred[None]:
@@ -319,8 +353,10 @@ class S3Backend:
 
     # Reads.
 
-    def _get(self, name: str, offset: int, end: int | None = None) -> dict[str, Any]:
+    def _get(self, name: str, offset: int, end: int | None = None, if_match: str | None = None) -> dict[str, Any]:
         arguments: dict[str, Any] = {"Bucket": self.bucket, "Key": name}
+        if if_match:
+            arguments["IfMatch"] = if_match
         if offset or end is not None:
             arguments["Range"] = f"bytes={offset}-{'' if end is None else end}"
         response: dict[str, Any] = self._client.get_object(**arguments)
@@ -344,11 +380,11 @@ class S3Backend:
             return BlockingReader(self._disk, io.BytesIO(), stat.size)
         content_range = response.get("ContentRange")
         size = int(content_range.rsplit("/", 1)[1]) if content_range else int(response["ContentLength"])
-        stream = _ObjectStream(self, name, response["Body"], offset, size)
+        stream = _ObjectStream(self, name, response, offset, size)
         return BlockingReader(self._disk, cast(BinaryIO, stream), size)
 
     def open(self, key: str, offset: int = 0) -> Deferred[IReader]:
-        return self._disk.run(self._open, key, offset)
+        return self._run(self._open, key, offset)
 
     def _read(self, key: str, offset: int, length: int) -> bytes:
         from botocore.exceptions import ClientError
@@ -370,7 +406,7 @@ class S3Backend:
         return data
 
     def read(self, key: str, offset: int, length: int) -> Deferred[bytes]:
-        return self._disk.run(self._read, key, offset, length)
+        return self._run(self._read, key, offset, length)
 
     def _stat(self, key: str) -> Stat | None:
         from botocore.exceptions import ClientError
@@ -384,7 +420,7 @@ class S3Backend:
         return Stat(size=int(response["ContentLength"]), mtime=response["LastModified"].timestamp())
 
     def stat(self, key: str) -> Deferred[Stat | None]:
-        return self._disk.run(self._stat, key)
+        return self._run(self._stat, key)
 
     def _delete(self, key: str) -> bool:
         # S3 deletes answer the same whether or not there was an object.
@@ -394,7 +430,7 @@ class S3Backend:
         return True
 
     def delete(self, key: str) -> Deferred[bool]:
-        return self._disk.run(self._delete, key)
+        return self._run(self._delete, key)
 
     def _list(self, prefix: str, token: str | None) -> tuple[list[str], str | None]:
         arguments: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
@@ -410,7 +446,7 @@ class S3Backend:
         start = self.location.prefix + (check_key(prefix) + "/" if prefix else "")
         token: str | None = None
         while True:
-            keys, token = await self._disk.run(self._list, start, token)
+            keys, token = await self._run(self._list, start, token)
             for key in keys:
                 if not any(part.startswith(".") for part in key.split("/")):
                     yield key
@@ -426,7 +462,9 @@ class S3Backend:
         """
         cutoff = time.time() - STALE_UPLOAD_AGE
         aborted = 0
-        arguments: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.location.prefix}
+        # Only where this backend writes: the prefix may be a whole bucket,
+        # or hold another daemon's prefix below it.
+        arguments: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.location.prefix + UPLOADS_UNDER}
         while True:
             response = self._client.list_multipart_uploads(**arguments)
             for upload in response.get("Uploads", []):
@@ -439,4 +477,4 @@ class S3Backend:
             arguments["UploadIdMarker"] = response.get("NextUploadIdMarker")
 
     def sweep(self) -> Deferred[int]:
-        return self._disk.run(self._sweep)
+        return self._run(self._sweep)
