@@ -151,16 +151,17 @@ def mib(kib: int) -> str:
     return f"{kib / KiB:.1f} MiB"
 
 
-def status_kib(field: str) -> int:
+def status_kib(field: str, path: str = "/proc/self/status") -> int:
     """
-    A C{/proc/self/status} memory figure (C{VmRSS}, C{VmHWM}) in KiB.
+    A memory figure in KiB from C{/proc/self/status} (C{VmRSS}, C{VmHWM})
+    or another file of that form (C{/proc/meminfo}: C{MemTotal}).
     """
-    with open("/proc/self/status") as status:
+    with open(path) as status:
         for line in status:
             name, _, value = line.partition(":")
             if name == field:
                 return int(value.split()[0])
-    raise LookupError(f"{field} is not in /proc/self/status")
+    raise LookupError(f"{field} is not in {path}")
 
 
 def max_rss_kib() -> int:

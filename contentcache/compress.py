@@ -61,13 +61,15 @@ class Compression:
         # decoding into other bytes.
         return zstandard.ZstdCompressor(level=self.level, write_content_size=True, write_checksum=True)
 
-    def pays(self, sample: bytes) -> bool:
+    def trial(self, sample: bytes) -> bytes | None:
         """
-        Whether content that starts with C{sample} is worth compressing.
+        C{sample}, the start of some content, compressed, if compressing
+        the content is worth it; L{None} otherwise.
         """
         if not self.enabled or len(sample) < MIN_SIZE or sample.startswith(COMPRESSED_MAGIC):
-            return False
-        return len(self._compressor().compress(sample)) <= len(sample) * (1 - MIN_SAVING)
+            return None
+        compressed: bytes = self._compressor().compress(sample)
+        return compressed if len(compressed) <= len(sample) * (1 - MIN_SAVING) else None
 
     def encode(self, source: BinaryIO, size: int, target: BinaryIO) -> str:
         """
@@ -75,10 +77,16 @@ class Compression:
         start): either compress it into C{target} and return L{ZSTD}, or
         write nothing and return L{IDENTITY}.
         """
-        if not self.pays(source.read(TRIAL_SIZE)):
+        sample = source.read(TRIAL_SIZE)
+        compressed = self.trial(sample)
+        if compressed is None:
             return IDENTITY
-        source.seek(0)
-        self._compressor().copy_stream(source, target, size=size, read_size=_COPY_SIZE, write_size=_COPY_SIZE)
+        if len(sample) == size:
+            # The trial was the whole blob.
+            target.write(compressed)
+        else:
+            source.seek(0)
+            self._compressor().copy_stream(source, target, size=size, read_size=_COPY_SIZE, write_size=_COPY_SIZE)
         return ZSTD
 
 

@@ -289,6 +289,8 @@ class S3Backend:
             done: list[dict[str, Any]] = []
             async for data in parts:
                 done.append(await self._run(self._part, key, upload, len(done) + 1, data))
+                # Let the part go before the next one is read: one in memory.
+                del data
             await self._run(self._complete, key, upload, done)
         except BaseException:
             await self._run(self._abort, key, upload)
