@@ -12,14 +12,15 @@ written again.
 from __future__ import annotations
 
 import os
-from typing import AsyncIterable, AsyncIterator, BinaryIO, Iterable
+from typing import AsyncIterable, AsyncIterator, BinaryIO, Iterable, NoReturn
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from . import tempfiles
-from .backend import BlockingReader, IBackend, IReader, NotFound, Stat, iterate
+from .backend import IBackend, IReader, NotFound, Stat, iterate
 from .compress import IDENTITY, SUFFIXES, Compression, DecodeError, decode, decoder
 from .hash import Hash, Hasher
 from .pool import Runner
@@ -295,7 +296,7 @@ class Store:
             return raw, candidate
         raise BlobNotFound(h.hex)
 
-    def _decoding(self, raw: IReader, encoding: str, size: int, offset: int) -> IReader:
+    def _decoding(self, raw: IReader, encoding: str, offset: int) -> BinaryIO:
         stream = decoder(raw.stream, encoding)
         try:
             # Forward only: zstd decodes and drops what comes before.
@@ -303,7 +304,7 @@ class Store:
         except BaseException:
             stream.close()
             raise
-        return BlockingReader(self._disk, stream, size)
+        return stream
 
     async def get(self, blob: Blob, offset: int = 0) -> IReader:
         """
@@ -313,7 +314,21 @@ class Store:
         raw, encoding = await self._open(blob.hash, blob.encoding, offset)
         if encoding == IDENTITY:
             return raw
-        return await self._disk.run(self._decoding, raw, encoding, blob.size, offset)
+        key = blob_key(blob.hash, encoding)
+        try:
+            stream = await self._disk.run(self._decoding, raw, encoding, offset)
+        except DecodeError as e:
+            await self._discard_damaged(blob.hash, key, e)
+        return _DecodingReader(self, blob.hash, key, stream, blob.size)
+
+    async def _discard_damaged(self, h: Hash, key: str, error: Exception) -> NoReturn:
+        """
+        Delete a stored object that does not decode, so that the blob is
+        missing and fetched again, and raise L{BlobNotFound}.
+        """
+        log.warn("blob {hash} is damaged ({error}); deleting it to fetch it again", hash=h.hex, error=error)
+        await self.backend.delete(key)
+        raise BlobNotFound(h.hex)
 
     async def read(self, blob: Blob, offset: int, length: int) -> bytes:
         """
@@ -335,10 +350,7 @@ class Store:
             try:
                 return await self._disk.run(_slice_decoded, data, encoding, offset, length)
             except DecodeError as e:
-                log.warn("blob {hash} is damaged ({error}); deleting it to fetch it again",
-                         hash=blob.hash.hex, error=e)
-                await self.backend.delete(key)
-                raise BlobNotFound(blob.hash.hex) from None
+                await self._discard_damaged(blob.hash, key, e)
         raise BlobNotFound(blob.hash.hex)
 
     async def _read_streamed(self, blob: Blob, offset: int, length: int) -> bytes:
@@ -402,6 +414,34 @@ class Store:
         """
         async for h, _ in self.stored():
             yield h
+
+
+@implementer(IReader)
+@define
+class _DecodingReader:
+    """
+    A compressed object read as the blob's original bytes, on the disk
+    pool. One that turns out damaged part-way is deleted.
+    """
+
+    _store: Store
+    _hash: Hash
+    _key: str
+    stream: BinaryIO
+    size: int
+
+    async def _read(self, size: int) -> bytes:
+        try:
+            data: bytes = await self._store._disk.run(self.stream.read, size)
+        except DecodeError as e:
+            await self._store._discard_damaged(self._hash, self._key, e)
+        return data
+
+    def read(self, size: int) -> Deferred[bytes]:
+        return Deferred.fromCoroutine(self._read(size))
+
+    def close(self) -> Deferred[None]:
+        return self._store._disk.run(self.stream.close)
 
 
 def _hash_stream(stream: BinaryIO) -> Hash:
