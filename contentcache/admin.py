@@ -105,7 +105,8 @@ async def verify(
     result.missing = [h for h in sorted(referenced - present) if not await store.has(Hash.from_hex(h))]
     # A blob a running daemon has just stored has no entry for a moment.
     young_from = time.time() - grace
-    for hexhash in sorted(present - referenced):
+    # A damaged blob is corrupt, not also an orphan.
+    for hexhash in sorted(present - referenced - set(result.corrupt)):
         found = await store.find(Hash.from_hex(hexhash))
         if found is not None and found[1].mtime < young_from:
             result.orphans.append(hexhash)
@@ -116,6 +117,11 @@ async def verify(
             await index.call("delete_where_hash", hexhash)
         for hexhash, encoding in damaged:
             await store.delete(Hash.from_hex(hexhash), encoding)
+        for hexhash in [h for h in result.corrupt if h in good]:
+            # The index now points reads at the copy that is left.
+            found = await store.find(Hash.from_hex(hexhash))
+            if found is not None:
+                await index.call("set_blob_storage", hexhash, found[0], found[1].size)
         for hexhash in result.orphans:
             # Only if still nothing refers to it (a daemon may have since).
             await index.call("forget_blob", hexhash)

@@ -405,6 +405,13 @@ class Database:
             )
         return cursor.rowcount > 0
 
+    def set_blob_storage(self, hexhash: str, encoding: str, stored: int) -> None:
+        """
+        Record how a blob is stored now (verify removed a damaged copy).
+        """
+        with self._transaction() as db:
+            db.execute("UPDATE blobs SET encoding = ?, stored = ? WHERE hash = ?", (encoding, stored, hexhash))
+
     def blob_rows(self) -> dict[str, tuple[int, float]]:
         with self._lock:
             return {h: (size, created) for h, size, created in

@@ -12,7 +12,7 @@ written again.
 from __future__ import annotations
 
 import os
-from typing import AsyncIterable, AsyncIterator, BinaryIO, Iterable, NoReturn
+from typing import AsyncIterable, AsyncIterator, BinaryIO, Iterable
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
@@ -282,13 +282,12 @@ class Store:
                 return encoding, stat
         return None
 
-    async def _open(self, h: Hash, encoding: str, offset: int) -> tuple[IReader, str]:
+    async def _open(self, h: Hash, candidates: list[str], offset: int) -> tuple[IReader, str]:
         """
-        Open the stored object, in the recorded encoding or, if that is not
-        there (another worker stored it otherwise), in any other. An
-        object stored as it came is opened at C{offset}.
+        Open the stored object in the first of C{candidates} it is stored
+        in. An object stored as it came is opened at C{offset}.
         """
-        for candidate in [encoding, *(e for e in SUFFIXES if e != encoding)]:
+        for candidate in candidates:
             try:
                 raw = await self.backend.open(blob_key(h, candidate), offset if candidate == IDENTITY else 0)
             except NotFound:
@@ -309,34 +308,39 @@ class Store:
     async def get(self, blob: Blob, offset: int = 0) -> IReader:
         """
         Open a blob for streaming reads of its original bytes from
-        C{offset}; the reader's C{size} is the blob's.
+        C{offset}; the reader's C{size} is the blob's. It is stored as the
+        index says or, if that is not there (another worker stored it
+        otherwise), in another encoding.
         """
-        raw, encoding = await self._open(blob.hash, blob.encoding, offset)
-        if encoding == IDENTITY:
-            return raw
-        key = blob_key(blob.hash, encoding)
-        try:
-            stream = await self._disk.run(self._decoding, raw, encoding, offset)
-        except DecodeError as e:
-            await self._discard_damaged(blob.hash, key, e)
-        return _DecodingReader(self, blob.hash, key, stream, blob.size)
+        candidates = _candidates(blob.encoding)
+        while True:
+            raw, encoding = await self._open(blob.hash, candidates, offset)
+            if encoding == IDENTITY:
+                return _BlobReader(self, blob.hash, encoding, raw, None, blob.size, offset)
+            try:
+                stream = await self._disk.run(self._decoding, raw, encoding, offset)
+            except DecodeError as e:
+                await self._discard_damaged(blob.hash, encoding, e)
+                candidates.remove(encoding)
+                continue
+            return _BlobReader(self, blob.hash, encoding, raw, stream, blob.size, offset)
 
-    async def _discard_damaged(self, h: Hash, key: str, error: Exception) -> NoReturn:
+    async def _discard_damaged(self, h: Hash, encoding: str, error: object) -> None:
         """
         Delete a stored object that does not decode, so that the blob is
-        missing and fetched again, and raise L{BlobNotFound}.
+        read from another copy, or is missing and fetched again.
         """
         log.warn("blob {hash} is damaged ({error}); deleting it to fetch it again", hash=h.hex, error=error)
-        await self.backend.delete(key)
-        raise BlobNotFound(h.hex)
+        await self.backend.delete(blob_key(h, encoding))
 
     async def read(self, blob: Blob, offset: int, length: int) -> bytes:
         """
         Up to C{length} bytes of a small blob from C{offset}, in one trip
         (two if it is stored compressed). A compressed object that does not
-        decode is deleted, and the blob is missing: fetched again.
+        decode is deleted, and the blob is read from another copy or is
+        missing: fetched again.
         """
-        for encoding in [blob.encoding, *(e for e in SUFFIXES if e != blob.encoding)]:
+        for encoding in _candidates(blob.encoding):
             key = blob_key(blob.hash, encoding)
             try:
                 if encoding == IDENTITY:
@@ -350,7 +354,7 @@ class Store:
             try:
                 return await self._disk.run(_slice_decoded, data, encoding, offset, length)
             except DecodeError as e:
-                await self._discard_damaged(blob.hash, key, e)
+                await self._discard_damaged(blob.hash, encoding, e)
         raise BlobNotFound(blob.hash.hex)
 
     async def _read_streamed(self, blob: Blob, offset: int, length: int) -> bytes:
@@ -416,32 +420,59 @@ class Store:
             yield h
 
 
+def _candidates(encoding: str) -> list[str]:
+    """
+    The encodings to look for a blob in: the recorded one first.
+    """
+    return [encoding, *(e for e in SUFFIXES if e != encoding)]
+
+
 @implementer(IReader)
 @define
-class _DecodingReader:
+class _BlobReader:
     """
-    A compressed object read as the blob's original bytes, on the disk
-    pool. One that turns out damaged part-way is deleted.
+    A blob's original bytes from the object the backend holds, decoded on
+    the disk pool if it is compressed. An object that is gone comes out as
+    L{BlobNotFound}; one that turns out damaged part-way (it does not
+    decode, or ends early) is deleted first.
     """
 
     _store: Store
     _hash: Hash
-    _key: str
-    stream: BinaryIO
+    _encoding: str
+    _raw: IReader
+    #: The decoding stream; L{None} for an object stored as it came.
+    _decoded: BinaryIO | None
     size: int
+    _position: int
+
+    @property
+    def stream(self) -> BinaryIO:
+        return self._raw.stream if self._decoded is None else self._decoded
 
     async def _read(self, size: int) -> bytes:
         try:
-            data: bytes = await self._store._disk.run(self.stream.read, size)
+            if self._decoded is None:
+                data = await self._raw.read(size)
+            else:
+                data = await self._store._disk.run(self._decoded.read, size)
+                if not data and size > 0 and self._position < self.size:
+                    raise DecodeError(f"it ends after {self._position} of {self.size} bytes")
+        except NotFound:
+            raise BlobNotFound(self._hash.hex) from None
         except DecodeError as e:
-            await self._store._discard_damaged(self._hash, self._key, e)
+            await self._store._discard_damaged(self._hash, self._encoding, e)
+            raise BlobNotFound(self._hash.hex) from None
+        self._position += len(data)
         return data
 
     def read(self, size: int) -> Deferred[bytes]:
         return Deferred.fromCoroutine(self._read(size))
 
     def close(self) -> Deferred[None]:
-        return self._store._disk.run(self.stream.close)
+        if self._decoded is None:
+            return self._raw.close()
+        return self._store._disk.run(self._decoded.close)
 
 
 def _hash_stream(stream: BinaryIO) -> Hash:

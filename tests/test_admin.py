@@ -146,7 +146,8 @@ def test_verify_removes_a_damaged_copy_and_keeps_the_good_one(
     repaired = resolve(admin_module.verify(index, plain, repair=True))
     assert repaired.corrupt == [h.hex]
     assert not os.path.exists(path) and os.path.exists(os.path.join(storage, blob_key(h)))
-    assert resolve(index.get("npm", "packument:full:p")) is not None, "a good copy is left"
+    entry = resolve(index.get("npm", "packument:full:p"))
+    assert entry is not None and entry.encoding == "identity", "a good copy is left, and recorded"
     assert resolve(admin_module.verify(index, plain, repair=False)).problems == 0
 
 

@@ -372,6 +372,23 @@ def test_packuments_are_stored_compressed_and_everything_served_the_same(
     assert stats["stored_bytes"] < stats["unique_bytes"] and stats["compression_ratio"] > 1
 
 
+def test_a_damaged_dist_index_is_fetched_again(
+    tmp_path: Any, registry: RegistryFixture, daemons: list[Daemon]
+) -> None:
+    backing = Backing.directory(str(tmp_path / "storage"))
+    daemon = start(daemons, backing.state_dir, "--npm-upstream", registry.url)
+    assert request(daemon.url, f"/npm/{LEAF}")[0] == 200
+    h, encoding, _, _ = backing.stored()[f"dist:{LEAF}"]
+    key = f"blobs/{h[:2]}/{h}" + (".zst" if encoding == "zstd" else "")
+    damaged = bytearray(backing.read(key))
+    damaged[len(damaged) // 2] ^= 0x01
+    backing.write(key, bytes(damaged))
+
+    status, _, body = request(daemon.url, f"/npm/{LEAF}/-/{LEAF}-1.0.0.tgz")
+    assert status == 200
+    assert body == open(os.path.join(registry.root, LEAF, "-", f"{LEAF}-1.0.0.tgz"), "rb").read()
+
+
 def test_public_url(tmp_path: Any, registry: RegistryFixture, daemons: list[Daemon]) -> None:
     daemon = start(daemons, str(tmp_path / "storage"), "--npm-upstream", registry.url,
                    "--public-url", "https://npm.cache.example/")

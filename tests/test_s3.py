@@ -27,7 +27,7 @@ from contentcache.compress import Compression
 from contentcache.hash import Hasher
 from contentcache.pool import SynchronousRunner
 from contentcache.storage import StorageConfig
-from contentcache.store import Store, blob_key
+from contentcache.store import BlobNotFound, Store, blob_key
 
 from .conftest import files_under, resolve
 from .daemon import Daemon
@@ -304,7 +304,7 @@ def test_a_read_whose_connection_breaks_resumes_where_it_stopped(
         proxy.stop()
 
 
-def test_a_resume_never_joins_another_objects_bytes(s3: SeaweedS3, location: S3Location) -> None:
+def test_a_resume_never_joins_another_objects_bytes(s3: SeaweedS3, location: S3Location, tmp_path: Any) -> None:
     direct = backend_for(s3, location)
     resolve(direct.write("k", [os.urandom(3 * MiB)]))
     proxy = FlakyProxy(s3.endpoint, cut_after=2 * MiB)
@@ -314,6 +314,20 @@ def test_a_resume_never_joins_another_objects_bytes(s3: SeaweedS3, location: S3L
         # Another worker writes other bytes under the key meanwhile.
         resolve(direct.write("k", [os.urandom(3 * MiB)]))
         with pytest.raises(NotFound):
+            while resolve(reader.read(MiB)):
+                pass
+        resolve(reader.close())
+
+        # Through the store, a blob deleted while it is read is missing.
+        store = Store(backend_for(s3, location, endpoint=proxy.endpoint), str(tmp_path / "tmp"), SynchronousRunner())
+        writer = Store(direct, str(tmp_path / "tmp"), SynchronousRunner())
+        resolve(writer.start())
+        blob = resolve(writer.put([os.urandom(3 * MiB)])).blob
+        proxy.cut_after = 2 * MiB
+        reader = resolve(store.get(blob))
+        assert len(resolve(reader.read(MiB))) == MiB
+        resolve(direct.delete(blob_key(blob.hash)))
+        with pytest.raises(BlobNotFound):
             while resolve(reader.read(MiB)):
                 pass
         resolve(reader.close())

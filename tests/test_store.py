@@ -348,6 +348,35 @@ def test_a_damaged_compressed_blob_is_deleted_and_missing(make_store: MakeStore,
     assert again.created and read_blob(store, again.blob) == data
 
 
+@pytest.mark.parametrize("versions", [50, 6000], ids=["read-whole", "streamed"])
+def test_a_damaged_copy_gives_way_to_a_good_one(make_store: MakeStore, versions: int) -> None:
+    # Two workers stored the blob, one compressing; the compressed copy broke.
+    data = packument(versions)
+    store = make_store(level=3)
+    blob = resolve(store.put([data])).blob
+    resolve(store.backend.write(blob_key(blob.hash), [data]))
+    key = blob_key(blob.hash, ZSTD)
+    stored = bytes(resolve(store.backend.read(key, 0, len(data))))
+    resolve(store.backend.write(key, [stored[:100] + bytes(len(stored) - 100)]))
+    if versions == 50:
+        assert resolve(store.read(blob, 10, 20)) == data[10:30]
+    else:
+        assert read_blob(store, blob, 10) == data[10:]
+    assert objects(store) == [blob_key(blob.hash)]
+
+
+def test_a_truncated_compressed_blob_is_deleted_and_missing(make_store: MakeStore) -> None:
+    store = make_store(level=3)
+    data = packument(6000)
+    blob = resolve(store.put([data])).blob
+    key = blob_key(blob.hash, ZSTD)
+    stored = bytes(resolve(store.backend.read(key, 0, len(data))))
+    resolve(store.backend.write(key, [stored[: len(stored) // 2]]))
+    with pytest.raises(BlobNotFound):
+        read_blob(store, blob)
+    assert objects(store) == []
+
+
 def test_compression_level_is_checked() -> None:
     with pytest.raises(ValueError, match="compression level"):
         Compression(20)

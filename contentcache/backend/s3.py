@@ -163,6 +163,8 @@ class _ObjectStream(io.RawIOBase):
                     if _code(gone) in _MISSING or _code(gone) in _CHANGED:
                         raise NotFound(self._key) from None
                     raise StorageUnavailable(f"reading {self._key} from S3 failed: {gone}") from gone
+                except (BotoCoreError, HTTPError, OSError) as down:
+                    raise StorageUnavailable(f"reading {self._key} from S3 failed: {down}") from down
         self._position += len(data)
         return data
 

@@ -231,7 +231,13 @@ class NpmRegistry:
         entry = await self.cache.lookup(f"dist:{name.full}")
         if entry is None:
             return None
-        body = await read_blob(self.store, entry.blob, MAX_DIST_INDEX_SIZE)
+        try:
+            body = await read_blob(self.store, entry.blob, MAX_DIST_INDEX_SIZE)
+        except BlobNotFound:
+            # Gone or damaged: the packument is fetched again, and with it
+            # the dist index.
+            await self.cache.forget(entry)
+            return None
         parsed: dict[str, Any] = await self._disk.run(json.loads, body)
         return parsed
 
