@@ -382,14 +382,6 @@ class Store:
         except DecodeError:
             return None
 
-    async def size(self, h: Hash) -> int | None:
-        """
-        The bytes the blob takes in the backend, or L{None} if it is not
-        here.
-        """
-        found = await self.find(h)
-        return None if found is None else found[1].size
-
     async def has(self, h: Hash) -> bool:
         return await self.find(h) is not None
 
@@ -411,13 +403,6 @@ class Store:
             parsed = parse_blob_key(key)
             if parsed is not None:
                 yield parsed
-
-    async def hashes(self) -> AsyncIterable[Hash]:
-        """
-        Every blob in the store.
-        """
-        async for h, _ in self.stored():
-            yield h
 
 
 def _candidates(encoding: str) -> list[str]:
