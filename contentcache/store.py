@@ -12,11 +12,12 @@ written again.
 from __future__ import annotations
 
 import os
-from typing import AsyncIterable, AsyncIterator, BinaryIO, Iterable
+from typing import AsyncIterable, AsyncIterator, BinaryIO, Iterable, NoReturn
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import tempfiles
@@ -435,14 +436,15 @@ class _BlobReader:
     def stream(self) -> BinaryIO:
         return self._raw.stream if self._decoded is None else self._decoded
 
-    async def _read(self, size: int) -> bytes:
+    def _gone(self, failure: Failure) -> NoReturn:
+        failure.trap(NotFound)
+        raise BlobNotFound(self._hash.hex)
+
+    async def _read_decoded(self, stream: BinaryIO, size: int) -> bytes:
         try:
-            if self._decoded is None:
-                data = await self._raw.read(size)
-            else:
-                data = await self._store._disk.run(self._decoded.read, size)
-                if not data and size > 0 and self._position < self.size:
-                    raise DecodeError(f"it ends after {self._position} of {self.size} bytes")
+            data = await self._store._disk.run(stream.read, size)
+            if not data and size > 0 and self._position < self.size:
+                raise DecodeError(f"it ends after {self._position} of {self.size} bytes")
         except NotFound:
             raise BlobNotFound(self._hash.hex) from None
         except DecodeError as e:
@@ -452,7 +454,10 @@ class _BlobReader:
         return data
 
     def read(self, size: int) -> Deferred[bytes]:
-        return Deferred.fromCoroutine(self._read(size))
+        if self._decoded is None:
+            # The hot path of a large hit: no coroutine per chunk.
+            return self._raw.read(size).addErrback(self._gone)
+        return Deferred.fromCoroutine(self._read_decoded(self._decoded, size))
 
     def close(self) -> Deferred[None]:
         if self._decoded is None:

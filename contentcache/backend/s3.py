@@ -267,8 +267,10 @@ class S3Backend:
     def _part(self, key: str, upload: str, number: int, data: bytes) -> dict[str, Any]:
         if number > MAX_PARTS:
             raise ValueError(f"{key} needs more than {MAX_PARTS} parts: raise the part size")
+        # A file object, not bytes: http.client would join bytes to the
+        # request's headers, a second copy of the part in memory.
         response = self._client.upload_part(
-            Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number, Body=data
+            Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number, Body=io.BytesIO(data)
         )
         return {"PartNumber": number, "ETag": response["ETag"]}
 
@@ -310,7 +312,7 @@ class S3Backend:
                 ended = True
                 break
         if ended:
-            await self._run(self._put, name, bytes(buffer))
+            await self._run(self._put, name, io.BytesIO(buffer))
             return
 
         async def parts() -> AsyncIterator[bytes]:
