@@ -107,12 +107,6 @@ class StorageConfig:
         """
         return Store(self.backend(disk, threads), self.staging, disk, self.compression)
 
-    def describe(self) -> str:
-        if isinstance(self.blobs, str):
-            return self.blobs
-        endpoint = f" at {self.s3_endpoint}" if self.s3_endpoint else ""
-        return f"{self.blobs}{endpoint} (index in {self.state_dir})"
-
 
 def _directory(path: str, option: str) -> str:
     path = os.path.abspath(os.path.expanduser(path.strip()))

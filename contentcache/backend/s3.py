@@ -168,11 +168,6 @@ class _ObjectStream(io.RawIOBase):
         self._position += len(data)
         return data
 
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
     def close(self) -> None:
         if not self.closed:
             self._body.close()
