@@ -17,9 +17,19 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.internet.error import ConnectingCancelledError
-from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+    DNSLookupError,
+    TCPTimedOutError,
+    TimeoutError as ConnectTimeout,
+)
+from twisted.web._newclient import ParseError, ResponseFailed, ResponseNeverReceived, _WrapperException
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http import NOT_MODIFIED, OK
 from twisted.web.http_headers import Headers
@@ -54,6 +64,43 @@ class UpstreamTimeout(UpstreamError):
     """
 
 
+def _cause(error: BaseException) -> BaseException:
+    """
+    What lies under the agent's wrappers (a list of failures each).
+    """
+    while isinstance(error, _WrapperException) and error.reasons:
+        error = error.reasons[0].value
+    return error
+
+
+def what_happened(error: BaseException) -> str:
+    """
+    What upstream did, as the end of a sentence that begins "upstream":
+    never a repr, whatever the error.
+    """
+    cause = _cause(error)
+    if isinstance(cause, ConnectionRefusedError):
+        return "refused the connection"
+    if isinstance(cause, DNSLookupError):
+        return "has a host name that does not resolve"
+    if isinstance(cause, (TCPTimedOutError, ConnectTimeout)):
+        return "did not accept the connection in time"
+    if isinstance(cause, (ConnectionDone, PotentialDataLoss)) or type(cause).__name__ == "_DataLoss":
+        return "closed the connection"
+    if isinstance(cause, ConnectionLost):
+        return "reset the connection"
+    if isinstance(cause, ParseError):
+        return "sent a malformed response"
+    if isinstance(cause, ConnectError):
+        return "could not be reached"
+    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return f"failed ({detail[:200]})"
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
 @frozen
 class Timeouts:
     connect: float = DEFAULT_CONNECT_TIMEOUT
@@ -83,12 +130,16 @@ class _SpoolBody(Protocol):
     goes quiet for C{idle} seconds.
     """
 
-    def __init__(self, spool: Spool, clock: IReactorTime, idle: float, limit: int | None) -> None:
+    def __init__(
+        self, spool: Spool, clock: IReactorTime, idle: float, limit: int | None, expected: int | None = None
+    ) -> None:
         self.done: Deferred[None] = Deferred()
         self._spool = spool
         self._clock = clock
         self._idle = idle
         self._limit = limit
+        #: The Content-Length, when upstream gave one.
+        self._expected = expected
         self._received = 0
         self._pending = 0
         self._paused = False
@@ -102,7 +153,11 @@ class _SpoolBody(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        self._abandon(UpstreamTimeout(f"upstream sent nothing for {self._idle:g} s"))
+        self._abandon(UpstreamTimeout(f"upstream sent nothing for {self._idle:g} s after {self._progress()}"))
+
+    def _progress(self) -> str:
+        of = f" of {self._expected:,}" if self._expected is not None else ""
+        return f"{self._received:,}{of} bytes"
 
     @property
     def _producer(self) -> IPushProducer:
@@ -120,7 +175,7 @@ class _SpoolBody(Protocol):
             self._timer.reset(self._idle)
         self._received += len(data)
         if self._limit is not None and self._received > self._limit:
-            self._abandon(UpstreamError(f"upstream body exceeds {self._limit} bytes"))
+            self._abandon(UpstreamError(f"upstream body exceeds {self._limit:,} bytes"))
             return
         self._pending += 1
         if self._pending >= _MAX_PENDING_WRITES and not self._paused:
@@ -156,7 +211,7 @@ class _SpoolBody(Protocol):
             elif not reason.check(ResponseDone, PotentialDataLoss):
                 # PotentialDataLoss: a body without a length, ended by
                 # closing the connection, as HTTP/1.0 servers do.
-                self.done.errback(UpstreamError(f"upstream body broke off: {reason.value}"))
+                self.done.errback(UpstreamError(f"upstream {what_happened(reason.value)} after {self._progress()}"))
             else:
                 self.done.callback(None)
 
@@ -182,6 +237,8 @@ class Upstream:
         cls, base: str, reactor: Any, timeouts: Timeouts = Timeouts(), protocol: str = "other"
     ) -> Upstream:
         pool = HTTPConnectionPool(reactor, persistent=True)
+        # Not a log line per upstream connection opened and closed.
+        pool._factory = _QuietClientFactory
         pool.maxPersistentPerHost = 8
         agent = Agent(reactor, connectTimeout=timeouts.connect, pool=pool)
         return cls(base.rstrip("/"), HTTPClient(agent), reactor, timeouts, pool, protocol)
@@ -238,11 +295,11 @@ class Upstream:
                 raise UpstreamTimeout(
                     f"no response from upstream within {self._timeouts.response:g} s"
                 ) from None
-            raise UpstreamError(f"upstream failed: {e.reasons[0].getErrorMessage()}") from None
-        except ConnectingCancelledError:
+            raise UpstreamError(f"upstream {what_happened(e)} before answering") from None
+        except (ConnectingCancelledError, TCPTimedOutError, ConnectTimeout):
             raise UpstreamTimeout(f"could not connect to upstream within {self._timeouts.connect:g} s") from None
         except Exception as e:
-            raise UpstreamError(f"upstream unreachable: {e}") from e
+            raise UpstreamError(f"upstream {what_happened(e)}") from e
 
     async def fetch(
         self,
@@ -281,7 +338,8 @@ class Upstream:
         except BaseException:
             _discard(response)
             raise
-        body = _SpoolBody(spool, self._reactor, self._timeouts.idle, limit)
+        length = None if response.length is UNKNOWN_LENGTH else int(response.length)
+        body = _SpoolBody(spool, self._reactor, self._timeouts.idle, limit, length)
         response.deliverBody(body)
         try:
             await body.done

@@ -8,7 +8,11 @@ import pytest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
-from contentcache.upstream import Coalescer, NegativeCache
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
+
+from contentcache.upstream import Coalescer, NegativeCache, what_happened
 
 from .conftest import resolve
 
@@ -83,3 +87,18 @@ def test_negative_cache_off() -> None:
     negative: NegativeCache[str] = NegativeCache(Clock(), ttl=0)
     negative.add("a")
     assert "a" not in negative
+
+
+@pytest.mark.parametrize(
+    "error, said",
+    [
+        (ConnectionRefusedError("127.0.0.1", 1), "refused the connection"),
+        (DNSLookupError("registry.test"), "has a host name that does not resolve"),
+        (ResponseNeverReceived([Failure(ConnectionLost())]), "reset the connection"),
+        (ResponseFailed([Failure(ConnectionLost()), Failure(ValueError("x"))]), "reset the connection"),
+        (RuntimeError("something\nwith lines <object at 0x1>"), "failed (something)"),
+        (RuntimeError(), "failed (RuntimeError)"),
+    ],
+)
+def test_upstream_errors_read_as_sentences(error: Exception, said: str) -> None:
+    assert what_happened(error) == said

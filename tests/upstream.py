@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -27,6 +28,13 @@ class UpstreamFixture:
         self.content_type = "application/octet-stream"
         #: paths whose body stops after half and then stalls.
         self.stall: set[str] = set()
+        #: path -> how to misbehave: "half" (close after half the body),
+        #: "stall" (half the body, then nothing),
+        #: "reset" (half the body, then a TCP reset), "slow" (wait
+        #: C{slow_seconds} before answering), "garbage" (not HTTP), or
+        #: "500" (an error page).
+        self.faults: dict[str, str] = {}
+        self.slow_seconds = 3.0
         #: seconds to wait before answering any request.
         self.delay = 0.0
         self._lock = threading.Lock()
@@ -79,19 +87,37 @@ class UpstreamFixture:
             status, body = self.override[path]
             self._send(handler, status, body, head)
             return
+        fault = self.faults.get(path)
+        if fault == "500":
+            self._send(handler, 500, b"<html><body>Internal Server Error</body></html>\n", head)
+            return
+        if fault == "garbage":
+            handler.wfile.write(b"SMTP ready\r\n\r\n")
+            handler.close_connection = True
+            return
+        if fault == "slow":
+            self._stopping.wait(self.slow_seconds)
         file = os.path.join(self.root, *unquote(path).lstrip("/").split("/"))
         if not os.path.realpath(file).startswith(os.path.realpath(self.root)) or not os.path.isfile(file):
             self._send(handler, 404, b"not found\n", head)
             return
         with open(file, "rb") as f:
             body = f.read()
-        if path in self.stall:
+        if path in self.stall or fault in ("half", "reset", "stall"):
             handler.send_response(200)
             handler.send_header("Content-Length", str(len(body)))
             handler.end_headers()
             handler.wfile.write(body[: len(body) // 2])
             handler.wfile.flush()
-            self._stopping.wait(60)
+            handler.close_connection = True
+            if fault == "reset":
+                # SO_LINGER with a zero timeout: close() sends a RST.
+                handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                handler.connection.close()
+            elif fault == "half":
+                handler.connection.shutdown(socket.SHUT_WR)
+            else:
+                self._stopping.wait(60)
             return
         self._send(handler, 200, body, head)
 
