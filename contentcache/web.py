@@ -6,6 +6,7 @@ errors become status codes, and streaming a blob to a client.
 from __future__ import annotations
 
 import re
+import time
 from typing import Any, Callable, Coroutine
 
 from attrs import frozen
@@ -38,6 +39,7 @@ from .backend import IReader, StorageUnavailable
 from .cache import IntegrityError, Missing
 from .hash import Hash
 from .store import Blob, BlobNotFound, Store
+from .units import MINUTE
 from .upstream import UpstreamError, UpstreamTimeout
 
 log = Logger()
@@ -249,7 +251,16 @@ class Unsatisfiable(Exception):
     pass
 
 
-_RANGE = re.compile(r"bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*")
+_RANGE = re.compile(r"bytes[ \t]*=[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)[ \t]*")
+#: Larger than any blob: what a position of more digits than this means
+#: (int() refuses strings of thousands of digits, and none is needed).
+_BEYOND = 10**18
+_MAX_DIGITS = 18
+
+
+def _position(digits: str) -> int:
+    digits = digits.lstrip("0") or "0"
+    return _BEYOND if len(digits) > _MAX_DIGITS else int(digits)
 
 
 def parse_range(header: bytes | None, size: int) -> ByteRange | None:
@@ -264,16 +275,16 @@ def parse_range(header: bytes | None, size: int) -> ByteRange | None:
     if m is None or (not m[1] and not m[2]):
         return None
     if not m[1]:
-        suffix = int(m[2])
+        suffix = _position(m[2])
         if suffix == 0 or size == 0:
             raise Unsatisfiable()
         return ByteRange(max(0, size - suffix), size - 1)
-    start = int(m[1])
-    if m[2] and int(m[2]) < start:
+    start = _position(m[1])
+    end = _position(m[2]) if m[2] else _BEYOND
+    if end < start:
         return None
     if start >= size:
         raise Unsatisfiable()
-    end = int(m[2]) if m[2] else size - 1
     return ByteRange(start, min(end, size - 1))
 
 
@@ -297,9 +308,11 @@ def _not_modified_since(request: Request, last_modified: float | None) -> bool:
         return False
     try:
         since = stringToDatetime(header)
-    except (ValueError, IndexError, KeyError):
+    except Exception:
+        # Not a date (or one no calendar holds): as if it were not there.
         return False
-    return int(last_modified) <= since
+    # A date in the future is not a valid one (RFC 9110, 5.6.7).
+    return int(last_modified) <= since <= time.time() + MINUTE
 
 
 @implementer(IPushProducer)

@@ -178,7 +178,48 @@ def test_blob_range_not_satisfiable(blob_client: tuple[StubTreq, Hash], header: 
     assert body == b"range not satisfiable\n"
 
 
-@pytest.mark.parametrize("header", ["bytes=0-1,5-6", "items=0-5", "bytes=5-1", "bytes=x-y"])
+@pytest.mark.parametrize(
+    "header, start, end",
+    [
+        ("bytes=0-" + "9" * 5000, 0, len(BLOB) - 1),
+        ("bytes=-" + "9" * 5000, 0, len(BLOB) - 1),
+        ("bytes=" + "0" * 5000 + "7-" + "0" * 5000 + "9", 7, 9),
+    ],
+    ids=["end", "suffix", "leading-zeros"],
+)
+def test_blob_range_numbers_of_thousands_of_digits(
+    blob_client: tuple[StubTreq, Hash], header: str, start: int, end: int
+) -> None:
+    client, _ = blob_client
+    response, body = request(client, "GET", "/blob", {"Range": header})
+    assert response.code == 206 and body == BLOB[start : end + 1]
+
+
+def test_blob_range_starting_past_any_size_is_416(blob_client: tuple[StubTreq, Hash]) -> None:
+    client, _ = blob_client
+    response, body = request(client, "GET", "/blob", {"Range": "bytes=" + "9" * 5000 + "-"})
+    assert response.code == 416 and body == b"range not satisfiable\n"
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["Sun, 06 Nov 99999999999 08:49:37 GMT", "Sun, 06 Nov " + "9" * 5000 + " 08:49:37 GMT",
+     "yesterday", "Sun, 06 Nov 1994", "\xff\xfe", ""],
+)
+def test_unusable_if_modified_since_is_ignored(store: Store, header: str) -> None:
+    h = resolve(store.put([b"{}"])).hash
+
+    class Dated(AsyncResource):
+        async def render_async(self, request: Request) -> None:
+            await send_blob(request, store, Blob(h, 2), b"application/json", last_modified=784111777)
+
+    top = Resource()
+    top.putChild(b"blob", Dated())
+    response, body = request(StubTreq(top), "GET", "/blob", {"If-Modified-Since": header})
+    assert response.code == 200 and body == b"{}"
+
+
+@pytest.mark.parametrize("header", ["bytes=0-1,5-6", "items=0-5", "bytes=5-1", "bytes=x-y", "bytes=--5", "bytes=\u0661-"])
 def test_blob_ranges_we_ignore_get_the_whole_blob(
     blob_client: tuple[StubTreq, Hash], header: str
 ) -> None:

@@ -53,7 +53,8 @@ MAX_PASS_THROUGH_BODY = 16 << 20
 #: Rendered copies kept per packument variant (distinct bases x gzip).
 MAX_RENDERS = 8
 IMMUTABLE = b"public, max-age=31536000, immutable"
-_HOST = re.compile(rb"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+_HOST = re.compile(rb"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::([0-9]{1,5}))?")
+MAX_PORT = 65535
 _ENDPOINT = re.compile(r"[a-z0-9-]+")
 READ_ONLY = "contentcache is a read-through cache: publish and change packages on the upstream registry"
 
@@ -316,7 +317,8 @@ class NpmResource(AsyncResource):
         if self.registry.public_url:
             return self.registry.public_url.rstrip("/") + "/npm"
         host = request.getHeader(b"host") or b""
-        if _HOST.fullmatch(host) is None:
+        m = _HOST.fullmatch(host)
+        if m is None or (m[1] is not None and int(m[1]) > MAX_PORT):
             raise InvalidName("invalid Host header")
         proto = (request.getHeader(b"x-forwarded-proto") or b"").split(b",")[0].strip().lower()
         if proto not in (b"http", b"https"):
