@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 from typing import IO, Callable
 
+from twisted.python.logfile import LogFile
+
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -23,16 +25,21 @@ FORMATS = ("text", "json")
 LEVELS = ("debug", "info", "warn", "error", "critical")
 
 
-def observer_factory(format: str, level: str, stream: IO[str] | None = None) -> Callable[[], ILogObserver]:
+def observer_factory(
+    format: str, level: str, stream: IO[str] | None = None, logfile: str | None = None
+) -> Callable[[], ILogObserver]:
     """
     A factory twistd calls (its C{--logger}) for the daemon's observer.
     The stream is bound when twistd calls it, before it redirects stdout
     into the log, so every line the daemon writes, twistd's own included,
-    comes out in one format.
+    comes out in one format. C{logfile} is twistd's C{--logfile}, which its
+    C{--logger} would otherwise override.
     """
 
     def make() -> ILogObserver:
-        out = stream or sys.stdout
+        out: IO[str] = stream or sys.stdout
+        if logfile and logfile != "-":
+            out = LogFile.fromFullPath(logfile)
         observer: ILogObserver
         if format == "json":
             json_observer = jsonFileLogObserver(out, recordSeparator="")
@@ -57,9 +64,11 @@ def observer_factory(format: str, level: str, stream: IO[str] | None = None) -> 
 
 
 #: What twistd's --logger (named by dotted path: it takes no arguments)
-#: builds; set from the command line before twistd starts logging.
-configured: tuple[str, str] = ("text", "info")
+#: builds: format, level and twistd's --logfile, set from the command line
+#: before twistd starts logging.
+configured: tuple[str, str, str | None] = ("text", "info", None)
 
 
 def configured_observer() -> ILogObserver:
-    return observer_factory(*configured)()
+    format, level, logfile = configured
+    return observer_factory(format, level, logfile=logfile)()

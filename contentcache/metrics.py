@@ -17,7 +17,8 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 #: The protocol label of each top-level path.
 PROTOCOLS = {b"goproxy": "go", b"npm": "npm"}
-#: Cache results: what X-Cache says, else bypass (or error for a 4xx/5xx).
+#: Cache results: what X-Cache says, else bypass (or error for a 4xx/5xx,
+#: aborted for a request whose client left before it was answered).
 RESULTS = {b"HIT": "hit", b"REVALIDATED": "hit", b"MISS": "miss", b"STALE": "stale"}
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -70,6 +71,10 @@ expiry_duration = Histogram(
     "contentcache_expiry_pass_duration_seconds", "Time an expiry pass took.",
     buckets=(0.01, 0.1, 1, 10, 60, 300, 1800), registry=REGISTRY,
 )
+client_aborts = Counter(
+    "contentcache_client_aborts", "Requests whose client closed the connection before the whole "
+    "response was sent.", ["protocol"], registry=REGISTRY,
+)
 disk_queue = Gauge(
     "contentcache_disk_pool_queue_depth", "Calls waiting for or running on the disk thread pool.",
     registry=REGISTRY,
@@ -98,6 +103,8 @@ def observe_request(request: http.Request, started: float) -> None:
     outcome = request.responseHeaders.getRawHeaders(b"x-cache", [None])[0]
     if outcome in RESULTS:
         result = RESULTS[outcome]
+    elif getattr(request, "aborted", False):
+        result = "aborted"
     elif code >= 400:
         result = "error"
     else:
@@ -118,3 +125,11 @@ def observe_request(request: http.Request, started: float) -> None:
 
 
 _per_request: dict[tuple[str, int, str], tuple[Any, Any, Any]] = {}
+
+
+def observe_refused(code: int) -> None:
+    """
+    Count a connection answered before it held a request (malformed, too
+    slow, too large).
+    """
+    requests.labels("other", f"{code // 100}xx", "error").inc()

@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any, Mapping
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.http import NOT_ALLOWED, NOT_FOUND, OK, SERVICE_UNAVAILABLE
@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.server import Request, Site
 
 from . import __version__, metrics, tempfiles
+from .channel import CacheChannel, CacheRequest, Deadlines, peer
 from .index import SQLiteIndex
 from .pool import Runner
 from .store import BLOB_PREFIX, Store
@@ -46,6 +47,8 @@ class Health(AsyncResource):
     async def _check(self, what: str, d: Deferred[Any]) -> str:
         try:
             await d
+        except CancelledError:
+            raise  # the client left: nobody to answer
         except Exception as e:
             log.warn("health check: {what} failed: {error}", what=what, error=e)
             return f"error: {e}"
@@ -98,32 +101,31 @@ class Metrics(AsyncResource):
         request.finish()
 
 
-class TimedRequest(Request):
-    """
-    A request that knows when it arrived.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.started = time.monotonic()
-
-
 class CacheSite(Site):
     """
-    The daemon's site: one log line and the metrics for every request.
+    The daemon's site: its connections' deadlines, and one log line and
+    the metrics for every request, also for one whose client left before
+    it was answered (and for what never became a request).
     """
 
-    requestFactory = TimedRequest
+    protocol = CacheChannel  # type: ignore[assignment]  # HTTP/1.1 only: no TLS, so no h2
+    requestFactory = CacheRequest
     displayTracebacks = False
     count_requests = True
+
+    def __init__(self, resource: IResource, deadlines: Deadlines = Deadlines(), **kwargs: Any) -> None:
+        super().__init__(resource, timeout=deadlines.keepalive, **kwargs)
+        self.deadlines = deadlines
 
     def log(self, request: http.Request) -> None:
         started = getattr(request, "started", time.monotonic())
         if self.count_requests:
             metrics.observe_request(request, started)
         outcome = request.responseHeaders.getRawHeaders(b"x-cache", [b"-"])[0]
+        aborted = getattr(request, "aborted", False)
         access.info(
-            "{method} {path} {status} {cache_result} {bytes} {duration:.4f} {upstream_time:.4f}",
+            "{method} {path} {status} {cache_result} {bytes} {duration:.4f} {upstream_time:.4f}"
+            + (" client left" if aborted else ""),
             method=request.method.decode("latin-1"),
             path=request.uri.decode("latin-1")[:2048],
             status=request.code,
@@ -131,8 +133,37 @@ class CacheSite(Site):
             bytes=request.sentLength,
             duration=time.monotonic() - started,
             upstream_time=getattr(request, "upstream_time", [0.0])[0],
-            client=request.getClientAddress().host if hasattr(request.getClientAddress(), "host") else "-",
+            client=_client(request),
+            aborted=aborted,
         )
+
+    def client_left(self, request: CacheRequest) -> None:
+        """
+        A request's client closed the connection before it was finished:
+        logged once like any other request, and, if it was cut short,
+        counted as an abort (at debug level: clients do this all the time).
+        """
+        if request.aborted:
+            metrics.client_aborts.labels(metrics.protocol_of(request)).inc()
+            log.debug("client left {method} {path} after {bytes} bytes of the response",
+                      method=request.method.decode("latin-1"), path=request.uri.decode("latin-1")[:256],
+                      bytes=request.sentLength)
+        self.log(request)
+
+    def refused(self, channel: http.HTTPChannel, code: int, reason: str) -> None:
+        """
+        A connection was answered C{code} before it held a request the
+        site could answer (one that cannot be parsed, is too slow or too
+        large): counted, and logged at debug level.
+        """
+        if self.count_requests:
+            metrics.observe_refused(code)
+        log.debug("answered {status} to {peer}: {reason}", status=code, reason=reason, peer=peer(channel))
+
+
+def _client(request: http.Request) -> str:
+    address = request.getClientAddress()
+    return str(getattr(address, "host", "-"))
 
 
 class Root(Resource):

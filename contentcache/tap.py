@@ -20,6 +20,7 @@ from .protocol.goproxy.sumdb import InvalidSumDB
 from .protocol.goproxy.sumdb import parse_flag as parse_sumdb_flag
 from .units import parse_duration, parse_size
 from .cache import ProtocolCache
+from .channel import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEPALIVE_TIMEOUT, Deadlines
 from .expiry import Expiry, ExpiryService, Policy
 from .index import IndexService, SQLiteIndex
 from .protocol.goproxy.resource import PROTOCOL as GO
@@ -125,7 +126,12 @@ class Options(usage.Options):
          "or critical."],
         ["connect-timeout", None, "10s", "Timeout for connecting to an upstream."],
         ["upstream-timeout", None, "30s", "Timeout for an upstream's response headers."],
-        ["idle-timeout", None, "30s", "Give up on an upstream body that sends nothing for this long."],
+        ["idle-timeout", None, "30s", "Give up on an upstream body that sends nothing for this long "
+         "(and on a client's request body, or a client that reads nothing of its response)."],
+        ["header-timeout", None, f"{DEFAULT_HEADER_TIMEOUT:g}s", "Close a connection that has not sent a "
+         "whole request line and headers within this long."],
+        ["keepalive-timeout", None, f"{DEFAULT_KEEPALIVE_TIMEOUT:g}s", "Close a connection idle between "
+         "requests for this long."],
     ]
 
     #: Options that may be given several times; in the environment their
@@ -225,13 +231,18 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
 
-        for name in ("ttl", "grace", "expiry-interval", "go-metadata-ttl", "npm-metadata-ttl", "negative-ttl", "connect-timeout", "upstream-timeout", "idle-timeout"):
+        for name in ("ttl", "grace", "expiry-interval", "go-metadata-ttl", "npm-metadata-ttl", "negative-ttl",
+                     "connect-timeout", "upstream-timeout", "idle-timeout", "header-timeout",
+                     "keepalive-timeout"):
             try:
                 self[name] = parse_duration(str(self[name]))
             except ValueError as e:
                 raise usage.UsageError(f"--{name}: {e}.") from None
         if self["expiry-interval"] <= 0:
             raise usage.UsageError("--expiry-interval must be more than 0.")
+        for name in ("header-timeout", "keepalive-timeout", "idle-timeout"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be more than 0.")
         if self["max-size"] is not None:
             try:
                 self["max-size"] = parse_size(str(self["max-size"]))
@@ -242,10 +253,12 @@ class Options(usage.Options):
         if self["log-level"] not in LEVELS:
             raise usage.UsageError(f"--log-level is one of {', '.join(LEVELS)}, not {self['log-level']!r}.")
         parent = getattr(self, "parent", None)
-        if parent is not None and (self["log-format"] != "text" or self["log-level"] != "info"):
+        if parent is not None and not parent.get("logger") and not parent.get("syslog"):
             # twistd reads its --logger after parsing our options and before
-            # it starts logging: the one place every line's form is decided.
-            logs.configured = (self["log-format"], self["log-level"])
+            # it starts logging: the one place every line's form and level
+            # are decided (without it, even debug lines would be written).
+            logfile = parent.get("logfile") or (None if parent.get("nodaemon") else "twistd.log")
+            logs.configured = (self["log-format"], self["log-level"], logfile)
             parent["logger"] = "contentcache.logs.configured_observer"
         for name in ("go-upstream", "npm-upstream", "public-url"):
             url = self[name]
@@ -322,7 +335,14 @@ def makeService(options: Options) -> IService:
     )
     NpmService(npm, reactor, timeouts, options["npm-upstream"], port).setServiceParent(top)
 
-    site = CacheSite(Root(store, index, disk, {b"goproxy": GoProxyResource(goproxy), b"npm": NpmResource(npm)}))
+    deadlines = Deadlines(
+        header=options["header-timeout"], keepalive=options["keepalive-timeout"],
+        body=options["idle-timeout"], send=options["idle-timeout"],
+    )
+    site = CacheSite(
+        Root(store, index, disk, {b"goproxy": GoProxyResource(goproxy), b"npm": NpmResource(npm)}),
+        deadlines,
+    )
     site.count_requests = not options["no-metrics"]
     strports.service(options["port"], site).setServiceParent(top)
     NotifyReady(reactor).setServiceParent(top)

@@ -86,15 +86,53 @@ _SUCCESS_HEADERS = (
 )
 
 
+def _uri(request: Request) -> str:
+    return request.uri.decode("latin-1")[:1024]
+
+
+def _known(failure: Failure, request: Request) -> tuple[int, str] | None:
+    """
+    The status and one-line message for an error the daemon expects (and
+    the log line the operator should see of it), or L{None} for a bug.
+    """
+    e = failure.value
+    if failure.check(HTTPError):
+        return e.code, e.message
+    if failure.check(Missing):
+        return NOT_FOUND, f"not found: {e}"
+    if failure.check(IntegrityError):
+        metrics.integrity_failures.labels(metrics.protocol_of(request)).inc()
+        return BAD_GATEWAY, f"refused: {e}"
+    if failure.check(UpstreamTimeout):
+        log.warn("upstream timeout for {uri}: {error}", uri=_uri(request), error=e)
+        return GATEWAY_TIMEOUT, f"upstream timeout: {e}"
+    if failure.check(UpstreamError):
+        log.warn("upstream failure for {uri}: {error}", uri=_uri(request), error=e)
+        return BAD_GATEWAY, f"upstream failure: {e}"
+    if failure.check(StorageUnavailable):
+        log.warn("storage unavailable for {uri}: {error}", uri=_uri(request), error=e)
+        return SERVICE_UNAVAILABLE, "storage unavailable; try again"
+    if failure.check(BlobNotFound):
+        log.warn("blob {hash} is missing from the store", hash=str(e))
+        return NOT_FOUND, "not found"
+    return None
+
+
 def _fail(failure: Failure, request: Request, gone: list[bool]) -> None:
-    if request.finished or gone:
-        # The client went away; the cancellation that followed is expected.
-        if not failure.check(CancelledError):
-            log.failure("request failed after the client left", failure)
+    if request.finished or gone or request.channel is None:
+        # The client went away; the cancellation that followed is expected,
+        # and a known error is nobody's to read now.
+        if not failure.check(CancelledError) and _known(failure, request) is None:
+            log.failure("request for {uri} failed after its client left", failure, uri=_uri(request))
         return
+    known = _known(failure, request)
     if request.startedWriting:
         # Headers are gone: the only honest signal left is a cut connection.
-        log.failure("response failed part-way; closing the connection", failure)
+        if known is None:
+            log.failure("response to {uri} failed part-way; closing the connection", failure, uri=_uri(request))
+        else:
+            log.warn("response to {uri} failed part-way ({error}); closing the connection",
+                     uri=_uri(request), error=known[1])
         request.loseConnection()
         return
     # Headers set for a success that did not happen (ETag, immutable
@@ -102,30 +140,10 @@ def _fail(failure: Failure, request: Request, gone: list[bool]) -> None:
     for name in _SUCCESS_HEADERS:
         request.responseHeaders.removeHeader(name)
     request.setHeader(b"cache-control", b"no-store")
-    if failure.check(HTTPError):
-        e = failure.value
-        body = text(request, e.code, e.message)
-    elif failure.check(Missing):
-        body = text(request, NOT_FOUND, f"not found: {failure.value}")
-    elif failure.check(IntegrityError):
-        metrics.integrity_failures.labels(metrics.protocol_of(request)).inc()
-        body = text(request, BAD_GATEWAY, f"refused: {failure.value}")
-    elif failure.check(UpstreamTimeout):
-        log.warn("upstream timeout for {uri}: {error}", uri=request.uri, error=failure.value)
-        body = text(request, GATEWAY_TIMEOUT, f"upstream timeout: {failure.value}")
-    elif failure.check(UpstreamError):
-        log.warn("upstream failure for {uri}: {error}", uri=request.uri, error=failure.value)
-        body = text(request, BAD_GATEWAY, f"upstream failure: {failure.value}")
-    elif failure.check(StorageUnavailable):
-        log.warn("storage unavailable for {uri}: {error}", uri=request.uri, error=failure.value)
-        body = text(request, SERVICE_UNAVAILABLE, "storage unavailable; try again")
-    elif failure.check(BlobNotFound):
-        log.warn("blob {hash} is missing from the store", hash=str(failure.value))
-        body = text(request, NOT_FOUND, "not found")
-    else:
-        log.failure("request for {uri} failed", failure, uri=request.uri)
-        body = text(request, INTERNAL_SERVER_ERROR, "internal error; see the daemon's log")
-    request.write(body)
+    if known is None:
+        log.failure("request for {uri} failed", failure, uri=_uri(request))
+        known = INTERNAL_SERVER_ERROR, "internal error; see the daemon's log"
+    request.write(text(request, *known))
     request.finish()
 
 
@@ -331,6 +349,8 @@ class _BlobProducer:
         self._waiting: Deferred[None] | None = None
 
     async def run(self) -> None:
+        if self._request.channel is None:
+            raise CancelledError("the client left")
         self._request.registerProducer(self, True)
         try:
             while self._remaining > 0:
@@ -345,7 +365,9 @@ class _BlobProducer:
                 self._remaining -= len(chunk)
                 self._request.write(chunk)
         finally:
-            self._request.unregisterProducer()
+            # A client that left took the channel, and the producer with it.
+            if self._request.channel is not None:
+                self._request.unregisterProducer()
 
     def _wake(self) -> None:
         waiting, self._waiting = self._waiting, None
@@ -429,14 +451,17 @@ async def send_blob(
         if len(data) != length:
             raise OSError(f"blob {blob.hash.hex} is shorter than its recorded size")
         request.write(data)
-    else:
-        with child_span("store get", **{"contentcache.blob": blob.hash.hex, "contentcache.bytes": length}):
-            reader = await store.get(blob, offset)
-            try:
-                await _BlobProducer(request, reader, length).run()
-            finally:
-                await reader.close()
-    request.finish()
+        request.finish()
+        return
+    with child_span("store get", **{"contentcache.blob": blob.hash.hex, "contentcache.bytes": length}):
+        reader = await store.get(blob, offset)
+        try:
+            await _BlobProducer(request, reader, length).run()
+            # Finished (and logged) before the trip that closes the file: a
+            # client may close the connection as soon as it has the last byte.
+            request.finish()
+        finally:
+            await reader.close()
 
 
 async def read_blob(store: Store, blob: Blob, limit: int) -> bytes:

@@ -275,6 +275,7 @@ class PausingRequest:
         self.written: list[bytes] = []
         self.producer: Any = None
         self.finished = False
+        self.channel = object()  # until the client leaves
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         assert streaming

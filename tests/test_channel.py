@@ -1,0 +1,287 @@
+"""
+The daemon's HTTP connections on a fake clock: deadlines for slow and idle
+clients, bounded request bodies, one-line answers to what cannot be parsed,
+and requests whose client left, logged and counted once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.internet.error import ConnectionDone
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from contentcache import metrics
+from contentcache.channel import CacheChannel, Deadlines
+from contentcache.server import CacheSite
+
+DEADLINES = Deadlines(header=10, keepalive=60, body=30, send=30, max_body=1000)
+REQUEST = b"GET /ok HTTP/1.1\r\nHost: cache.test\r\n\r\n"
+
+
+class Ok(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Requests for /slow, unanswered until the test says.
+        self.pending: list[Request] = []
+
+    def render(self, request: Request) -> Any:
+        if request.path == b"/slow":
+            self.pending.append(request)
+            return NOT_DONE_YET
+        request.setHeader(b"content-length", b"3")
+        return b"ok\n"
+
+
+class Connection:
+    def __init__(self, site: CacheSite, clock: Clock) -> None:
+        self.clock = clock
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.channel: CacheChannel = site.buildProtocol(None)
+        self.channel.callLater = clock.callLater  # type: ignore[method-assign]
+        self.channel.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.channel.dataReceived(data)
+
+    def received(self) -> bytes:
+        value: bytes = self.transport.value()
+        self.transport.clear()
+        return value
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+    def lose(self) -> None:
+        self.channel.connectionLost(Failure(ConnectionDone()))
+
+
+@pytest.fixture
+def resource() -> Ok:
+    return Ok()
+
+
+@pytest.fixture
+def site(resource: Ok, clock: Clock) -> CacheSite:
+    site = CacheSite(resource, DEADLINES, reactor=clock)
+    return site
+
+
+@pytest.fixture
+def connect(site: CacheSite, clock: Clock) -> Iterator[Any]:
+    made: list[Connection] = []
+
+    def make() -> Connection:
+        made.append(Connection(site, clock))
+        return made[-1]
+
+    yield make
+    for c in made:
+        if c.channel.transport is not None:
+            c.lose()
+
+
+def test_headers_trickling_in_are_cut_off_at_the_deadline(connect: Any, clock: Clock) -> None:
+    c = connect()
+    for byte in REQUEST[:19]:  # a byte a second: the idle timeout alone never fires
+        c.send(bytes([byte]))
+        clock.advance(0.5)
+    assert not c.closed
+    clock.advance(DEADLINES.header - 19 * 0.5)
+    answer = c.received()
+    assert answer.startswith(b"HTTP/1.1 408 ") and answer.endswith(b"\r\n\r\nrequest headers took too long\n")
+    assert c.closed
+
+
+def test_a_connection_that_sends_nothing_is_closed_quietly(connect: Any, clock: Clock) -> None:
+    c = connect()
+    clock.advance(DEADLINES.header)
+    assert c.closed and c.received() == b""
+
+
+def test_a_kept_alive_connection_waits_for_the_keepalive_timeout(connect: Any, clock: Clock) -> None:
+    c = connect()
+    c.send(REQUEST)
+    assert c.received().endswith(b"ok\n")
+    clock.advance(DEADLINES.header + 1)
+    assert not c.closed, "idle between requests: not the header deadline"
+    c.send(REQUEST)  # a second request on the same connection
+    assert c.received().endswith(b"ok\n")
+    clock.advance(DEADLINES.keepalive - 1)
+    assert not c.closed
+    clock.advance(1)
+    assert c.closed and c.received() == b""
+
+
+def test_the_next_request_after_an_idle_spell_has_the_header_deadline(connect: Any, clock: Clock) -> None:
+    c = connect()
+    c.send(REQUEST)
+    c.received()
+    clock.advance(30)
+    c.send(b"GET /ok HT")
+    clock.advance(DEADLINES.header)
+    assert c.received().startswith(b"HTTP/1.1 408 ") and c.closed
+
+
+def test_a_pipelined_burst_then_idle_gets_the_keepalive_timeout(connect: Any, clock: Clock) -> None:
+    c = connect()
+    c.send(REQUEST * 3)
+    assert c.received().count(b"ok\n") == 3
+    clock.advance(DEADLINES.keepalive - 1)
+    assert not c.closed
+    clock.advance(1)
+    assert c.closed
+
+
+def test_a_slow_answer_has_no_deadline_of_the_client(connect: Any, clock: Clock, resource: Ok) -> None:
+    c = connect()
+    c.send(b"GET /slow HTTP/1.1\r\nHost: cache.test\r\n\r\n")
+    clock.advance(DEADLINES.keepalive * 10)
+    assert not c.closed
+    request = resource.pending.pop()
+    request.setHeader(b"content-length", b"5")
+    request.write(b"late\n")
+    request.finish()
+    assert c.received().endswith(b"late\n")
+
+
+def test_a_stalled_body_is_cut_off(connect: Any, clock: Clock) -> None:
+    c = connect()
+    c.send(b"POST /ok HTTP/1.1\r\nHost: cache.test\r\nContent-Length: 10\r\n\r\n12345")
+    clock.advance(DEADLINES.body - 1)
+    c.send(b"6")  # each read resets the body's deadline
+    clock.advance(DEADLINES.body - 1)
+    assert not c.closed
+    clock.advance(1)
+    assert c.received().endswith(b"\r\n\r\nrequest body stalled\n") and c.closed
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"Content-Length: 1001",
+        b"Content-Length: " + b"9" * 5000,
+        b"Transfer-Encoding: chunked",
+    ],
+    ids=["length", "5000-digits", "chunked"],
+)
+def test_a_body_too_large_is_413(connect: Any, head: bytes) -> None:
+    c = connect()
+    c.send(b"POST /ok HTTP/1.1\r\nHost: cache.test\r\n" + head + b"\r\n\r\n")
+    if b"chunked" in head:
+        for _ in range(3):
+            c.send(b"200\r\n" + b"x" * 0x200 + b"\r\n")
+    answer = c.received()
+    assert answer.startswith(b"HTTP/1.1 413 ") and answer.endswith(b"\r\n\r\nrequest body too large\n")
+    assert c.closed
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"GET\r\n\r\n", b"GET / HTTP/1.1 extra\r\n\r\n", b"G\x00T / HTTP/1.1\r\n\r\n",
+     b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
+     b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * 9000 + b"\r\nY: " + b"b" * 9000 + b"\r\n\r\n"],
+)
+def test_what_cannot_be_parsed_is_a_one_line_400(connect: Any, line: bytes) -> None:
+    c = connect()
+    c.send(line)
+    answer = c.received()
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert answer.endswith(b"\r\n\r\nbad request: not a request this server can parse\n")
+    assert c.closed
+
+
+def test_a_line_too_long_is_a_one_line_431(connect: Any) -> None:
+    c = connect()
+    c.send(b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\n\r\n")
+    answer = c.received()
+    assert answer.startswith(b"HTTP/1.1 431 ") and answer.endswith(b"\r\n\r\nrequest line or header too long\n")
+    assert c.closed
+
+
+def test_a_client_that_reads_nothing_is_dropped(connect: Any, clock: Clock) -> None:
+    c = connect()
+    c.send(b"GET /slow HTTP/1.1\r\nHost: cache.test\r\n\r\n")
+    c.channel.pauseProducing()  # the transport's buffer is full
+    clock.advance(DEADLINES.send - 1)
+    c.channel.resumeProducing()
+    c.channel.pauseProducing()
+    clock.advance(DEADLINES.send - 1)
+    assert not c.closed
+    clock.advance(1)
+    assert c.closed
+
+
+def test_a_connection_with_a_partial_request_line_gets_408(connect: Any, clock: Clock) -> None:
+    c = connect()
+    c.send(b"GET /o")
+    clock.advance(DEADLINES.header)
+    assert c.received().startswith(b"HTTP/1.1 408 ") and c.closed
+
+
+@pytest.fixture
+def access() -> Iterator[list[dict[str, Any]]]:
+    lines: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "contentcache.access":
+            lines.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def aborts() -> float:
+    return metrics.REGISTRY.get_sample_value("contentcache_client_aborts_total", {"protocol": "other"}) or 0.0
+
+
+def test_a_client_that_leaves_is_logged_and_counted_once(
+    connect: Any, resource: Ok, access: list[dict[str, Any]]
+) -> None:
+    before = aborts()
+    c = connect()
+    c.send(b"GET /slow HTTP/1.1\r\nHost: cache.test\r\n\r\n")
+    request = resource.pending.pop()
+    request.setHeader(b"content-length", b"100")
+    request.write(b"x" * 10)
+    c.lose()
+    request.unregisterProducer()  # the handler, unaware, cleans up and finishes:
+    request.finish()  # nothing more happens
+    assert [(e["status"], e["bytes"], e["aborted"]) for e in access] == [(200, 10, True)]
+    assert aborts() == before + 1
+
+
+def test_a_client_gone_before_the_answer_is_499(connect: Any, resource: Ok, access: list[dict[str, Any]]) -> None:
+    c = connect()
+    c.send(b"GET /slow HTTP/1.1\r\nHost: cache.test\r\n\r\n")
+    request = resource.pending.pop()
+    gone: list[Failure] = []
+    request.notifyFinish().addErrback(gone.append)
+    c.lose()
+    assert gone and [(e["status"], e["aborted"]) for e in access] == [(499, True)]
+
+
+def test_a_client_that_closes_right_after_the_last_byte_is_not_an_abort(
+    connect: Any, resource: Ok, access: list[dict[str, Any]]
+) -> None:
+    before = aborts()
+    c = connect()
+    c.send(b"GET /slow HTTP/1.1\r\nHost: cache.test\r\n\r\n")
+    request = resource.pending.pop()
+    request.setHeader(b"content-length", b"4")
+    request.write(b"done")
+    c.lose()  # before the handler got to finish()
+    request.finish()
+    assert [(e["status"], e["bytes"], e["aborted"]) for e in access] == [(200, 4, False)]
+    assert aborts() == before
