@@ -21,6 +21,7 @@ from .backend.s3 import DEFAULT_PART_SIZE
 from .expiry import DEFAULT_GRACE, DEFAULT_TTL, Expiry, Policy
 from .index import INDEX_FILENAME, IndexTooNew, SQLiteIndex
 from .pool import SynchronousRunner
+from .space import MinFree
 from .storage import StorageConfig
 from .store import Store
 from .units import parse_duration, parse_size
@@ -135,7 +136,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _gc(args: argparse.Namespace) -> int:
     index, store = _open(args)
-    policy = Policy(ttl=args.ttl or None, max_size=args.max_size, grace=args.grace)
+    policy = Policy(ttl=args.ttl or None, max_size=args.max_size, grace=args.grace, min_free=args.min_free)
 
     def removed(kind: str, name: str) -> None:
         if not args.json:
@@ -202,6 +203,13 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _min_free(text: str) -> MinFree:
+    try:
+        return MinFree.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -245,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="remove entries not used for this long (default 30d; 0: never)")
     gc.add_argument("--max-size", type=_size, default=None,
                     help="evict least recently used entries until under 90%% of this (e.g. 20GiB)")
+    gc.add_argument("--min-free", type=_min_free, default=MinFree(),
+                    help="evict least recently used entries until this much of the filesystem is free "
+                         "(a size, or a percentage like 5%%)")
     gc.add_argument("--grace", type=_duration, default=DEFAULT_GRACE,
                     help="never delete blobs younger than this (default 15m; 0 only when no daemon writes)")
     gc.add_argument("--dry-run", action="store_true", help="print what would go, change nothing")

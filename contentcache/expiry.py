@@ -23,17 +23,23 @@ from twisted.logger import Logger
 from . import metrics
 from .hash import Hash
 from .index import SQLiteIndex
+from .space import MinFree
 from .store import Store
-from .units import DAY, MINUTE
+from .units import DAY, MINUTE, SECOND
 
 log = Logger()
 
 DEFAULT_TTL = 30 * DAY
 DEFAULT_GRACE = 15 * MINUTE
 DEFAULT_INTERVAL = 10 * MINUTE
-#: Above the limit, evict until the store is under this share of it.
+#: Above the size limit, evict until the store is under this share of it;
+#: below --min-free, until the free space is that divided by this share.
 LOW_WATER = 0.9
 BATCH = 1000
+#: A write that finds the disk full (or leaves less than --min-free) starts
+#: a pass at once; when the last such pass freed nothing, not again within
+#: this long (every miss would start one).
+TRIGGER_INTERVAL = 10 * SECOND
 
 
 @frozen
@@ -41,6 +47,8 @@ class Policy:
     ttl: float | None = DEFAULT_TTL
     max_size: int | None = None
     grace: float = DEFAULT_GRACE
+    #: Keep this much of the storage's filesystem free.
+    min_free: MinFree = MinFree()
 
 
 @define
@@ -57,14 +65,18 @@ class Report:
     skipped: int = 0
     stored_before: int = 0
     stored_after: int = 0
+    #: Bytes free on the storage's filesystem, when --min-free asked.
+    free_before: int | None = None
+    free_after: int | None = None
     seconds: float = 0.0
 
     def summary(self) -> str:
         verb = "would remove" if self.dry_run else "removed"
+        free = "" if self.free_before is None else f"; free {self.free_before} -> {self.free_after} bytes"
         return (
             f"{verb} {self.expired} expired and {self.evicted} evicted entries, "
             f"{self.blobs_deleted} blobs ({self.bytes_freed} bytes); store "
-            f"{self.stored_before} -> {self.stored_after} bytes; "
+            f"{self.stored_before} -> {self.stored_after} bytes{free}; "
             f"{self.skipped} items skipped; {self.seconds:.3f} s"
         )
 
@@ -78,6 +90,8 @@ class Report:
             "skipped": self.skipped,
             "stored_bytes_before": self.stored_before,
             "stored_bytes_after": self.stored_after,
+            "free_bytes_before": self.free_before,
+            "free_bytes_after": self.free_after,
             "seconds": round(self.seconds, 6),
         }
 
@@ -112,8 +126,20 @@ class Expiry:
         stored = await self.index.call("stored_bytes")
         report.stored_before = stored
         ttl_cutoff = now - self.policy.ttl if self.policy.ttl is not None else None
-        target = int(self.policy.max_size * LOW_WATER) if self.policy.max_size is not None else None
-        over = self.policy.max_size is not None and stored > self.policy.max_size
+        # Bytes whose last reference must go: to get under --max-size (down
+        # to the low-water mark), and to have --min-free free (as much
+        # above it).
+        to_free = 0
+        max_size = self.policy.max_size
+        if max_size is not None and stored > max_size:
+            to_free = stored - int(max_size * LOW_WATER)
+        if self.policy.min_free.enabled:
+            room = await self.store.room()
+            report.free_before = room.free
+            wanted = self.policy.min_free.bytes_of(room.total)
+            if room.free < wanted:
+                to_free = max(to_free, int(wanted / LOW_WATER) - room.free)
+        freed = 0
         blob_cutoff = now - self.policy.grace
 
         # References each blob would lose: for the whole pass when dry (the
@@ -137,7 +163,7 @@ class Expiry:
             chosen: list[tuple[str, str, str]] = []
             for accessed, created, protocol, key, hexhash in rows:
                 expired = ttl_cutoff is not None and accessed < ttl_cutoff
-                needed = target is not None and over and stored > target
+                needed = freed < to_free
                 if not expired and not needed:
                     done = True
                     break
@@ -155,6 +181,7 @@ class Expiry:
                     # if grace keeps its file a while longer; otherwise a
                     # burst of new content would evict everything else.
                     stored -= size
+                    freed += size
                     if dry_run and blob_created < blob_cutoff:
                         report.blobs_deleted += 1
                         report.bytes_freed += size
@@ -175,6 +202,8 @@ class Expiry:
                 if position is None:
                     break
             stored = await self.index.call("stored_bytes")
+            if report.free_before is not None:
+                report.free_after = (await self.store.room()).free
         report.stored_after = stored
         report.seconds = time.monotonic() - started
         return report
@@ -229,11 +258,14 @@ class ExpiryService(Service):
 
     def __init__(self, expiry: Expiry, clock: IReactorTime, interval: float = DEFAULT_INTERVAL) -> None:
         self.expiry = expiry
+        self._clock = clock
         self._loop = LoopingCall(self._pass)
         self._loop.clock = clock
         self._interval = interval
         self.passes = 0
         self._running: Deferred[None] | None = None
+        self._triggered_at = float("-inf")
+        self._freed = True
 
     async def _run(self) -> None:
         try:
@@ -244,14 +276,31 @@ class ExpiryService(Service):
         finally:
             self.passes += 1
             metrics.expiry_passes.inc()
+        self._freed = report.bytes_freed > 0
         metrics.expiry_evicted_entries.inc(report.expired + report.evicted)
         metrics.expiry_deleted_blobs.inc(report.blobs_deleted)
         metrics.expiry_duration.observe(report.seconds)
         log.info("expiry pass: {summary}", summary=report.summary(), **report.as_dict())
 
-    def _pass(self) -> Deferred[None]:
+    def _pass(self) -> Deferred[None] | None:
+        if self._running is not None and not self._running.called:
+            return None  # a pass started early is still going
         self._running = Deferred.fromCoroutine(self._run())
         return self._running
+
+    def make_room(self) -> None:
+        """
+        A write found no room, or left less than --min-free: a pass now
+        rather than at the next interval.
+        """
+        now = self._clock.seconds()
+        if not self.running or (self._running is not None and not self._running.called):
+            return
+        if not self._freed and now - self._triggered_at < TRIGGER_INTERVAL:
+            return
+        self._triggered_at = now
+        log.info("the storage is short of room: starting an expiry pass now")
+        self._pass()
 
     def startService(self) -> None:
         super().startService()

@@ -23,11 +23,13 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from .compress import IDENTITY
 from .hash import Hash
 from .pool import Runner
+from .space import DiskSpace, StorageFull, guarded
 from .store import Blob
 from .tracing import traced_call
 
@@ -270,10 +272,13 @@ class Database:
             self._db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
             try:
                 yield self._db
+                # A COMMIT that fails (the disk is full) leaves the
+                # transaction open: it is rolled back like any other.
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     # Expiry and the admin command.
 
@@ -503,6 +508,8 @@ class SQLiteIndex:
     _disk: Runner
     _clock: IReactorTime
     flush_threshold: int = DEFAULT_FLUSH_THRESHOLD
+    #: Told when the index cannot grow because the disk is full.
+    space: DiskSpace | None = None
     _database: Database | None = None
     _pending: dict[tuple[str, str], float] = field(factory=dict)
 
@@ -517,7 +524,8 @@ class SQLiteIndex:
     def _call(self, method: str, *args: object) -> Deferred[Any]:
         if self._database is None:
             return fail(RuntimeError("the index is not open"))
-        d = self._disk.run(getattr(self._database, method), *args)
+        call = getattr(self._database, method)
+        d = self._disk.run(call, *args) if self.space is None else self._disk.run(guarded, self.space, call, *args)
         # The lookup every hit makes is not worth a span of its own.
         return d if method == "get" else traced_call(f"index {method}", d)
 
@@ -535,15 +543,24 @@ class SQLiteIndex:
     def references(self, hash: Hash) -> Deferred[int]:
         return self._call("references", hash)
 
+    def forget_blob(self, hash: Hash) -> Deferred[int]:
+        """
+        The blob C{hash} is gone from the store: remove every entry that
+        points at it, and its row; fire with how many entries went.
+        """
+        return self._call("delete_where_hash", hash.hex)
+
     def keys(self, protocol: str, prefix: str, limit: int = 10_000) -> Deferred[list[str]]:
         return self._call("keys", protocol, prefix, limit)
 
     def touch(self, protocol: str, key: str) -> None:
         self._pending[protocol, key] = self._clock.seconds()
         if len(self._pending) >= self.flush_threshold:
-            self.flush().addErrback(
-                lambda f: self.log.failure("writing access times to the index failed", f)
-            )
+            self.flush().addErrback(self._flush_failed)
+
+    def _flush_failed(self, failure: Failure) -> None:
+        if not failure.check(StorageFull):  # said already, once a minute
+            self.log.failure("writing access times to the index failed", failure)
 
     def flush(self) -> Deferred[int]:
         batch, self._pending = self._pending, {}
@@ -603,6 +620,10 @@ class IndexService(Service):
     async def _flush_async(self) -> None:
         try:
             await self.index.flush()
+        except StorageFull:
+            # Said already (once a minute); the accesses are lost, which
+            # costs only LRU precision.
+            pass
         except Exception:
             # A lost batch only costs LRU precision; the timer must go on.
             self.log.failure("writing access times to the index failed")

@@ -75,6 +75,14 @@ client_aborts = Counter(
     "contentcache_client_aborts", "Requests whose client closed the connection before the whole "
     "response was sent.", ["protocol"], registry=REGISTRY,
 )
+storage_free_bytes = Gauge(
+    "contentcache_storage_free_bytes", "Bytes free on the filesystem of the storage (with S3: of the "
+    "spool directory), as last measured.", registry=REGISTRY,
+)
+storage_full = Gauge(
+    "contentcache_storage_full", "1 from a write that found the storage full until one succeeds again.",
+    registry=REGISTRY,
+)
 disk_queue = Gauge(
     "contentcache_disk_pool_queue_depth", "Calls waiting for or running on the disk thread pool.",
     registry=REGISTRY,

@@ -16,58 +16,49 @@ from twisted.web.resource import IResource, Resource
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.server import Request, Site
 
-from . import __version__, metrics, tempfiles
+from . import __version__, metrics
 from .channel import CacheChannel, CacheRequest, Deadlines, peer
 from .index import SQLiteIndex
-from .pool import Runner
-from .store import BLOB_PREFIX, Store
+from .space import StorageFull
+from .store import Store
 from .web import AsyncResource, NotFoundResource, exact, text
 
 log = Logger()
 access = Logger(namespace="contentcache.access")
 
 
-def _probe_directory(directory: str) -> None:
-    path, handle = tempfiles.create(directory, "health-")
-    tempfiles.discard(path, handle)
-
-
 class Health(AsyncResource):
     """
     C{GET /health}: 200 when the storage accepts writes and the index
-    answers, 503 (with what failed) otherwise.
+    answers, 503 (with what failed) otherwise. A full storage is 200 with
+    C{"storage": "full"}: hits are still served, misses are not stored.
     """
 
-    def __init__(self, store: Store, index: SQLiteIndex, disk: Runner) -> None:
+    def __init__(self, store: Store, index: SQLiteIndex) -> None:
         super().__init__()
         self._store = store
         self._index = index
-        self._disk = disk
 
     async def _check(self, what: str, d: Deferred[Any]) -> str:
         try:
             await d
         except CancelledError:
             raise  # the client left: nobody to answer
+        except StorageFull:
+            return "full"
         except Exception as e:
             log.warn("health check: {what} failed: {error}", what=what, error=e)
             return f"error: {e}"
         return "ok"
 
-    async def _probe_storage(self) -> None:
-        await self._disk.run(_probe_directory, self._store.staging)
-        # A round trip to the backend (S3: a HEAD that finds nothing).
-        await self._store.backend.stat(BLOB_PREFIX)
-
     async def render_async(self, request: Request) -> None:
         checks = {
-            "storage": await self._check("storage", Deferred.fromCoroutine(self._probe_storage())),
+            "storage": await self._check("storage", Deferred.fromCoroutine(self._store.probe())),
             "index": await self._check("index", self._index.writable()),
         }
-        healthy = all(v == "ok" for v in checks.values())
-        body = json.dumps(
-            {"status": "ok" if healthy else "unavailable", "version": __version__, **checks}
-        ).encode("utf-8") + b"\n"
+        healthy = all(v in ("ok", "full") for v in checks.values())
+        status = "unavailable" if not healthy else "degraded" if "full" in checks.values() else "ok"
+        body = json.dumps({"status": status, "version": __version__, **checks}).encode("utf-8") + b"\n"
         request.setResponseCode(OK if healthy else SERVICE_UNAVAILABLE)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
@@ -81,9 +72,10 @@ class Metrics(AsyncResource):
     C{GET /metrics}: the Prometheus text format.
     """
 
-    def __init__(self, index: SQLiteIndex) -> None:
+    def __init__(self, index: SQLiteIndex, store: Store) -> None:
         super().__init__()
         self._index = index
+        self._store = store
         self._stats_at = float("-inf")
 
     async def render_async(self, request: Request) -> None:
@@ -93,6 +85,9 @@ class Metrics(AsyncResource):
             metrics.store_logical_bytes.set(found["logical_bytes"])
             metrics.store_bytes.set(found["stored_bytes"])
             self._stats_at = time.monotonic()
+        room = await self._store.room()
+        metrics.storage_free_bytes.set(room.free)
+        metrics.storage_full.set(1 if self._store.space.full else 0)
         body = generate_latest(metrics.REGISTRY)
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         request.setHeader(b"cache-control", b"no-store")
@@ -175,12 +170,11 @@ class Root(Resource):
         self,
         store: Store,
         index: SQLiteIndex,
-        disk: Runner,
         protocols: Mapping[bytes, IResource] | None = None,
     ) -> None:
         super().__init__()
-        self.putChild(b"health", Health(store, index, disk))
-        self.putChild(b"metrics", Metrics(index))
+        self.putChild(b"health", Health(store, index))
+        self.putChild(b"metrics", Metrics(index, store))
         for name, resource in (protocols or {}).items():
             self.putChild(name, resource)
 

@@ -15,6 +15,7 @@ from .backend.filesystem import FilesystemBackend
 from .backend.s3 import DEFAULT_PART_SIZE, MAX_PART_SIZE, MIN_PART_SIZE, S3Backend, S3Location, make_client
 from .compress import DEFAULT_LEVEL, Compression
 from .pool import Runner
+from .space import DiskSpace
 from .store import Store
 
 S3_SCHEME = "s3://"
@@ -101,11 +102,12 @@ class StorageConfig:
             raise StorageUnavailable(f"Cannot set up the S3 client for {self.blobs}: {e}.") from None
         return S3Backend(clients[0], self.blobs, disk, self.s3_part_size, clients[1])
 
-    def store(self, disk: Runner, threads: int) -> Store:
+    def store(self, disk: Runner, threads: int, space: DiskSpace | None = None) -> Store:
         """
         The store on this storage; raises L{StorageUnavailable}.
         """
-        return Store(self.backend(disk, threads), self.staging, disk, self.compression)
+        return Store(self.backend(disk, threads), self.staging, disk, self.compression,
+                     space or DiskSpace(self.staging))
 
 
 def _directory(path: str, option: str) -> str:

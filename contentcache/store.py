@@ -12,9 +12,9 @@ written again.
 from __future__ import annotations
 
 import os
-from typing import AsyncIterable, AsyncIterator, BinaryIO, Iterable, NoReturn
+from typing import AsyncIterable, AsyncIterator, BinaryIO, Callable, Iterable, NoReturn, TypeVar
 
-from attrs import define, field, frozen
+from attrs import Factory, define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,9 +25,11 @@ from .backend import IBackend, IReader, NotFound, Stat, iterate
 from .compress import IDENTITY, SUFFIXES, Compression, DecodeError, decode, decoder
 from .hash import Hash, Hasher
 from .pool import Runner
+from .space import DiskSpace, Room, StorageFull, guarded, is_full
 from .tracing import child_span
 
 log = Logger()
+T = TypeVar("T")
 
 BLOB_PREFIX = "blobs"
 #: A compressed blob up to this size is read whole to serve a slice of it.
@@ -132,9 +134,10 @@ class Spool:
 
     def write_blocking(self, data: bytes) -> None:
         """
-        Append C{data} from code already running on the disk pool.
+        Append C{data} from code already running on the disk pool; a full
+        disk raises L{StorageFull}.
         """
-        self._handle.write(data)
+        guarded(self._store.space, self._handle.write, data)
         self._hasher.update(data)
 
     def write(self, data: bytes) -> Deferred[None]:
@@ -149,7 +152,7 @@ class Spool:
         C{path} (and locked) for inspection until L{commit} or L{abort}.
         """
         if not self._closed:
-            on_disk = await self._store._disk.run(tempfiles.finish, self._handle)
+            on_disk = await self._store._run_writing(tempfiles.finish, self._handle)
             if on_disk != self._hasher.size:
                 raise OSError(f"spool {self.path} holds {on_disk} bytes of {self._hasher.size} written")
             self._closed = True
@@ -176,13 +179,18 @@ class Spool:
             if existing is not None:
                 encoding, stat = existing
                 await self.abort()
+                self._store.space.wrote()
                 return PutResult(Blob(h, self.size, encoding, stat.size), created=False)
             disk = self._store._disk
-            encoding, path, handle, stored = await disk.run(self._store._encode, self.path, self._handle, self.size)
+            encoding, path, handle, stored = await self._store._run_writing(
+                self._store._encode, self.path, self._handle, self.size
+            )
             try:
                 await self._store.backend.write_file(blob_key(h, encoding), path)
-            except BaseException:
+            except BaseException as e:
                 await disk.run(tempfiles.discard, path, handle)
+                if is_full(e):
+                    raise self._store.space.failed(e) from e
                 raise
             # The file stays locked until it is in place, out of a
             # starting worker's sweep.
@@ -192,6 +200,7 @@ class Spool:
         except BaseException:
             await self.abort()
             raise
+        self._store.space.wrote()
         return PutResult(Blob(h, self.size, encoding, stored), created=True)
 
     def abort(self) -> Deferred[None]:
@@ -214,6 +223,32 @@ class Store:
     staging: str
     _disk: Runner
     compression: Compression = field(factory=lambda: Compression(0))
+    #: Whether the staging filesystem has room, as writes find it.
+    space: DiskSpace = field(default=Factory(lambda self: DiskSpace(self.staging), takes_self=True))
+    def room(self) -> Deferred[Room]:
+        """
+        The staging filesystem's size and free bytes, measured now.
+        """
+        return self._disk.run(self.space.measure)
+
+    async def probe(self) -> None:
+        """
+        Whether the store can be written: a file created and removed in the
+        staging directory, and a round trip to the backend (S3: a HEAD
+        that finds nothing). L{StorageFull} while a write has found no
+        room and none has succeeded since.
+        """
+        # One trip: a client that leaves between two would leave the file.
+        await self._run_writing(_probe_directory, self.staging)
+        await self.backend.stat(BLOB_PREFIX)
+        if self.space.full:
+            raise StorageFull(f"the storage is full ({self.space.reason})")
+
+    def _run_writing(self, f: Callable[..., T], *args: object) -> Deferred[T]:
+        """
+        Run a blocking write on the disk pool; a full disk is L{StorageFull}.
+        """
+        return self._disk.run(guarded, self.space, f, *args)
 
     def _prepare(self) -> int:
         os.makedirs(self.staging, exist_ok=True)
@@ -231,7 +266,7 @@ class Store:
         """
         Begin adding content; see L{Spool}.
         """
-        path, handle = await self._disk.run(tempfiles.create, self.staging, SPOOL_PREFIX)
+        path, handle = await self._run_writing(tempfiles.create, self.staging, SPOOL_PREFIX)
         return Spool(self, path, handle)
 
     def _encode(self, path: str, handle: BinaryIO, size: int) -> tuple[str, str, BinaryIO, int]:
@@ -240,6 +275,9 @@ class Store:
         store, its locked handle, its size). A compressed copy goes beside
         the spool; otherwise the spool itself is stored.
         """
+        if self.space.min_free.enabled:
+            # How much room this blob leaves, for expiry (a statvfs).
+            self.space.measure()
         if not self.compression.enabled:
             return IDENTITY, path, handle, size
         with open(path, "rb") as source:
@@ -463,6 +501,11 @@ class _BlobReader:
         if self._decoded is None:
             return self._raw.close()
         return self._store._disk.run(self._decoded.close)
+
+
+def _probe_directory(directory: str) -> None:
+    path, handle = tempfiles.create(directory, "probe-")
+    tempfiles.discard(path, handle)
 
 
 def _hash_stream(stream: BinaryIO) -> Hash:

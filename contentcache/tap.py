@@ -36,6 +36,7 @@ from .lifecycle import ExitCleanlyOnSIGTERM, NotifyReady, SequentialServices, St
 from .compress import DEFAULT_LEVEL
 from .pool import DEFAULT_THREADS, DiskPool
 from .server import CacheSite, Root
+from .space import DEFAULT_MIN_FREE, DiskSpace, MinFree
 from .backend import StorageUnavailable
 from .storage import StorageConfig
 from .tracing import TracingService
@@ -120,6 +121,9 @@ class Options(usage.Options):
          "least recently used entries go first, down to 90%."],
         ["grace", None, "15m", "Never delete a blob younger than this."],
         ["expiry-interval", None, "10m", "How often expiry runs."],
+        ["min-free", None, DEFAULT_MIN_FREE, "Keep this much of the storage's filesystem free (a size, "
+         "or a percentage of the filesystem; with S3, of the spool directory's): expiry evicts the "
+         "least recently used entries below it, and at once when a write finds the disk full. 0: off."],
         ["log-format", None, "text", "text, or json: one JSON object per line (every line, "
          "twistd's own included), on standard output."],
         ["log-level", None, "info", "The least severe events logged: debug, info, warn, error "
@@ -243,6 +247,10 @@ class Options(usage.Options):
         for name in ("header-timeout", "keepalive-timeout", "idle-timeout"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be more than 0.")
+        try:
+            self["min-free"] = MinFree.parse(str(self["min-free"]))
+        except ValueError as e:
+            raise usage.UsageError(f"--min-free: {e}.") from None
         if self["max-size"] is not None:
             try:
                 self["max-size"] = parse_size(str(self["max-size"]))
@@ -292,17 +300,24 @@ def makeService(options: Options) -> IService:
     disk.setServiceParent(top)
     metrics.disk_queue.set_function(lambda: disk.pending)
 
-    index = SQLiteIndex(storage.state_dir, disk, reactor)
+    # One view of the disk's room, shared by what writes to it.
+    space = DiskSpace(storage.staging, reactor, options["min-free"])
+    index = SQLiteIndex(storage.state_dir, disk, reactor, space=space)
     IndexService(index, reactor).setServiceParent(top)
 
     try:
-        store = storage.store(disk, options["disk-threads"])
+        store = storage.store(disk, options["disk-threads"], space)
     except StorageUnavailable as e:
         raise SystemExit(str(e)) from None
     StoreService(store).setServiceParent(top)
 
-    policy = Policy(ttl=options["ttl"] or None, max_size=options["max-size"], grace=options["grace"])
-    ExpiryService(Expiry(index, store, reactor, policy), reactor, options["expiry-interval"]).setServiceParent(top)
+    policy = Policy(
+        ttl=options["ttl"] or None, max_size=options["max-size"], grace=options["grace"],
+        min_free=options["min-free"],
+    )
+    expiry = ExpiryService(Expiry(index, store, reactor, policy), reactor, options["expiry-interval"])
+    expiry.setServiceParent(top)
+    space.when_short(expiry.make_room)
 
     ExitCleanlyOnSIGTERM(reactor).setServiceParent(top)
 
@@ -340,7 +355,7 @@ def makeService(options: Options) -> IService:
         body=options["idle-timeout"], send=options["idle-timeout"],
     )
     site = CacheSite(
-        Root(store, index, disk, {b"goproxy": GoProxyResource(goproxy), b"npm": NpmResource(npm)}),
+        Root(store, index, {b"goproxy": GoProxyResource(goproxy), b"npm": NpmResource(npm)}),
         deadlines,
     )
     site.count_requests = not options["no-metrics"]

@@ -55,7 +55,12 @@ def discard(path: str, handle: BinaryIO | None = None) -> None:
     Remove a temporary file, whatever state it is in.
     """
     if handle is not None and not handle.closed:
-        handle.close()
+        try:
+            handle.close()
+        except OSError:
+            # Its buffer could not be flushed (the disk is full): the file
+            # is closed all the same, and goes.
+            pass
     try:
         os.unlink(path)
     except FileNotFoundError:

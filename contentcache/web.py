@@ -20,6 +20,7 @@ from twisted.web.http import (
     stringToDatetime,
     BAD_GATEWAY,
     GATEWAY_TIMEOUT,
+    INSUFFICIENT_STORAGE_SPACE,
     INTERNAL_SERVER_ERROR,
     NOT_ALLOWED,
     NOT_FOUND,
@@ -38,6 +39,7 @@ from .tracing import child_span, tracer
 from .backend import IReader, StorageUnavailable
 from .cache import IntegrityError, Missing
 from .hash import Hash
+from .space import is_full
 from .store import Blob, BlobNotFound, Store
 from .units import MINUTE
 from .upstream import UpstreamError, UpstreamTimeout
@@ -86,6 +88,10 @@ _SUCCESS_HEADERS = (
 )
 
 
+#: What a miss is answered while the storage has no room.
+STORAGE_FULL = "storage full: nothing new can be stored until there is room; cached content is still served"
+
+
 def _uri(request: Request) -> str:
     return request.uri.decode("latin-1")[:1024]
 
@@ -109,6 +115,9 @@ def _known(failure: Failure, request: Request) -> tuple[int, str] | None:
     if failure.check(UpstreamError):
         log.warn("upstream failure for {uri}: {error}", uri=_uri(request), error=e)
         return BAD_GATEWAY, f"upstream failure: {e}"
+    if isinstance(e, BaseException) and is_full(e):
+        # Logged by the storage's state, at most once a minute.
+        return INSUFFICIENT_STORAGE_SPACE, STORAGE_FULL
     if failure.check(StorageUnavailable):
         log.warn("storage unavailable for {uri}: {error}", uri=_uri(request), error=e)
         return SERVICE_UNAVAILABLE, "storage unavailable; try again"

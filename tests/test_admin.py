@@ -106,6 +106,17 @@ def test_gc_dry_run_then_for_real(filled: dict[str, Hash], storage: str) -> None
     assert json.loads(admin("verify", "--storage", storage, "--json").stdout)["problems"] == 0
 
 
+def test_gc_min_free(filled: dict[str, Hash], storage: str) -> None:
+    # Nothing this store holds frees 99.9% of the filesystem: all of it goes.
+    result = admin("gc", "--storage", storage, "--ttl", "0", "--min-free", "99.9%", "--grace", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["evicted_entries"] == 5 and report["deleted_blobs"] == 4
+    assert report["free_bytes_before"] > 0 and report["free_bytes_after"] > 0
+    bad = admin("gc", "--storage", storage, "--min-free", "lots")
+    assert bad.returncode != 0 and "percentage like 5%" in bad.stderr
+
+
 def test_purge(filled: dict[str, Hash], storage: str) -> None:
     result = admin("purge", "--storage", storage, "go", "example.com/m")
     assert result.returncode == 0, result.stderr

@@ -18,6 +18,7 @@ from contentcache.expiry import Expiry, ExpiryService, Policy
 from contentcache.hash import Hash
 from contentcache.index import INDEX_FILENAME, SQLiteIndex
 from contentcache.pool import SynchronousRunner
+from contentcache.space import DiskSpace, MinFree, Room
 from contentcache.store import Blob, Store
 
 from .conftest import resolve
@@ -212,3 +213,75 @@ def test_young_blobs_count_as_freed_when_their_last_entry_goes(
     report = run(index, store, clock, ttl=None, max_size=500, grace=600)
     assert report.evicted == 6
     assert keys(index) == ["e6", "e7", "e8", "e9"]
+
+
+def test_min_free_evicts_least_recently_used_until_there_is_room(
+    index: SQLiteIndex, store: Store, clock: Clock, monkeypatch: Any
+) -> None:
+    # A filesystem of 1,000,000 bytes holding the store and little else.
+    used = {"other": 100_000}
+
+    def measure() -> Room:
+        stored = resolve(index.call("stored_bytes"))
+        return Room(free=1_000_000 - used["other"] - stored, total=1_000_000)
+
+    monkeypatch.setattr(DiskSpace, "measure", lambda self: measure())
+    for i in range(8):
+        clock.advance(10)
+        add(index, store, f"k{i}", bytes([i]) * 100_000)
+    assert measure().free == 100_000
+    report = run(index, store, clock, ttl=None, min_free=MinFree.parse("30%"))
+    # 30% of 1,000,000 is 300,000; to have that divided by the low-water
+    # mark free (333,333), the three least recently used go.
+    assert keys(index) == [f"k{i}" for i in range(3, 8)]
+    assert report.evicted == 3 and report.free_before == 100_000 and report.free_after == 400_000
+    assert "free 100000 -> 400000 bytes" in report.summary()
+    assert run(index, store, clock, ttl=None, min_free=MinFree.parse("30%")).evicted == 0
+
+
+def test_min_free_parses_sizes_and_shares() -> None:
+    assert MinFree.parse("5%").bytes_of(200) == 10
+    assert MinFree.parse("2GiB").bytes_of(10) == 2 << 30
+    assert not MinFree.parse("0").enabled and not MinFree.parse("0%").enabled
+    for bad in ("100%", "lots", "-1%"):
+        with pytest.raises(ValueError):
+            MinFree.parse(bad)
+
+
+def test_a_full_disk_starts_a_pass_at_once_but_not_a_storm(index: SQLiteIndex, store: Store, clock: Clock) -> None:
+    service = ExpiryService(Expiry(index, store, clock, Policy(ttl=100, grace=0)), clock, interval=600)
+    store.space.when_short(service.make_room)
+    service.startService()
+    full = OSError(28, "No space left on device")
+    try:
+        add(index, store, "old", b"o" * 10)
+        clock.advance(200)
+        store.space.failed(full)
+        assert service.passes == 1 and keys(index) == []
+        # That pass freed something: the next full disk starts one at once.
+        store.space.failed(full)
+        assert service.passes == 2
+        # That one freed nothing: not again for a while.
+        clock.advance(5)
+        store.space.failed(full)
+        assert service.passes == 2
+        clock.advance(6)
+        store.space.failed(full)
+        assert service.passes == 3
+    finally:
+        service.stopService()
+
+
+def test_a_write_that_leaves_less_than_min_free_starts_a_pass(
+    index: SQLiteIndex, store: Store, clock: Clock, monkeypatch: Any
+) -> None:
+    store.space.min_free = MinFree(size=1000)
+    monkeypatch.setattr(DiskSpace, "measure", lambda self: setattr(self, "room", Room(500, 10_000)) or self.room)
+    service = ExpiryService(Expiry(index, store, clock, Policy(ttl=None)), clock, interval=600)
+    store.space.when_short(service.make_room)
+    service.startService()
+    try:
+        resolve(store.put([b"a new blob"]))
+        assert service.passes == 1
+    finally:
+        service.stopService()

@@ -12,7 +12,6 @@ from twisted.web.server import Request
 
 from contentcache.hash import Hash
 from contentcache.index import SQLiteIndex
-from contentcache.pool import SynchronousRunner
 from contentcache.server import Root
 from contentcache.store import Blob, Store
 from contentcache.web import CHUNK_SIZE, AsyncResource, _BlobProducer, send_blob
@@ -41,8 +40,8 @@ class BlobResource(AsyncResource):
 
 
 @pytest.fixture
-def root(store: Store, index: SQLiteIndex, disk: SynchronousRunner) -> Root:
-    return Root(store, index, disk)
+def root(store: Store, index: SQLiteIndex) -> Root:
+    return Root(store, index)
 
 
 @pytest.fixture
@@ -334,3 +333,32 @@ def test_small_blob_in_one_read(store: Store) -> None:
     assert response.code == 200 and body == b'{"Version":"v1.0.0"}'
     response, body = request(client, "GET", "/blob", {"Range": "bytes=2-8"})
     assert response.code == 206 and body == b"Version"
+
+
+def test_health_says_full_until_a_write_succeeds(client: StubTreq, store: Store) -> None:
+    store.space.failed(OSError(28, "No space left on device"))
+    response, body = request(client, "GET", "/health")
+    assert response.code == 200, "hits are still served"
+    document = json.loads(body)
+    assert document["storage"] == "full" and document["status"] == "degraded"
+    resolve(store.put([b"room again"]))
+    response, body = request(client, "GET", "/health")
+    assert json.loads(body)["storage"] == "ok" and json.loads(body)["status"] == "ok"
+
+
+def test_a_full_disk_is_507_with_one_line(store: Store) -> None:
+    class Filling(AsyncResource):
+        async def render_async(self, request: Request) -> None:
+            spool = await store.spool()
+            try:
+                spool.write_blocking(b"x")
+                raise store.space.failed(OSError(28, "No space left on device"))
+            finally:
+                await spool.abort()
+
+    top = Resource()
+    top.putChild(b"fill", Filling())
+    response, body = request(StubTreq(top), "GET", "/fill")
+    assert response.code == 507
+    assert body.count(b"\n") == 1 and body.startswith(b"storage full: ")
+    assert os.listdir(store.staging) == []

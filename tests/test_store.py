@@ -18,6 +18,7 @@ from contentcache.backend.s3 import MIN_PART_SIZE, S3Backend, S3Location, make_c
 from contentcache.compress import IDENTITY, ZSTD, Compression
 from contentcache.hash import Hash
 from contentcache.pool import SynchronousRunner
+from contentcache.space import StorageFull
 from contentcache.store import Blob, BlobNotFound, HashMismatch, Store, blob_key
 
 from .conftest import files_under, resolve
@@ -380,3 +381,34 @@ def test_a_truncated_compressed_blob_is_deleted_and_missing(make_store: MakeStor
 def test_compression_level_is_checked() -> None:
     with pytest.raises(ValueError, match="compression level"):
         Compression(20)
+
+
+class FullDisk:
+    """
+    A file that takes C{room} bytes and then fails as a full disk does.
+    """
+
+    def __init__(self, handle: Any, room: int) -> None:
+        self._handle, self._room = handle, room
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self._room:
+            raise OSError(28, "No space left on device")
+        self._room -= len(data)
+        return int(self._handle.write(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+def test_a_full_disk_is_storage_full_and_leaves_nothing(store: Store) -> None:
+    spool = resolve(store.spool())
+    spool._handle = FullDisk(spool._handle, 1000)  # type: ignore[assignment]
+    resolve(spool.write(b"x" * 600))
+    with pytest.raises(StorageFull, match="No space left on device"):
+        resolve(spool.write(b"x" * 600))
+    assert store.space.full
+    resolve(spool.abort())
+    assert leftovers(store) == [] and objects(store) == []
+    resolve(store.put([b"it fits now"]))
+    assert not store.space.full, "a write that succeeds ends the full state"
