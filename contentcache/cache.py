@@ -18,6 +18,7 @@ from attrs import Factory, define, field, frozen
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from .hash import Hash
 from .index import Entry, SQLiteIndex
 from .store import Spool, Store
 from .upstream import Coalescer, Fetched, NegativeCache, UpstreamError
@@ -193,11 +194,15 @@ class ProtocolCache:
             return Served(renewed, REVALIDATED)
         return Served(await self._commit(key, result), MISS)
 
-    async def forget(self, entry: Entry) -> None:
+    async def forget(self, h: Hash) -> None:
         """
-        Drop an entry whose blob has gone missing, so the next request
-        fetches it again.
+        The blob C{h} has gone from the store (an operator's repair, damage
+        found and deleted): forget every entry that points at it, of any
+        protocol, so that the next request fetches it again.
         """
-        log.warn("the blob behind {protocol} {key} is missing; it will be fetched again",
-                 protocol=entry.protocol, key=entry.key)
-        await self.index.delete(entry.protocol, entry.key)
+        if await self.store.has(h):
+            return  # back already: another request fetched it again
+        forgotten = await self.index.forget_blob(h)
+        if forgotten:
+            log.warn("blob {hash} is missing from the store; {count} entries that pointed at it "
+                     "will be fetched again", hash=h.hex, count=forgotten)

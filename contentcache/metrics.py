@@ -71,6 +71,10 @@ expiry_duration = Histogram(
     "contentcache_expiry_pass_duration_seconds", "Time an expiry pass took.",
     buckets=(0.01, 0.1, 1, 10, 60, 300, 1800), registry=REGISTRY,
 )
+corrupt_blobs = Counter(
+    "contentcache_corrupt_blobs", "Stored blobs found damaged (and deleted, to be fetched again), "
+    "by where: read whole, streamed, or by the background scrub.", ["found_by"], registry=REGISTRY,
+)
 client_aborts = Counter(
     "contentcache_client_aborts", "Requests whose client closed the connection before the whole "
     "response was sent.", ["protocol"], registry=REGISTRY,
@@ -82,6 +86,12 @@ storage_free_bytes = Gauge(
 storage_full = Gauge(
     "contentcache_storage_full", "1 from a write that found the storage full until one succeeds again.",
     registry=REGISTRY,
+)
+scrub_bytes = Counter(
+    "contentcache_scrub_bytes", "Stored bytes the background scrub has read and checked.", registry=REGISTRY,
+)
+scrub_passes = Counter(
+    "contentcache_scrub_passes", "Full passes of the background scrub over the store.", registry=REGISTRY,
 )
 disk_queue = Gauge(
     "contentcache_disk_pool_queue_depth", "Calls waiting for or running on the disk thread pool.",

@@ -12,7 +12,7 @@ written again.
 from __future__ import annotations
 
 import os
-from typing import AsyncIterable, AsyncIterator, BinaryIO, Callable, Iterable, NoReturn, TypeVar
+from typing import AsyncIterable, AsyncIterator, Awaitable, BinaryIO, Callable, Iterable, TypeVar
 
 from attrs import Factory, define, field, frozen
 from twisted.internet.defer import Deferred
@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import tempfiles
+from . import metrics, tempfiles
 from .backend import IBackend, IReader, NotFound, Stat, iterate
 from .compress import IDENTITY, SUFFIXES, Compression, DecodeError, decode, decoder
 from .hash import Hash, Hasher
@@ -34,12 +34,39 @@ T = TypeVar("T")
 BLOB_PREFIX = "blobs"
 #: A compressed blob up to this size is read whole to serve a slice of it.
 MAX_DECODED_READ = 1 << 20
+#: A blob up to this size is read whole, and checked, to serve any part of it.
+MAX_WHOLE_READ = 256 * 1024
 SPOOL_PREFIX = "spool-"
+
+#: Where damage was found, for the metric: a blob read in one piece, one
+#: streamed, the background scrub.
+FOUND_READING, FOUND_STREAMING, FOUND_SCRUBBING = "read", "stream", "scrub"
 
 
 class BlobNotFound(KeyError):
     """
-    The store holds no blob with that hash.
+    The store holds no (good) blob with that hash.
+    """
+
+    def __init__(self, h: Hash) -> None:
+        super().__init__(h.hex)
+        self.hash = h
+
+    def __str__(self) -> str:
+        return self.hash.hex
+
+
+class BlobCorrupt(BlobNotFound):
+    """
+    The blob's stored bytes are not what its hash says: it has been
+    deleted (with its entries), to be fetched again.
+    """
+
+
+class _Damaged(Exception):
+    """
+    Raised on the disk pool: what was read does not hash to the blob's name,
+    or ends early; the reactor side deletes it.
     """
 
 
@@ -225,6 +252,11 @@ class Store:
     compression: Compression = field(factory=lambda: Compression(0))
     #: Whether the staging filesystem has room, as writes find it.
     space: DiskSpace = field(default=Factory(lambda self: DiskSpace(self.staging), takes_self=True))
+    #: Called with a blob's hash when damage to it was found and no good
+    #: copy is left, once the damaged object is deleted: the cache forgets
+    #: every entry that points at it, so the next request fetches it again.
+    damaged: Callable[[Hash], Awaitable[object]] | None = None
+
     def room(self) -> Deferred[Room]:
         """
         The staging filesystem's size and free bytes, measured now.
@@ -332,7 +364,7 @@ class Store:
             except NotFound:
                 continue
             return raw, candidate
-        raise BlobNotFound(h.hex)
+        raise BlobNotFound(h)
 
     def _decoding(self, raw: IReader, encoding: str, offset: int) -> BinaryIO:
         stream = decoder(raw.stream, encoding)
@@ -349,7 +381,9 @@ class Store:
         Open a blob for streaming reads of its original bytes from
         C{offset}; the reader's C{size} is the blob's. It is stored as the
         index says or, if that is not there (another worker stored it
-        otherwise), in another encoding.
+        otherwise), in another encoding. Read from the start to the end,
+        the bytes are checked against the hash: the last read fails with
+        L{BlobCorrupt} instead of returning the end of a damaged blob.
         """
         candidates = _candidates(blob.encoding)
         while True:
@@ -359,42 +393,69 @@ class Store:
             try:
                 stream = await self._disk.run(self._decoding, raw, encoding, offset)
             except DecodeError as e:
-                await self._discard_damaged(blob.hash, encoding, e)
+                await self._discard_damaged(blob.hash, encoding, e, FOUND_STREAMING)
                 candidates.remove(encoding)
+                if not candidates:
+                    raise BlobCorrupt(blob.hash) from None
                 continue
             return _BlobReader(self, blob.hash, encoding, raw, stream, blob.size, offset)
 
-    async def _discard_damaged(self, h: Hash, encoding: str, error: object) -> None:
+    async def _discard_damaged(self, h: Hash, encoding: str, error: object, found: str) -> None:
         """
-        Delete a stored object that does not decode, so that the blob is
-        read from another copy, or is missing and fetched again.
+        Delete a stored object that does not decode or hash to its name, so
+        that the blob is read from another copy, or, when none is left, its
+        entries are forgotten and it is fetched again.
         """
-        log.warn("blob {hash} is damaged ({error}); deleting it to fetch it again", hash=h.hex, error=error)
+        log.warn(
+            "blob {hash} is damaged ({error}), found {found}; deleting it to fetch it again",
+            hash=h.hex, error=error, found={FOUND_READING: "reading it", FOUND_STREAMING: "streaming it",
+                                             FOUND_SCRUBBING: "by the scrub"}.get(found, found),
+        )
+        metrics.corrupt_blobs.labels(found).inc()
         await self.backend.delete(blob_key(h, encoding))
+        if self.damaged is not None and await self.find(h) is None:
+            await self.damaged(h)
 
     async def read(self, blob: Blob, offset: int, length: int) -> bytes:
         """
-        Up to C{length} bytes of a small blob from C{offset}, in one trip
-        (two if it is stored compressed). A compressed object that does not
-        decode is deleted, and the blob is read from another copy or is
-        missing: fetched again.
+        C{length} bytes of a blob from C{offset} (fewer past its end), in one trip
+        (two if it is stored compressed). A blob of at most
+        L{MAX_WHOLE_READ} bytes is read whole and checked against its hash
+        first; a damaged one is deleted and the blob read from another copy,
+        or it is missing (L{BlobCorrupt}): fetched again.
         """
+        damaged = False
         for encoding in _candidates(blob.encoding):
             key = blob_key(blob.hash, encoding)
             try:
                 if encoding == IDENTITY:
-                    return await self.backend.read(key, offset, length)
+                    if blob.size > MAX_WHOLE_READ:
+                        # A small part of a large blob: its bytes are checked
+                        # only when it is streamed whole, and by the scrub.
+                        data = await self.backend.read(key, offset, length)
+                        if len(data) < min(length, blob.size - offset):
+                            raise _Damaged(f"it ends before byte {offset + length:,} of {blob.size:,}")
+                        return data
+                    data = await self.backend.read(key, 0, blob.size)
+                    error = _check(blob.hash, blob.size, data)
+                    if error is None:
+                        return data[offset : offset + length]
+                    raise _Damaged(error)
                 if blob.size > MAX_DECODED_READ:
                     return await self._read_streamed(Blob(blob.hash, blob.size, encoding), offset, length)
                 # The whole object: a small blob compressed is smaller still.
                 data = await self.backend.read(key, 0, blob.size + (blob.size >> 6) + 1024)
+                return await self._disk.run(_slice_decoded, data, encoding, blob, offset, length)
             except NotFound:
                 continue
-            try:
-                return await self._disk.run(_slice_decoded, data, encoding, offset, length)
-            except DecodeError as e:
-                await self._discard_damaged(blob.hash, encoding, e)
-        raise BlobNotFound(blob.hash.hex)
+            except BlobNotFound as e:
+                # Streamed: not there, or damaged (and deleted already).
+                damaged = damaged or isinstance(e, BlobCorrupt)
+                continue
+            except (DecodeError, _Damaged) as e:
+                damaged = True
+                await self._discard_damaged(blob.hash, encoding, e, FOUND_READING)
+        raise (BlobCorrupt if damaged else BlobNotFound)(blob.hash)
 
     async def _read_streamed(self, blob: Blob, offset: int, length: int) -> bytes:
         reader = await self.get(blob, offset)
@@ -407,19 +468,37 @@ class Store:
         finally:
             await reader.close()
 
+    async def _rehash(self, h: Hash, encoding: str) -> tuple[Hash | None, int]:
+        try:
+            raw = await self.backend.open(blob_key(h, encoding))
+            try:
+                return await self._disk.run(_hash_stream, decoder(raw.stream, encoding)), raw.size
+            except DecodeError:
+                return None, raw.size
+        except NotFound:
+            raise BlobNotFound(h) from None
+
     async def rehash(self, h: Hash, encoding: str) -> Hash | None:
         """
         The hash of what the object holding C{h} in C{encoding} decodes to:
         C{h} itself unless it is corrupt; L{None} if it does not decode.
         Fails with L{BlobNotFound}.
         """
-        try:
-            raw = await self.backend.open(blob_key(h, encoding))
-            return await self._disk.run(_hash_stream, decoder(raw.stream, encoding))
-        except NotFound:
-            raise BlobNotFound(h.hex) from None
-        except DecodeError:
-            return None
+        return (await self._rehash(h, encoding))[0]
+
+    async def scrub(self, h: Hash, encoding: str) -> tuple[bool, int]:
+        """
+        Check one stored object as a read would: one that does not decode or
+        hash to its name is deleted (and, with no good copy left, its
+        entries forgotten). Fires with whether it was sound and the bytes
+        it takes; fails with L{BlobNotFound}.
+        """
+        actual, stored = await self._rehash(h, encoding)
+        if actual == h:
+            return True, stored
+        why = "it does not decode" if actual is None else f"its bytes hash to {actual.hex[:16]}..."
+        await self._discard_damaged(h, encoding, why, FOUND_SCRUBBING)
+        return False, stored
 
     async def has(self, h: Hash) -> bool:
         return await self.find(h) is not None
@@ -456,9 +535,12 @@ def _candidates(encoding: str) -> list[str]:
 class _BlobReader:
     """
     A blob's original bytes from the object the backend holds, decoded on
-    the disk pool if it is compressed. An object that is gone comes out as
-    L{BlobNotFound}; one that turns out damaged part-way (it does not
-    decode, or ends early) is deleted first.
+    the disk pool if it is compressed. Read from its start, the bytes are
+    hashed on the disk pool as they go, and the read that reaches the end
+    returns only if the hash matches: a damaged blob never comes out whole.
+    An object that is gone comes out as L{BlobNotFound}; one that turns out
+    damaged (it does not decode or hash to its name, or ends early) is
+    deleted and comes out as L{BlobCorrupt}.
     """
 
     _store: Store
@@ -469,38 +551,67 @@ class _BlobReader:
     _decoded: BinaryIO | None
     size: int
     _position: int
+    _hasher: Hasher | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self._position == 0:
+            self._hasher = Hasher()
 
     @property
     def stream(self) -> BinaryIO:
         return self._raw.stream if self._decoded is None else self._decoded
 
-    def _gone(self, failure: Failure) -> NoReturn:
-        failure.trap(NotFound)
-        raise BlobNotFound(self._hash.hex)
-
-    async def _read_decoded(self, stream: BinaryIO, size: int) -> bytes:
-        try:
-            data = await self._store._disk.run(stream.read, size)
-            if not data and size > 0 and self._position < self.size:
-                raise DecodeError(f"it ends after {self._position} of {self.size} bytes")
-        except NotFound:
-            raise BlobNotFound(self._hash.hex) from None
-        except DecodeError as e:
-            await self._store._discard_damaged(self._hash, self._encoding, e)
-            raise BlobNotFound(self._hash.hex) from None
+    def _next(self, size: int) -> bytes:
+        # On the disk pool: one trip reads, hashes and, at the end, checks.
+        data = self.stream.read(size)
+        if not data and size > 0 and self._position < self.size:
+            raise _Damaged(f"it ends after {self._position:,} of {self.size:,} bytes")
         self._position += len(data)
+        if self._hasher is not None:
+            self._hasher.update(data)
+            if self._position >= self.size:
+                error = _check(self._hash, self.size, None, self._hasher)
+                if error is not None:
+                    raise _Damaged(error)
         return data
 
+    async def _discard(self, error: Exception) -> bytes:
+        await self._store._discard_damaged(self._hash, self._encoding, error, FOUND_STREAMING)
+        raise BlobCorrupt(self._hash)
+
+    def _failed(self, failure: Failure) -> Deferred[bytes]:
+        if failure.check(NotFound):
+            raise BlobNotFound(self._hash)
+        error = failure.check(_Damaged, DecodeError)
+        if error is None:
+            failure.raiseException()
+        return Deferred.fromCoroutine(self._discard(failure.value))
+
     def read(self, size: int) -> Deferred[bytes]:
-        if self._decoded is None:
-            # The hot path of a large hit: no coroutine per chunk.
-            return self._raw.read(size).addErrback(self._gone)
-        return Deferred.fromCoroutine(self._read_decoded(self._decoded, size))
+        # The hot path of a large hit: one trip to the pool, no coroutine.
+        return self._store._disk.run(self._next, size).addErrback(self._failed)
 
     def close(self) -> Deferred[None]:
         if self._decoded is None:
             return self._raw.close()
         return self._store._disk.run(self._decoded.close)
+
+
+def _check(h: Hash, size: int, data: bytes | None, hasher: Hasher | None = None) -> str | None:
+    """
+    Why C{data} (or what C{hasher} saw) is not the blob C{h} of C{size}
+    bytes, or L{None} if it is.
+    """
+    if hasher is None:
+        assert data is not None
+        hasher = Hasher()
+        hasher.update(data)
+    if hasher.size != size:
+        return f"it holds {hasher.size:,} bytes, not {size:,}"
+    actual = hasher.finish()
+    if actual != h:
+        return f"its bytes hash to {actual.hex[:16]}..."
+    return None
 
 
 def _probe_directory(directory: str) -> None:
@@ -516,5 +627,12 @@ def _hash_stream(stream: BinaryIO) -> Hash:
     return hasher.finish()
 
 
-def _slice_decoded(data: bytes, encoding: str, offset: int, length: int) -> bytes:
-    return decode(data, encoding)[offset : offset + length]
+def _slice_decoded(data: bytes, encoding: str, blob: Blob, offset: int, length: int) -> bytes:
+    """
+    A slice of a small compressed blob, decoded and checked whole.
+    """
+    decoded = decode(data, encoding)
+    error = _check(blob.hash, blob.size, decoded)
+    if error is not None:
+        raise _Damaged(error)
+    return decoded[offset : offset + length]

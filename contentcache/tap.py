@@ -35,6 +35,7 @@ from .logs import FORMATS, LEVELS
 from .lifecycle import ExitCleanlyOnSIGTERM, NotifyReady, SequentialServices, StoreService
 from .compress import DEFAULT_LEVEL
 from .pool import DEFAULT_THREADS, DiskPool
+from .scrub import Scrub, ScrubService
 from .server import CacheSite, Root
 from .space import DEFAULT_MIN_FREE, DiskSpace, MinFree
 from .backend import StorageUnavailable
@@ -124,6 +125,8 @@ class Options(usage.Options):
         ["min-free", None, DEFAULT_MIN_FREE, "Keep this much of the storage's filesystem free (a size, "
          "or a percentage of the filesystem; with S3, of the spool directory's): expiry evicts the "
          "least recently used entries below it, and at once when a write finds the disk full. 0: off."],
+        ["scrub-interval", None, "7d", "Re-hash the whole store in the background about once in "
+         "this long, deleting damaged blobs so they are fetched again (0: off)."],
         ["log-format", None, "text", "text, or json: one JSON object per line (every line, "
          "twistd's own included), on standard output."],
         ["log-level", None, "info", "The least severe events logged: debug, info, warn, error "
@@ -237,7 +240,7 @@ class Options(usage.Options):
 
         for name in ("ttl", "grace", "expiry-interval", "go-metadata-ttl", "npm-metadata-ttl", "negative-ttl",
                      "connect-timeout", "upstream-timeout", "idle-timeout", "header-timeout",
-                     "keepalive-timeout"):
+                     "keepalive-timeout", "scrub-interval"):
             try:
                 self[name] = parse_duration(str(self[name]))
             except ValueError as e:
@@ -309,6 +312,8 @@ def makeService(options: Options) -> IService:
         store = storage.store(disk, options["disk-threads"], space)
     except StorageUnavailable as e:
         raise SystemExit(str(e)) from None
+    # Damage found in a blob: every entry that points at it goes with it.
+    store.damaged = index.forget_blob
     StoreService(store).setServiceParent(top)
 
     policy = Policy(
@@ -318,6 +323,9 @@ def makeService(options: Options) -> IService:
     expiry = ExpiryService(Expiry(index, store, reactor, policy), reactor, options["expiry-interval"])
     expiry.setServiceParent(top)
     space.when_short(expiry.make_room)
+    if options["scrub-interval"] > 0:
+        scrub = Scrub(store, index, reactor, disk, storage.state_dir, options["scrub-interval"])
+        ScrubService(scrub, reactor).setServiceParent(top)
 
     ExitCleanlyOnSIGTERM(reactor).setServiceParent(top)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Callable, Coroutine
+from typing import Any, Awaitable, Callable, Coroutine
 
 from attrs import frozen
 from opentelemetry.trace import SpanKind, StatusCode
@@ -37,10 +37,10 @@ from zope.interface import implementer
 from . import metrics
 from .tracing import child_span, tracer
 from .backend import IReader, StorageUnavailable
-from .cache import IntegrityError, Missing
+from .cache import IntegrityError, Missing, ProtocolCache
 from .hash import Hash
 from .space import is_full
-from .store import Blob, BlobNotFound, Store
+from .store import Blob, BlobCorrupt, BlobNotFound, Store
 from .units import MINUTE
 from .upstream import UpstreamError, UpstreamTimeout
 
@@ -122,7 +122,9 @@ def _known(failure: Failure, request: Request) -> tuple[int, str] | None:
         log.warn("storage unavailable for {uri}: {error}", uri=_uri(request), error=e)
         return SERVICE_UNAVAILABLE, "storage unavailable; try again"
     if failure.check(BlobNotFound):
-        log.warn("blob {hash} is missing from the store", hash=str(e))
+        # Damage was logged where it was found.
+        if not failure.check(BlobCorrupt):
+            log.warn("blob {hash} is missing from the store", hash=str(e))
         return NOT_FOUND, "not found"
     return None
 
@@ -456,10 +458,7 @@ async def send_blob(
 
     if length <= CHUNK_SIZE:
         # One trip to the disk pool instead of open, read and close.
-        data = await store.read(blob, offset, length)
-        if len(data) != length:
-            raise OSError(f"blob {blob.hash.hex} is shorter than its recorded size")
-        request.write(data)
+        request.write(await store.read(blob, offset, length))
         request.finish()
         return
     with child_span("store get", **{"contentcache.blob": blob.hash.hex, "contentcache.bytes": length}):
@@ -471,6 +470,22 @@ async def send_blob(
             request.finish()
         finally:
             await reader.close()
+
+
+async def refetching(request: Request, cache: ProtocolCache, answer: Callable[[], Awaitable[object]]) -> None:
+    """
+    Answer C{request} with C{answer}. If the blob behind it turns out to be
+    missing or damaged, every entry that pointed at it is forgotten, and
+    unless the response has begun, C{answer} runs once more: the content is
+    fetched again, with all its checks, as for a first request.
+    """
+    try:
+        await answer()
+    except BlobNotFound as e:
+        await cache.forget(e.hash)
+        if request.startedWriting:
+            raise
+        await answer()
 
 
 async def read_blob(store: Store, blob: Blob, limit: int) -> bytes:

@@ -19,7 +19,7 @@ from contentcache.compress import IDENTITY, ZSTD, Compression
 from contentcache.hash import Hash
 from contentcache.pool import SynchronousRunner
 from contentcache.space import StorageFull
-from contentcache.store import Blob, BlobNotFound, HashMismatch, Store, blob_key
+from contentcache.store import Blob, BlobCorrupt, BlobNotFound, HashMismatch, Store, blob_key
 
 from .conftest import files_under, resolve
 
@@ -381,6 +381,94 @@ def test_a_truncated_compressed_blob_is_deleted_and_missing(make_store: MakeStor
 def test_compression_level_is_checked() -> None:
     with pytest.raises(ValueError, match="compression level"):
         Compression(20)
+
+
+def flip(store: Store, blob: Blob, at: int, encoding: str = IDENTITY) -> None:
+    """
+    Change one byte of the stored object, as bit rot or an operator would.
+    """
+    key = blob_key(blob.hash, encoding)
+    stored = bytearray(resolve(store.backend.read(key, 0, blob.size + 1024)))
+    stored[at] ^= 0x40
+    resolve(store.backend.write(key, [bytes(stored)]))
+
+
+@pytest.mark.parametrize("size", [200, 256 * KiB, 2 * MiB], ids=["tiny", "one-piece", "streamed"])
+@pytest.mark.parametrize("where", ["start", "end"])
+def test_a_damaged_blob_is_never_read_whole(make_store: MakeStore, size: int, where: str) -> None:
+    store = make_store()
+    forgotten: list[Hash] = []
+
+    async def damaged(h: Hash) -> None:
+        forgotten.append(h)
+
+    store.damaged = damaged
+    data = content(size)
+    blob = resolve(store.put([data])).blob
+    flip(store, blob, 0 if where == "start" else size - 1)
+    with pytest.raises(BlobCorrupt):
+        if size <= 256 * KiB:
+            resolve(store.read(blob, 0, size))
+        else:
+            reader = resolve(store.get(blob))
+            received = 0
+            try:
+                while chunk := resolve(reader.read(64 * KiB)):
+                    received += len(chunk)
+            finally:
+                resolve(reader.close())
+    if size > 256 * KiB:
+        assert received < size, "the end of a damaged blob is held back"
+    assert objects(store) == [] and forgotten == [blob.hash]
+    again = resolve(store.put([data]))
+    assert again.created and read_blob(store, again.blob) == data
+
+
+def test_a_part_of_a_large_blob_is_read_unchecked_and_a_truncated_one_is_damaged(make_store: MakeStore) -> None:
+    store = make_store()
+    data = content(2 * MiB)
+    blob = resolve(store.put([data])).blob
+    flip(store, blob, 10)
+    # A range of a large blob is not checked (only streaming it whole, or
+    # the scrub, reads all of it), but a short file is damage.
+    assert resolve(store.read(blob, 100, 100)) == data[100:200]
+    resolve(store.backend.write(blob_key(blob.hash), [data[: MiB]]))
+    with pytest.raises(BlobCorrupt):
+        resolve(store.read(blob, MiB + 10, 100))
+    assert objects(store) == []
+
+
+def test_a_small_compressed_blob_is_checked_after_decoding(make_store: MakeStore) -> None:
+    # A valid zstd frame of other content (an operator copied files around):
+    # the frame's own checksum is fine, the hash is not.
+    store = make_store(level=3)
+    one, other = packument(40), packument(41)
+    blob = resolve(store.put([one])).blob
+    replacement = resolve(store.put([other])).blob
+    key = blob_key(replacement.hash, ZSTD)
+    resolve(store.backend.write(blob_key(blob.hash, ZSTD), [resolve(store.backend.read(key, 0, len(other)))]))
+    with pytest.raises(BlobCorrupt):
+        resolve(store.read(blob, 0, 10))
+    assert objects(store) == [key]
+
+
+def test_scrub_finds_and_deletes_damage(make_store: MakeStore) -> None:
+    store = make_store(level=3)
+    good, bad, squashed = content(1000), content(300 * KiB), packument(60)
+    blobs = [resolve(store.put([data])).blob for data in (good, bad, squashed)]
+    flip(store, blobs[1], 5)
+    flip(store, blobs[2], 20, ZSTD)
+    results = {}
+
+    async def walk() -> None:
+        async for h, encoding in store.stored():
+            results[h] = resolve(store.scrub(h, encoding))
+
+    resolve(walk())
+    assert results[blobs[0].hash] == (True, 1000)
+    assert results[blobs[1].hash] == (False, 300 * KiB)
+    assert results[blobs[2].hash][0] is False
+    assert objects(store) == [blob_key(blobs[0].hash)]
 
 
 class FullDisk:

@@ -29,7 +29,7 @@ from ...index import Entry
 from ...pool import Runner
 from ...store import BlobNotFound, Store
 from ...upstream import Upstream, UpstreamError, conditional_headers
-from ...web import TEXT, AsyncResource, path_segments, read_blob, send_blob, text
+from ...web import TEXT, AsyncResource, path_segments, read_blob, refetching, send_blob, text
 from .modzip import MAX_GO_MOD_SIZE, MAX_ZIP_SIZE, ZipRuleError, check_and_hash_zip, hash_go_mod
 from .paths import InvalidPath, Module, Version, is_canonical, match_prefix_patterns, unescape
 from .sumdb import InvalidSumDB, SumDB, check_tile, parse_record
@@ -184,8 +184,8 @@ class GoProxy:
             log.info("checksum database {sumdb} answers again", sumdb=sumdb.name)
         try:
             body = await read_blob(self.store, served.entry.blob, MAX_METADATA_SIZE)
-        except BlobNotFound:
-            await self.sumdb_cache.forget(served.entry)
+        except BlobNotFound as e:
+            await self.sumdb_cache.forget(e.hash)
             served = await self.sumdb_lookup(sumdb.name, module, version)
             body = await read_blob(self.store, served.entry.blob, MAX_METADATA_SIZE)
         record = parse_record(body)
@@ -384,13 +384,7 @@ class GoProxyResource(AsyncResource):
         content_type: bytes,
         immutable: bool,
     ) -> None:
-        served = await lookup()
-        try:
-            await self._send(request, served, content_type, immutable)
-        except BlobNotFound:
-            if isinstance(served, bytes) or request.startedWriting:
-                raise
-            # The blob went away under the entry (an operator's repair, a
-            # damaged disk): forget the entry and fetch it again, once.
-            await self.proxy.cache.forget(served.entry)
+        async def answer() -> None:
             await self._send(request, await lookup(), content_type, immutable)
+
+        await refetching(request, self.proxy.cache, answer)

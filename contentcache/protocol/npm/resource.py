@@ -34,7 +34,9 @@ from ...index import Entry
 from ...pool import Runner
 from ...store import BlobNotFound, Store
 from ...upstream import Coalescer, Upstream, UpstreamError, conditional_headers
-from ...web import CHUNK_SIZE, AsyncResource, HTTPError, path_segments, read_blob, send_blob, text
+from ...web import (
+    CHUNK_SIZE, AsyncResource, HTTPError, path_segments, read_blob, refetching, send_blob, text,
+)
 from .integrity import IntegrityMismatch, check_tarball
 from .names import InvalidName, PackageName, check_tarball_file, split_request
 from .packument import InvalidPackument, Renderer, allowed_host, analyse, host_port
@@ -234,10 +236,10 @@ class NpmRegistry:
             return None
         try:
             body = await read_blob(self.store, entry.blob, MAX_DIST_INDEX_SIZE)
-        except BlobNotFound:
+        except BlobNotFound as e:
             # Gone or damaged: the packument is fetched again, and with it
             # the dist index.
-            await self.cache.forget(entry)
+            await self.cache.forget(e.hash)
             return None
         parsed: dict[str, Any] = await self._disk.run(json.loads, body)
         return parsed
@@ -387,27 +389,12 @@ class NpmResource(AsyncResource):
         request.write(body)
         request.finish()
 
-    async def _retrying(self, request: Request, answer: Callable[[], Awaitable[Entry]]) -> None:
-        try:
-            await answer()
-        except BlobNotFound:
-            if request.startedWriting:
-                raise
-            await answer()
-
     async def _packument(self, request: Request, name: PackageName, base: str) -> None:
         registry = self.registry
         variant, gzip = _variant(request), _accepts_gzip(request)
 
-        async def answer() -> Entry:
-            try:
-                entry, served, fresh = await registry.rendered(name, variant, base, gzip)
-            except BlobNotFound:
-                # The template's blob is gone: fetch the packument again.
-                template = await registry.cache.index.get(PROTOCOL, registry._packument_key(name, variant))
-                if template is not None:
-                    await registry.cache.forget(template)
-                raise
+        async def answer() -> None:
+            entry, served, fresh = await registry.rendered(name, variant, base, gzip)
             outcome = MISS if fresh and served.outcome == HIT else served.outcome
             headers = {
                 b"x-cache": OUTCOME_HEADER[outcome],
@@ -419,35 +406,22 @@ class NpmResource(AsyncResource):
             if gzip:
                 headers[b"content-encoding"] = b"gzip"
             content_type = str(served.entry.attrs.get("content_type", "application/json")).encode()
-            try:
-                await send_blob(
-                    request, registry.store, entry.blob, content_type, headers,
-                    last_modified=served.entry.attrs.get("fetched", served.entry.created),
-                )
-            except BlobNotFound:
-                await registry.cache.forget(entry)
-                await registry.cache.forget(served.entry)
-                raise
-            return entry
+            await send_blob(
+                request, registry.store, entry.blob, content_type, headers,
+                last_modified=served.entry.attrs.get("fetched", served.entry.created),
+            )
 
-        await self._retrying(request, answer)
+        await refetching(request, registry.cache, answer)
 
     async def _tarball(self, request: Request, name: PackageName, file: str) -> None:
         registry = self.registry
 
-        async def answer() -> Entry:
+        async def answer() -> None:
             served = await registry.tarball(name, file)
             headers = {b"x-cache": OUTCOME_HEADER[served.outcome], b"cache-control": IMMUTABLE}
-            try:
-                await send_blob(
-                    request, registry.store, served.entry.blob, b"application/octet-stream", headers,
-                )
-            except BlobNotFound:
-                await registry.cache.forget(served.entry)
-                raise
-            return served.entry
+            await send_blob(request, registry.store, served.entry.blob, b"application/octet-stream", headers)
 
-        await self._retrying(request, answer)
+        await refetching(request, registry.cache, answer)
 
     async def _dist_tags(self, request: Request, name: PackageName) -> None:
         served = await self.registry.packument(name, ABBR)

@@ -1,0 +1,172 @@
+"""
+The background scrub: every stored blob re-hashed, at a rate that makes a
+full pass take about C{--scrub-interval}, so that damage (bit rot, a bad
+sector, an operator's mistake) is found before a client asks for the blob.
+A damaged blob is deleted and its entries forgotten, as when a read finds
+it: the next request fetches it again.
+
+The walk goes through the backend's keys in order and remembers, in the
+state directory, where it got to, so a daemon restarted more often than
+the interval still covers the whole store.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from attrs import define, field
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from . import metrics, tempfiles
+from .index import SQLiteIndex
+from .pool import Runner
+from .store import BlobNotFound, Store, blob_key
+from .units import DAY, MINUTE
+
+log = Logger()
+
+DEFAULT_INTERVAL = 7 * DAY
+#: Where the walk got to, in the state directory.
+POSITION_FILENAME = "scrub.position"
+#: How often that is written down.
+SAVE_EVERY = MINUTE
+#: An empty store is looked at again after this long (or the interval, if shorter).
+IDLE_WAIT = 10 * MINUTE
+
+
+@define
+class PassReport:
+    blobs: int = 0
+    bytes: int = 0
+    damaged: int = 0
+
+
+@define
+class Scrub:
+    """
+    Walks the store at C{rate} bytes a second, set per pass from the
+    store's size and the interval.
+    """
+
+    store: Store
+    index: SQLiteIndex
+    clock: IReactorTime
+    disk: Runner
+    state_dir: str
+    interval: float = DEFAULT_INTERVAL
+    _saved_at: float = float("-inf")
+    position: str = field(default="")
+
+    @property
+    def _position_file(self) -> str:
+        return os.path.join(self.state_dir, POSITION_FILENAME)
+
+    def _load(self) -> str:
+        try:
+            with open(self._position_file, encoding="ascii") as f:
+                return f.read().strip()
+        except (OSError, UnicodeDecodeError):
+            return ""
+
+    def _save(self, position: str) -> None:
+        path, handle = tempfiles.create(self.state_dir)
+        try:
+            handle.write(position.encode("ascii"))
+            handle.close()
+            os.replace(path, self._position_file)
+        except BaseException:
+            tempfiles.discard(path, handle)
+            raise
+
+    async def _remember(self, position: str, now: bool = False) -> None:
+        self.position = position
+        if not now and self.clock.seconds() - self._saved_at < SAVE_EVERY:
+            return
+        self._saved_at = self.clock.seconds()
+        try:
+            await self.disk.run(self._save, position)
+        except OSError as e:
+            # Only costs going over some blobs again after a restart.
+            log.debug("could not write down where the scrub got to: {error}", error=e)
+
+    async def run_pass(self) -> PassReport:
+        """
+        One pass over the whole store (from where the last one stopped, if a
+        restart interrupted it).
+        """
+        report = PassReport()
+        resume = await self.disk.run(self._load)
+        total = await self.index.call("stored_bytes")
+        rate = max(total / self.interval, 1.0)
+        owed = 0.0
+        async for h, encoding in self.store.stored():
+            key = blob_key(h, encoding)
+            if resume and key <= resume:
+                continue
+            if owed > 0:
+                # The time the last blob's bytes are worth at this rate.
+                await deferLater(self.clock, owed, lambda: None)
+            try:
+                sound, stored = await self.store.scrub(h, encoding)
+            except BlobNotFound:
+                continue  # expiry deleted it while we walked
+            report.blobs += 1
+            report.bytes += stored
+            report.damaged += not sound
+            metrics.scrub_bytes.inc(stored)
+            owed = stored / rate
+            await self._remember(key)
+        await self._remember("", now=True)
+        metrics.scrub_passes.inc()
+        return report
+
+
+class ScrubService(Service):
+    """
+    Runs scrub passes one after another while the daemon runs.
+    """
+
+    def __init__(self, scrub: Scrub, clock: IReactorTime) -> None:
+        self.scrub = scrub
+        self._clock = clock
+        self._running: Deferred[None] | None = None
+
+    async def _passes(self) -> None:
+        while self.running:
+            try:
+                report = await self.scrub.run_pass()
+            except CancelledError:
+                return
+            except Exception:
+                log.failure("scrub pass failed; trying again later")
+                report = None
+            if report is not None:
+                log.info(
+                    "scrub pass: checked {blobs} blobs ({bytes} bytes); {damaged} damaged "
+                    "(deleted, to be fetched again)",
+                    blobs=report.blobs, bytes=report.bytes, damaged=report.damaged,
+                )
+            if report is None or report.blobs == 0:
+                try:
+                    await deferLater(self._clock, min(self.scrub.interval, IDLE_WAIT), lambda: None)
+                except CancelledError:
+                    return
+
+    def startService(self) -> None:
+        super().startService()
+        self._running = Deferred.fromCoroutine(self._passes())
+
+    def stopService(self) -> Deferred[Any] | None:
+        super().stopService()
+        running, self._running = self._running, None
+        if running is not None and not running.called:
+            running.cancel()
+            # A blob being hashed finishes on the pool; the pool waits for it.
+            running.addErrback(lambda f: f.trap(CancelledError))
+            return running
+        return None
