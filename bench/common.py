@@ -31,7 +31,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import zipfile
 from contextlib import ExitStack, contextmanager
 from types import FrameType
 from typing import Any, Callable, ClassVar, Iterator, Protocol, Sequence, TypeVar
@@ -54,7 +53,7 @@ from contentcache.pool import DiskPool, Runner  # noqa: E402
 from contentcache.protocol.goproxy.paths import escape  # noqa: E402
 from contentcache.store import Store  # noqa: E402
 from tests.daemon import Daemon  # noqa: E402
-from tests.gomodules import ModuleVersion, build_tree  # noqa: E402
+from tests.gomodules import build_payload_modules  # noqa: E402
 from tests.upstream import UpstreamFixture  # noqa: E402
 
 R = TypeVar("R")
@@ -644,19 +643,8 @@ def build_module(root: str, payload_size: int) -> GoModule:
     A GOPROXY tree under C{root} holding one module version whose zip is a
     go.mod and C{payload_size} random bytes.
     """
-    go_mod = f"module {MODULE}\n\ngo 1.19\n"
-    build_tree(root, [ModuleVersion(MODULE, VERSION, {"go.mod": go_mod})])
+    build_payload_modules(root, MODULE, [VERSION], payload_size)
     base = os.path.join(root, *escape(MODULE).split("/"), "@v", escape(VERSION))
-    # Written again with the payload: a ModuleVersion's files are text.
-    prefix = f"{MODULE}@{VERSION}/"
-    with zipfile.ZipFile(base + ".zip", "w") as archive:
-        for name, content, method in (
-            ("go.mod", go_mod.encode("utf-8"), zipfile.ZIP_DEFLATED),
-            ("payload.bin", os.urandom(payload_size), zipfile.ZIP_STORED),
-        ):
-            info = zipfile.ZipInfo(prefix + name, date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = method
-            archive.writestr(info, content)
     files = {ext: f"{base}.{ext}" for ext in EXTENSIONS}
     bodies = {}
     for ext, file in files.items():

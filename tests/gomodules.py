@@ -117,6 +117,31 @@ def build_tree(root: str, versions: list[ModuleVersion]) -> str:
     return root
 
 
+def build_payload_modules(root: str, path: str, versions: list[str], payload_size: int) -> dict[str, str]:
+    """
+    A GOPROXY tree under C{root} holding C{versions} of module C{path},
+    each zip a go.mod and C{payload_size} random bytes stored as they are
+    (so the zip is as large however it is stored); the zip file of each.
+    """
+    go_mod = f"module {path}\n\ngo 1.19\n"
+    build_tree(root, [ModuleVersion(path, version, {"go.mod": go_mod}) for version in versions])
+    zips = {}
+    for version in versions:
+        base = os.path.join(root, *escape(path).split("/"), "@v", escape(version))
+        # Written again with the payload: a ModuleVersion's files are text.
+        prefix = f"{path}@{version}/"
+        with zipfile.ZipFile(base + ".zip", "w") as archive:
+            for name, content, method in (
+                ("go.mod", go_mod.encode("utf-8"), zipfile.ZIP_DEFLATED),
+                ("payload.bin", os.urandom(payload_size), zipfile.ZIP_STORED),
+            ):
+                info = zipfile.ZipInfo(prefix + name, date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = method
+                archive.writestr(info, content)
+        zips[version] = base + ".zip"
+    return zips
+
+
 def build_gosumdb(directory: str) -> str:
     """
     Build the checksum-database fixture (GOPATH mode, Debian's x/mod).
