@@ -11,7 +11,8 @@ A connection is in one of four phases, each with a deadline:
   - a response may wait C{send} seconds for a client that reads nothing;
   - between requests, an idle connection is closed after C{keepalive}.
 While a request is being answered (a slow miss, say), nothing is expected
-of the client, and no deadline runs but the one for sending.
+of the client, and no deadline runs but the one for sending. One timer per
+site (L{Watch}) looks at every connection's deadline twice a second.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import time
 from typing import Any, cast
 
 from attrs import frozen
-from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.internet.protocol import connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import (
@@ -42,7 +44,8 @@ DEFAULT_BODY_TIMEOUT = 30.0
 #: The largest request body accepted (npm audit's bulk advisories, gzipped,
 #: for a lockfile of many thousands of packages, are a few MB).
 MAX_REQUEST_BODY = 16 << 20
-#: A Content-Length of more digits than this is larger than any body.
+#: A Content-Length of more digits than this is larger than any body (or,
+#: padded with zeros, not worth Twisted's int() of thousands of digits).
 _MAX_LENGTH_DIGITS = 18
 #: nginx's status for a request its client closed before the response.
 CLIENT_CLOSED_REQUEST = 499
@@ -81,6 +84,9 @@ class CacheRequest(Request):
         self.received = False
         #: The client left before the whole response was sent.
         self.aborted = False
+        #: The daemon cut the connection itself (the response failed after
+        #: its headers were sent): not the client's doing.
+        self.cut = False
         self._body_size = 0
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -122,7 +128,7 @@ class CacheRequest(Request):
         super().connectionLost(reason)
         if not unanswered:
             return
-        self.aborted = not self._complete()
+        self.aborted = not self.cut and not self._complete()
         if not self.startedWriting:
             self.code, self.code_message = CLIENT_CLOSED_REQUEST, b"Client Closed Request"
         site = getattr(channel, "site", None)
@@ -130,113 +136,177 @@ class CacheRequest(Request):
             site.client_left(self)
 
 
+#: How often the deadlines of open connections are looked at: each is met
+#: to within this.
+TICK = 0.5
+#: A connection being closed that has not gone after this long (its client
+#: reads nothing of what is left to send) is cut.
+ABORT_AFTER = 15.0
+
+#: What a connection is waiting for.
+HEADERS, BODY, BUSY, IDLE, CLOSING = "headers", "body", "busy", "idle", "closing"
+
+
+class Watch:
+    """
+    The deadlines of a site's open connections, looked at every L{TICK} by
+    one timer while any is open. A timer per connection, started and
+    cancelled for each phase of each request, cost a cached hit a fifth of
+    its throughput; here a request costs a few assignments.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._channels: set[CacheChannel] = set()
+        self._loop: LoopingCall | None = None
+
+    def add(self, channel: CacheChannel) -> None:
+        self._channels.add(channel)
+        if self._loop is None:
+            self._loop = LoopingCall(self._sweep)
+            self._loop.clock = self.clock
+            self._loop.start(TICK, now=False)
+
+    def remove(self, channel: CacheChannel) -> None:
+        self._channels.discard(channel)
+        if not self._channels and self._loop is not None:
+            self._loop.stop()
+            self._loop = None
+
+    def _sweep(self) -> None:
+        now = self.clock.seconds()
+        for channel in list(self._channels):
+            try:
+                channel.check(now)
+            except Exception:
+                log.failure("checking the deadlines of a connection failed")
+
+
 class CacheChannel(HTTPChannel):
     """
-    An HTTP/1.1 connection with the deadlines of its site's L{Deadlines}.
+    An HTTP/1.1 connection with the deadlines of its site's L{Deadlines},
+    kept by the site's L{Watch} (Twisted's own idle timeout is off).
     """
 
     deadlines = Deadlines()
-    _deadline: IDelayedCall | None = None
-    _stalled: IDelayedCall | None = None
-    #: Between requests: nothing of the next one has arrived yet.
-    _idle = False
-    #: The request line and headers of the next request are expected.
-    _awaiting_headers = True
-    #: Some of them have arrived.
+    _watch: Watch
+    _phase = HEADERS
+    #: When the current phase's deadline passes.
+    _due: float | None = None
+    #: Some of the request line and headers being waited for have arrived.
     _begun = False
+    #: Since when the client has read nothing of the response, and how
+    #: much was waiting to be sent then.
+    _stalled_since: float | None = None
+    _stalled_pending = 0
+    #: Answered by L{refuse}: whatever else arrives is not a request.
+    _refused = False
     _answered = 0
 
     def connectionMade(self) -> None:
-        self.deadlines = getattr(getattr(self, "site", None), "deadlines", self.deadlines)
+        site = self.site  # type: ignore[attr-defined]
+        self.deadlines = site.deadlines
+        self._watch = site.watch
         super().connectionMade()
+        self._watch.add(self)
         self._expect_headers()
 
+    def _now(self) -> float:
+        return float(self._watch.clock.seconds())
+
     def _expect_headers(self) -> None:
-        # One deadline for the whole header section: the idle timeout
-        # would start again with every byte of a trickle.
-        self._idle = False
-        self._awaiting_headers = True
+        # One deadline for the whole header section, however it trickles in.
+        self._phase = HEADERS
         self._begun = False
-        self.setTimeout(None)
-        if self._deadline is None:
-            self._deadline = self.callLater(self.deadlines.header, self._headers_too_slow)
+        self._due = self._now() + self.deadlines.header
 
-    def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
-
-    def _headers_too_slow(self) -> None:
-        self._deadline = None
-        log.debug("closing a connection from {peer}: no whole request within {seconds:g} s",
-                  peer=peer(self), seconds=self.deadlines.header)
-        if self._begun:
-            self.refuse(REQUEST_TIMEOUT, "request headers took too long")
-        else:
+    def check(self, now: float) -> None:
+        """
+        Act on a deadline that has passed (called by the site's L{Watch}).
+        """
+        if self._stalled_since is not None:
+            pending = _unsent(self.transport)
+            if pending < self._stalled_pending:
+                # It reads, if slowly: the deadline is for reading nothing.
+                self._stalled_since, self._stalled_pending = now, pending
+            elif now - self._stalled_since >= self.deadlines.send:
+                log.debug("closing a connection from {peer}: it read nothing for {seconds:g} s",
+                          peer=peer(self), seconds=self.deadlines.send)
+                self._abort()
+                return
+        if self._due is None or now < self._due:
+            return
+        self._due = None
+        if self._phase == HEADERS:
+            log.debug("closing a connection from {peer}: no whole request within {seconds:g} s",
+                      peer=peer(self), seconds=self.deadlines.header)
+            if self._begun:
+                self.refuse(REQUEST_TIMEOUT, "request headers took too long")
+            else:
+                self._close()
+        elif self._phase == BODY:
+            log.debug("closing a connection from {peer}: its request body sent nothing for {seconds:g} s",
+                      peer=peer(self), seconds=self.deadlines.body)
+            self.refuse(REQUEST_TIMEOUT, "request body stalled")
+        elif self._phase == IDLE:
+            log.debug("closing an idle connection from {peer}", peer=peer(self))
             self._close()
+        elif self._phase == CLOSING:
+            self._abort()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._idle:
+        if self._refused:
+            return
+        if self._phase == IDLE:
             self._expect_headers()
-        if self._awaiting_headers:
+        if self._phase == HEADERS:
             self._begun = True
+        elif self._phase == BODY:
+            # The same deadline for each read of a body as for upstream bodies.
+            self._due = self._now() + self.deadlines.body
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
-        self._cancel_deadline()
-        self._awaiting_headers = False
+        self._phase = BODY
+        self._due = self._now() + self.deadlines.body
         super().allHeadersReceived()
-        # The same deadline for each read of a body as for upstream bodies;
-        # without a body, allContentReceived sets it aside at once.
-        self.setTimeout(self.deadlines.body)
+
+    def allContentReceived(self) -> None:
+        if self._refused:
+            return  # the end of a body too large, in the same read
+        # Being answered: nothing is expected of the client until then. (It
+        # may be answered before this returns.)
+        self._phase = BUSY
+        self._due = None
+        super().allContentReceived()
 
     def requestDone(self, request: Request) -> None:
         self._answered += 1
         answered = self._answered
         buffered = bool(self._dataBuffer)
-        self._awaiting_headers = True
+        self._phase = HEADERS
         super().requestDone(request)
-        if answered != self._answered or not self._awaiting_headers or not self.persistent:
+        if answered != self._answered or self._phase != HEADERS or not self.persistent:
             # A pipelined request replayed from the buffer has been
             # answered (and decided) already, or is being answered now.
             return
         if buffered:
             self._expect_headers()  # part of the next request is here
+            self._begun = True
         else:
-            self._idle = True
-            self.setTimeout(self.deadlines.keepalive)
-
-    def timeoutConnection(self) -> None:
-        # An idle keep-alive connection, or a body that stopped coming.
-        if self._idle or not self.requests:
-            log.debug("closing an idle connection from {peer}", peer=peer(self))
-            self._close()
-        else:
-            log.debug("closing a connection from {peer}: its request body sent nothing for {seconds:g} s",
-                      peer=peer(self), seconds=self.deadlines.body)
-            self.refuse(REQUEST_TIMEOUT, "request body stalled")
+            self._phase = IDLE
+            self._due = self._now() + self.deadlines.keepalive
 
     # A client that reads nothing holds its response: it has a deadline too.
 
     def pauseProducing(self) -> None:
         super().pauseProducing()
-        if self._stalled is None:
-            self._stalled = self.callLater(self.deadlines.send, self._send_stalled)
+        if self._stalled_since is None:
+            self._stalled_since, self._stalled_pending = self._now(), _unsent(self.transport)
 
     def resumeProducing(self) -> None:
-        if self._stalled is not None:
-            if self._stalled.active():
-                self._stalled.cancel()
-            self._stalled = None
+        self._stalled_since = None
         super().resumeProducing()
-
-    def _send_stalled(self) -> None:
-        self._stalled = None
-        log.debug("closing a connection from {peer}: it read nothing for {seconds:g} s",
-                  peer=peer(self), seconds=self.deadlines.send)
-        if self.transport is not None:
-            cast(ITCPTransport, self.transport).abortConnection()
 
     # Requests that cannot be parsed, or are too large.
 
@@ -244,9 +314,13 @@ class CacheChannel(HTTPChannel):
         name, colon, value = line.partition(b":")
         if colon and name.strip().lower() == b"content-length":
             value = value.strip(b" \t")
-            if value.isdigit() and (
-                len(value.lstrip(b"0")) > _MAX_LENGTH_DIGITS or int(value) > self.deadlines.max_body
-            ):
+            if value.isdigit() and len(value) > _MAX_LENGTH_DIGITS:
+                if len(value.lstrip(b"0")) <= _MAX_LENGTH_DIGITS:
+                    self.refuse(BAD_REQUEST, "bad request: a Content-Length of too many digits")
+                    return False
+                self.refuse(REQUEST_ENTITY_TOO_LARGE, "request body too large")
+                return False
+            if value.isdigit() and int(value) > self.deadlines.max_body:
                 self.refuse(REQUEST_ENTITY_TOO_LARGE, "request body too large")
                 return False
         ok: bool = super().headerReceived(line)
@@ -265,10 +339,12 @@ class CacheChannel(HTTPChannel):
         """
         if self.transport is None or getattr(self.transport, "disconnecting", False):
             return
+        self._refused = True
         body = message.encode("utf-8") + b"\n"
+        reason = _REASONS.get(code) or RESPONSES.get(code, b"Error")
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (code, _REASONS.get(code) or RESPONSES.get(code, b"Error"), len(body), body)
+            b"Connection: close\r\n\r\n%s" % (code, reason, len(body), body)
         )
         site = getattr(self, "site", None)
         if site is not None and hasattr(site, "refused"):
@@ -276,18 +352,30 @@ class CacheChannel(HTTPChannel):
         self._close()
 
     def _close(self) -> None:
-        self._cancel_deadline()
-        self.setTimeout(None)
+        self._phase = CLOSING
+        self._due = self._now() + ABORT_AFTER
         if self.transport is not None:
             self.loseConnection()
 
+    def _abort(self) -> None:
+        if self.transport is not None:
+            cast(ITCPTransport, self.transport).abortConnection()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._cancel_deadline()
-        if self._stalled is not None:
-            if self._stalled.active():
-                self._stalled.cancel()
-            self._stalled = None
+        self._watch.remove(self)
         super().connectionLost(reason)
+
+
+def _unsent(transport: Any) -> int:
+    """
+    Bytes a TCP transport still holds for its peer (Twisted's own buffers:
+    what the kernel took is gone from them), to tell a client that reads
+    slowly from one that reads nothing; 0 when the transport cannot say.
+    """
+    try:
+        return int(len(transport.dataBuffer) - transport.offset + transport._tempDataLen)
+    except (AttributeError, TypeError):
+        return 0
 
 
 def peer(channel: HTTPChannel) -> str:

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.server import Request, Site
 
 from . import __version__, metrics
-from .channel import CacheChannel, CacheRequest, Deadlines, peer
+from .channel import CacheChannel, CacheRequest, Deadlines, Watch, peer
 from .index import SQLiteIndex
 from .space import StorageFull
 from .store import Store
@@ -109,8 +109,10 @@ class CacheSite(Site):
     count_requests = True
 
     def __init__(self, resource: IResource, deadlines: Deadlines = Deadlines(), **kwargs: Any) -> None:
-        super().__init__(resource, timeout=deadlines.keepalive, **kwargs)
+        # The channels keep their own deadlines: no Twisted idle timeout.
+        super().__init__(resource, timeout=None, **kwargs)
         self.deadlines = deadlines
+        self.watch = Watch(self.reactor)
 
     def log(self, request: http.Request) -> None:
         started = getattr(request, "started", time.monotonic())
@@ -118,9 +120,10 @@ class CacheSite(Site):
             metrics.observe_request(request, started)
         outcome = request.responseHeaders.getRawHeaders(b"x-cache", [b"-"])[0]
         aborted = getattr(request, "aborted", False)
+        cut = getattr(request, "cut", False)
         access.info(
             "{method} {path} {status} {cache_result} {bytes} {duration:.4f} {upstream_time:.4f}"
-            + (" client left" if aborted else ""),
+            + (" client left" if aborted else " cut off" if cut else ""),
             method=request.method.decode("latin-1"),
             path=request.uri.decode("latin-1")[:2048],
             status=request.code,
@@ -130,13 +133,15 @@ class CacheSite(Site):
             upstream_time=getattr(request, "upstream_time", [0.0])[0],
             client=_client(request),
             aborted=aborted,
+            cut=cut,
         )
 
     def client_left(self, request: CacheRequest) -> None:
         """
-        A request's client closed the connection before it was finished:
-        logged once like any other request, and, if it was cut short,
-        counted as an abort (at debug level: clients do this all the time).
+        A request's connection went before it was finished: logged once
+        like any other request, and, if its client left with the response
+        cut short, counted as an abort (at debug level: clients do this
+        all the time).
         """
         if request.aborted:
             metrics.client_aborts.labels(metrics.protocol_of(request)).inc()

@@ -144,6 +144,7 @@ def _fail(failure: Failure, request: Request, gone: list[bool]) -> None:
         else:
             log.warn("response to {uri} failed part-way ({error}); closing the connection",
                      uri=_uri(request), error=known[1])
+        request.cut = True  # type: ignore[attr-defined]  # not the client's doing: no abort
         request.loseConnection()
         return
     # Headers set for a success that did not happen (ETag, immutable

@@ -186,6 +186,21 @@ def test_a_body_too_large_is_413(connect: Any, head: bytes) -> None:
     assert c.closed
 
 
+def test_a_content_length_padded_with_zeros_is_a_400_not_a_traceback(connect: Any) -> None:
+    c = connect()
+    c.send(b"POST /ok HTTP/1.1\r\nHost: cache.test\r\nContent-Length: " + b"0" * 5000 + b"1\r\n\r\nx")
+    answer = c.received()
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.endswith(b"a Content-Length of too many digits\n")
+
+
+def test_a_chunked_body_too_large_is_never_answered(connect: Any, resource: Ok) -> None:
+    c = connect()
+    chunk = b"%x\r\n%s\r\n" % (1500, b"x" * 1500)
+    c.send(b"POST /slow HTTP/1.1\r\nHost: cache.test\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk + b"0\r\n\r\n")
+    assert c.received().startswith(b"HTTP/1.1 413 ")
+    assert resource.pending == [], "the handler never saw the truncated body"
+
+
 @pytest.mark.parametrize(
     "line",
     [b"GET\r\n\r\n", b"GET / HTTP/1.1 extra\r\n\r\n", b"G\x00T / HTTP/1.1\r\n\r\n",
@@ -219,6 +234,20 @@ def test_a_client_that_reads_nothing_is_dropped(connect: Any, clock: Clock) -> N
     clock.advance(DEADLINES.send - 1)
     assert not c.closed
     clock.advance(1)
+    assert c.closed
+
+
+def test_a_client_that_reads_slowly_is_not_dropped(connect: Any, clock: Clock) -> None:
+    c = connect()
+    c.send(b"GET /slow HTTP/1.1\r\nHost: cache.test\r\n\r\n")
+    # Twisted's own buffers, as a TCP transport holds them: 256 KiB waiting.
+    c.transport.dataBuffer, c.transport.offset, c.transport._tempDataLen = b"x" * 262144, 0, 0
+    c.channel.pauseProducing()
+    for _ in range(10):
+        c.transport.offset += 1000  # a few bytes taken each time
+        clock.advance(DEADLINES.send - 1)
+    assert not c.closed
+    clock.advance(DEADLINES.send + 1)  # then nothing
     assert c.closed
 
 

@@ -473,7 +473,7 @@ def test_slow_headers_are_cut_off_while_hits_go_on(daemon: Daemon) -> None:
     assert max(closed.values()) <= HEADER_TIMEOUT + 2
     assert min(closed.values()) >= HEADER_TIMEOUT - 0.5
     assert len(hits) >= 10 and all(code == 200 for code, _ in hits)
-    assert max(seconds for _, seconds in hits) < 1.0
+    assert max(seconds for _, seconds in hits) < 3.0
     logged.assert_no_trouble()
 
 
@@ -505,6 +505,7 @@ def test_flipped_bytes_are_never_served(daemon: Daemon, upstream: UpstreamFixtur
         assert request(daemon.url, p)[2] == expected[p]
     read = metric(daemon, "contentcache_corrupt_blobs_total", found_by="read")
     streamed = metric(daemon, "contentcache_corrupt_blobs_total", found_by="stream")
+    aborts = metric(daemon, "contentcache_client_aborts_total", protocol="go")
     for p, at in ((info, 5), (archive, len(expected[archive]) // 2)):
         flip(blob_file(storage, p.removeprefix("/goproxy/")), at)
 
@@ -531,6 +532,8 @@ def test_flipped_bytes_are_never_served(daemon: Daemon, upstream: UpstreamFixtur
     assert metric(daemon, "contentcache_corrupt_blobs_total", found_by="read") == read + 1
     assert metric(daemon, "contentcache_corrupt_blobs_total", found_by="stream") == streamed + 1
     assert logged.text().count("is damaged") == 2
+    assert metric(daemon, "contentcache_client_aborts_total", protocol="go") == aborts, "the daemon cut it"
+    assert re.search(rf"GET {re.escape(archive)} 200 hit \d+ .* cut off\n", logged.text())
     logged.assert_no_trouble()
 
 
@@ -645,7 +648,7 @@ def test_a_full_disk_is_507_until_there_is_room(
         logged = Logged(daemon)
         served = 0
         for version in FILL_VERSIONS:
-            for attempt in range(3):
+            for attempt in range(20):
                 code, _, answer = request(daemon.url, path_of(FILL, version, "zip"))
                 if code != 507:
                     break
