@@ -202,7 +202,7 @@ class ProtocolCache:
         """
         if await self.store.has(h):
             return  # back already: another request fetched it again
-        forgotten = await self.index.forget_blob(h)
+        forgotten = await self.index.forget_entries(h)
         if forgotten:
             log.warn("blob {hash} is missing from the store; {count} entries that pointed at it "
                      "will be fetched again", hash=h.hex, count=forgotten)

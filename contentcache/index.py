@@ -426,6 +426,11 @@ class Database:
         with self._lock:
             return {h for (h,) in self._db.execute("SELECT DISTINCT hash FROM entries")}
 
+    def delete_entries_of(self, hexhash: str) -> int:
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM entries WHERE hash = ?", (hexhash,))
+        return cursor.rowcount
+
     def delete_where_hash(self, hexhash: str) -> int:
         with self._transaction(immediate=True) as db:
             cursor = db.execute("DELETE FROM entries WHERE hash = ?", (hexhash,))
@@ -543,12 +548,14 @@ class SQLiteIndex:
     def references(self, hash: Hash) -> Deferred[int]:
         return self._call("references", hash)
 
-    def forget_blob(self, hash: Hash) -> Deferred[int]:
+    def forget_entries(self, hash: Hash) -> Deferred[int]:
         """
         The blob C{hash} is gone from the store: remove every entry that
-        points at it, and its row; fire with how many entries went.
+        points at it; fire with how many went. Its row stays for expiry
+        (which deletes it once nothing references it), so a copy stored
+        again meanwhile is never an orphan.
         """
-        return self._call("delete_where_hash", hash.hex)
+        return self._call("delete_entries_of", hash.hex)
 
     def keys(self, protocol: str, prefix: str, limit: int = 10_000) -> Deferred[list[str]]:
         return self._call("keys", protocol, prefix, limit)

@@ -11,7 +11,9 @@ written again.
 
 from __future__ import annotations
 
+import errno
 import os
+from functools import partial
 from typing import AsyncIterable, AsyncIterator, Awaitable, BinaryIO, Callable, Iterable, TypeVar
 
 from attrs import Factory, define, field, frozen
@@ -38,9 +40,14 @@ MAX_DECODED_READ = 1 << 20
 MAX_WHOLE_READ = 256 * 1024
 SPOOL_PREFIX = "spool-"
 
+#: What the background scrub hashes in one trip to the disk pool.
+REHASH_STEP = 8 << 20
 #: Where damage was found, for the metric: a blob read in one piece, one
 #: streamed, the background scrub.
 FOUND_READING, FOUND_STREAMING, FOUND_SCRUBBING = "read", "stream", "scrub"
+#: Read errors that mean the stored bytes are lost (a bad sector): damage,
+#: fetched again, not an error to answer.
+UNREADABLE = frozenset({errno.EIO})
 
 
 class BlobNotFound(KeyError):
@@ -68,6 +75,10 @@ class _Damaged(Exception):
     Raised on the disk pool: what was read does not hash to the blob's name,
     or ends early; the reactor side deletes it.
     """
+
+
+def _unreadable(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in UNREADABLE
 
 
 class HashMismatch(ValueError):
@@ -386,17 +397,20 @@ class Store:
         L{BlobCorrupt} instead of returning the end of a damaged blob.
         """
         candidates = _candidates(blob.encoding)
+        damaged = False
         while True:
-            raw, encoding = await self._open(blob.hash, candidates, offset)
+            try:
+                raw, encoding = await self._open(blob.hash, candidates, offset)
+            except BlobNotFound:
+                raise (BlobCorrupt if damaged else BlobNotFound)(blob.hash) from None
             if encoding == IDENTITY:
                 return _BlobReader(self, blob.hash, encoding, raw, None, blob.size, offset)
             try:
                 stream = await self._disk.run(self._decoding, raw, encoding, offset)
             except DecodeError as e:
+                damaged = True
                 await self._discard_damaged(blob.hash, encoding, e, FOUND_STREAMING)
                 candidates.remove(encoding)
-                if not candidates:
-                    raise BlobCorrupt(blob.hash) from None
                 continue
             return _BlobReader(self, blob.hash, encoding, raw, stream, blob.size, offset)
 
@@ -418,41 +432,43 @@ class Store:
 
     async def read(self, blob: Blob, offset: int, length: int) -> bytes:
         """
-        C{length} bytes of a blob from C{offset} (fewer past its end), in one trip
-        (two if it is stored compressed). A blob of at most
-        L{MAX_WHOLE_READ} bytes is read whole and checked against its hash
-        first; a damaged one is deleted and the blob read from another copy,
-        or it is missing (L{BlobCorrupt}): fetched again.
+        C{length} bytes of a blob from C{offset} (fewer past its end), in one
+        trip to the disk pool. A blob of at most L{MAX_WHOLE_READ} bytes (or
+        any read of a whole blob) is read whole and checked against its
+        hash in that trip; a damaged one is deleted and the blob read from
+        another copy, or it is missing (L{BlobCorrupt}): fetched again.
         """
         damaged = False
+        whole = blob.size <= MAX_WHOLE_READ or (offset == 0 and length >= blob.size)
         for encoding in _candidates(blob.encoding):
             key = blob_key(blob.hash, encoding)
             try:
                 if encoding == IDENTITY:
-                    if blob.size > MAX_WHOLE_READ:
-                        # A small part of a large blob: its bytes are checked
-                        # only when it is streamed whole, and by the scrub.
-                        data = await self.backend.read(key, offset, length)
-                        if len(data) < min(length, blob.size - offset):
-                            raise _Damaged(f"it ends before byte {offset + length:,} of {blob.size:,}")
-                        return data
-                    data = await self.backend.read(key, 0, blob.size)
-                    error = _check(blob.hash, blob.size, data)
-                    if error is None:
-                        return data[offset : offset + length]
-                    raise _Damaged(error)
+                    if whole:
+                        return await self.backend.read(key, 0, blob.size, partial(_checked, blob, offset, length))
+                    # A part of a large blob: its bytes are checked only
+                    # when it is streamed whole, and by the scrub.
+                    data = await self.backend.read(key, offset, length)
+                    if len(data) < min(length, blob.size - offset):
+                        raise _Damaged(f"it ends before byte {offset + length:,} of {blob.size:,}")
+                    return data
                 if blob.size > MAX_DECODED_READ:
                     return await self._read_streamed(Blob(blob.hash, blob.size, encoding), offset, length)
-                # The whole object: a small blob compressed is smaller still.
-                data = await self.backend.read(key, 0, blob.size + (blob.size >> 6) + 1024)
-                return await self._disk.run(_slice_decoded, data, encoding, blob, offset, length)
+                # The whole object (a small blob compressed is smaller
+                # still), decoded and checked in the same trip.
+                return await self.backend.read(
+                    key, 0, blob.size + (blob.size >> 6) + 1024,
+                    partial(_slice_decoded, encoding, blob, offset, length),
+                )
             except NotFound:
                 continue
             except BlobNotFound as e:
                 # Streamed: not there, or damaged (and deleted already).
                 damaged = damaged or isinstance(e, BlobCorrupt)
                 continue
-            except (DecodeError, _Damaged) as e:
+            except (DecodeError, _Damaged, OSError) as e:
+                if isinstance(e, OSError) and not _unreadable(e):
+                    raise
                 damaged = True
                 await self._discard_damaged(blob.hash, encoding, e, FOUND_READING)
         raise (BlobCorrupt if damaged else BlobNotFound)(blob.hash)
@@ -469,14 +485,27 @@ class Store:
             await reader.close()
 
     async def _rehash(self, h: Hash, encoding: str) -> tuple[Hash | None, int]:
+        """
+        What the object decodes to hashes to (L{None} if it does not decode),
+        and the bytes it takes; read in steps of L{REHASH_STEP}, so that a
+        large blob does not hold a disk thread for long.
+        """
         try:
             raw = await self.backend.open(blob_key(h, encoding))
-            try:
-                return await self._disk.run(_hash_stream, decoder(raw.stream, encoding)), raw.size
-            except DecodeError:
-                return None, raw.size
         except NotFound:
             raise BlobNotFound(h) from None
+        stream = decoder(raw.stream, encoding)
+        hasher = Hasher()
+        try:
+            while await self._disk.run(_hash_some, stream, hasher, REHASH_STEP):
+                pass
+        except DecodeError:
+            return None, raw.size
+        except NotFound:
+            raise BlobNotFound(h) from None
+        finally:
+            await self._disk.run(stream.close)
+        return hasher.finish(), raw.size
 
     async def rehash(self, h: Hash, encoding: str) -> Hash | None:
         """
@@ -493,7 +522,13 @@ class Store:
         entries forgotten). Fires with whether it was sound and the bytes
         it takes; fails with L{BlobNotFound}.
         """
-        actual, stored = await self._rehash(h, encoding)
+        try:
+            actual, stored = await self._rehash(h, encoding)
+        except OSError as e:
+            if not _unreadable(e):
+                raise
+            await self._discard_damaged(h, encoding, e, FOUND_SCRUBBING)
+            return False, 0
         if actual == h:
             return True, stored
         why = "it does not decode" if actual is None else f"its bytes hash to {actual.hex[:16]}..."
@@ -582,8 +617,7 @@ class _BlobReader:
     def _failed(self, failure: Failure) -> Deferred[bytes]:
         if failure.check(NotFound):
             raise BlobNotFound(self._hash)
-        error = failure.check(_Damaged, DecodeError)
-        if error is None:
+        if not failure.check(_Damaged, DecodeError) and not _unreadable(failure.value):
             failure.raiseException()
         return Deferred.fromCoroutine(self._discard(failure.value))
 
@@ -619,20 +653,29 @@ def _probe_directory(directory: str) -> None:
     tempfiles.discard(path, handle)
 
 
-def _hash_stream(stream: BinaryIO) -> Hash:
-    hasher = Hasher()
-    with stream:
-        while chunk := stream.read(1 << 20):
-            hasher.update(chunk)
-    return hasher.finish()
+def _hash_some(stream: BinaryIO, hasher: Hasher, size: int) -> int:
+    """
+    Hash up to C{size} more bytes of C{stream}; how many there were.
+    """
+    done = 0
+    while done < size and (chunk := stream.read(min(1 << 20, size - done))):
+        hasher.update(chunk)
+        done += len(chunk)
+    return done
 
 
-def _slice_decoded(data: bytes, encoding: str, blob: Blob, offset: int, length: int) -> bytes:
+def _checked(blob: Blob, offset: int, length: int, data: bytes) -> bytes:
+    """
+    A slice of a blob read whole, once it is checked (on the disk pool).
+    """
+    error = _check(blob.hash, blob.size, data)
+    if error is not None:
+        raise _Damaged(error)
+    return data[offset : offset + length]
+
+
+def _slice_decoded(encoding: str, blob: Blob, offset: int, length: int, data: bytes) -> bytes:
     """
     A slice of a small compressed blob, decoded and checked whole.
     """
-    decoded = decode(data, encoding)
-    error = _check(blob.hash, blob.size, decoded)
-    if error is not None:
-        raise _Damaged(error)
-    return decoded[offset : offset + length]
+    return _checked(blob, offset, length, decode(data, encoding))

@@ -313,7 +313,7 @@ def makeService(options: Options) -> IService:
     except StorageUnavailable as e:
         raise SystemExit(str(e)) from None
     # Damage found in a blob: every entry that points at it goes with it.
-    store.damaged = index.forget_blob
+    store.damaged = index.forget_entries
     StoreService(store).setServiceParent(top)
 
     policy = Policy(

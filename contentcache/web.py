@@ -483,7 +483,8 @@ async def refetching(request: Request, cache: ProtocolCache, answer: Callable[[]
     try:
         await answer()
     except BlobNotFound as e:
-        await cache.forget(e.hash)
+        if not (isinstance(e, BlobCorrupt) and cache.store.damaged is not None):
+            await cache.forget(e.hash)  # else the store did, when it found the damage
         if request.startedWriting:
             raise
         await answer()

@@ -347,12 +347,14 @@ def test_health_says_full_until_a_write_succeeds(client: StubTreq, store: Store)
 
 
 def test_a_full_disk_is_507_with_one_line(store: Store) -> None:
+    from .test_store import FullDisk
+
     class Filling(AsyncResource):
         async def render_async(self, request: Request) -> None:
             spool = await store.spool()
+            spool._handle = FullDisk(spool._handle, 10)  # type: ignore[assignment]
             try:
-                spool.write_blocking(b"x")
-                raise store.space.failed(OSError(28, "No space left on device"))
+                await spool.write(b"more than ten bytes")
             finally:
                 await spool.abort()
 

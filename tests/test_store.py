@@ -500,3 +500,34 @@ def test_a_full_disk_is_storage_full_and_leaves_nothing(store: Store) -> None:
     assert leftovers(store) == [] and objects(store) == []
     resolve(store.put([b"it fits now"]))
     assert not store.space.full, "a write that succeeds ends the full state"
+
+
+def test_a_blob_that_cannot_be_read_is_damaged(tmp_path: Any, disk: SynchronousRunner, monkeypatch: Any) -> None:
+    # A bad sector on the filesystem: the read fails with EIO. Fetched
+    # again, not a 500. (S3 that fails is StorageUnavailable: a 503.)
+    store = Store(FilesystemBackend(str(tmp_path / "fs"), disk), str(tmp_path / "fs" / "tmp"), disk)
+    resolve(store.start())
+    small, large = content(1000), content(2 * MiB)
+    blobs = [resolve(store.put([data])).blob for data in (small, large)]
+
+    def unreadable(*args: Any) -> bytes:
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(FilesystemBackend, "_read", unreadable)
+        with pytest.raises(BlobCorrupt):
+            resolve(store.read(blobs[0], 0, 1000))
+    assert objects(store) == [blob_key(blobs[1].hash)]
+
+    class BadSector:
+        read = staticmethod(unreadable)
+
+        def close(self) -> None:
+            pass
+
+    reader = resolve(store.get(blobs[1]))
+    reader._raw.stream.close()
+    reader._raw.stream = BadSector()
+    with pytest.raises(BlobCorrupt):
+        resolve(reader.read(64 * KiB))
+    assert objects(store) == []

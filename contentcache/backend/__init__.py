@@ -12,7 +12,7 @@ free for the backend's own temporary objects.
 from __future__ import annotations
 
 import re
-from typing import AsyncIterable, AsyncIterator, BinaryIO, Iterable
+from typing import AsyncIterable, AsyncIterator, BinaryIO, Callable, Iterable
 
 from attrs import define, frozen
 from twisted.internet.defer import Deferred
@@ -158,11 +158,13 @@ class IBackend(Interface):
         Open C{key} for reading from C{offset}; fails with L{NotFound}.
         """
 
-    def read(key: str, offset: int, length: int) -> Deferred[bytes]:
+    def read(key: str, offset: int, length: int, then: Callable[[bytes], bytes] | None = None) -> Deferred[bytes]:
         """
         Up to C{length} bytes of C{key} from C{offset}, in one call: for
         small objects, where open, read and close as three trips would cost
-        more than the bytes. Fails with L{NotFound}.
+        more than the bytes. C{then}, a blocking function, gets them in the
+        same trip (the store checks them there) and returns what this fires
+        with. Fails with L{NotFound}.
         """
 
     def stat(key: str) -> Deferred[Stat | None]:

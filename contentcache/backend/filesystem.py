@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import AsyncIterable, AsyncIterator, BinaryIO, Iterable
+from typing import AsyncIterable, AsyncIterator, BinaryIO, Callable, Iterable
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
@@ -128,16 +128,17 @@ class FilesystemBackend:
     def open(self, key: str, offset: int = 0) -> Deferred[IReader]:
         return self._disk.run(self._open, key, offset)
 
-    def _read(self, key: str, offset: int, length: int) -> bytes:
+    def _read(self, key: str, offset: int, length: int, then: Callable[[bytes], bytes] | None) -> bytes:
         try:
             with open(self.path(key), "rb") as handle:
                 handle.seek(offset)
-                return handle.read(length)
+                data = handle.read(length)
         except FileNotFoundError:
             raise NotFound(key) from None
+        return data if then is None else then(data)
 
-    def read(self, key: str, offset: int, length: int) -> Deferred[bytes]:
-        return self._disk.run(self._read, key, offset, length)
+    def read(self, key: str, offset: int, length: int, then: Callable[[bytes], bytes] | None = None) -> Deferred[bytes]:
+        return self._disk.run(self._read, key, offset, length, then)
 
     def _stat(self, key: str) -> Stat | None:
         try:

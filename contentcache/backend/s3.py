@@ -387,27 +387,27 @@ class S3Backend:
     def open(self, key: str, offset: int = 0) -> Deferred[IReader]:
         return self._run(self._open, key, offset)
 
-    def _read(self, key: str, offset: int, length: int) -> bytes:
+    def _read(self, key: str, offset: int, length: int, then: Callable[[bytes], bytes] | None) -> bytes:
         from botocore.exceptions import ClientError
 
         if length <= 0:
             if self._stat(key) is None:
                 raise NotFound(key)
-            return b""
+            return b"" if then is None else then(b"")
         try:
             response = self._get(self.name(key), offset, offset + length - 1)
         except ClientError as e:
             if _code(e) in _MISSING:
                 raise NotFound(key) from None
             if _code(e) == "InvalidRange":
-                return b""
+                return b"" if then is None else then(b"")
             raise
         with response["Body"] as body:
             data: bytes = body.read()
-        return data
+        return data if then is None else then(data)
 
-    def read(self, key: str, offset: int, length: int) -> Deferred[bytes]:
-        return self._run(self._read, key, offset, length)
+    def read(self, key: str, offset: int, length: int, then: Callable[[bytes], bytes] | None = None) -> Deferred[bytes]:
+        return self._run(self._read, key, offset, length, then)
 
     def _stat(self, key: str) -> Stat | None:
         from botocore.exceptions import ClientError
