@@ -23,6 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from . import metrics, tempfiles
+from .backend import StorageUnavailable
 from .index import SQLiteIndex
 from .pool import Runner
 from .store import BlobNotFound, Store, blob_key
@@ -103,24 +104,28 @@ class Scrub:
         resume = await self.disk.run(self._load)
         total = await self.index.call("stored_bytes")
         rate = max(total / self.interval, 1.0)
-        owed = 0.0
         async for h, encoding in self.store.stored():
             key = blob_key(h, encoding)
             if resume and key <= resume:
                 continue
-            if owed > 0:
-                # The time the last blob's bytes are worth at this rate.
-                await deferLater(self.clock, owed, lambda: None)
             try:
                 sound, stored = await self.store.scrub(h, encoding)
             except BlobNotFound:
                 continue  # expiry deleted it while we walked
+            except StorageUnavailable:
+                raise  # S3 does not answer: the whole pass waits
+            except Exception:
+                # One blob the scrub cannot read must not stop it for good.
+                log.failure("scrubbing blob {hash} failed; going on", hash=h.hex)
+                continue
             report.blobs += 1
             report.bytes += stored
             report.damaged += not sound
             metrics.scrub_bytes.inc(stored)
-            owed = stored / rate
             await self._remember(key)
+            # The time this blob's bytes are worth at this rate, so that a
+            # pass takes about the interval.
+            await deferLater(self.clock, stored / rate, lambda: None)
         await self._remember("", now=True)
         metrics.scrub_passes.inc()
         return report
@@ -135,6 +140,8 @@ class ScrubService(Service):
         self.scrub = scrub
         self._clock = clock
         self._running: Deferred[None] | None = None
+        #: What each finished pass found.
+        self.reports: list[PassReport] = []
 
     async def _passes(self) -> None:
         while self.running:
@@ -142,10 +149,14 @@ class ScrubService(Service):
                 report = await self.scrub.run_pass()
             except CancelledError:
                 return
+            except StorageUnavailable as e:
+                log.warn("scrub pass stopped: {error}; trying again later", error=e)
+                report = None
             except Exception:
                 log.failure("scrub pass failed; trying again later")
                 report = None
             if report is not None:
+                self.reports.append(report)
                 log.info(
                     "scrub pass: checked {blobs} blobs ({bytes} bytes); {damaged} damaged "
                     "(deleted, to be fetched again)",
