@@ -5,6 +5,7 @@ JSON object per line for journald, Loki or ELK.
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import IO, Callable
 
@@ -39,7 +40,7 @@ def observer_factory(
     def make() -> ILogObserver:
         out: IO[str] = stream or sys.stdout
         if logfile and logfile != "-":
-            out = LogFile.fromFullPath(logfile)
+            out = _reopened_on_sigusr1(LogFile.fromFullPath(logfile))
         observer: ILogObserver
         if format == "json":
             json_observer = jsonFileLogObserver(out, recordSeparator="")
@@ -61,6 +62,22 @@ def observer_factory(
         )
 
     return make
+
+
+def _reopened_on_sigusr1(log_file: LogFile) -> IO[str]:
+    """
+    What twistd does for its own --logfile: SIGUSR1 (logrotate's
+    postrotate) reopens the file, rather than ending the daemon.
+    """
+    if not signal.getsignal(signal.SIGUSR1):
+
+        def reopen(signum: int, frame: object) -> None:
+            from twisted.internet import reactor
+
+            reactor.callFromThread(log_file.reopen)  # type: ignore[attr-defined]
+
+        signal.signal(signal.SIGUSR1, reopen)
+    return log_file  # type: ignore[return-value]
 
 
 #: What twistd's --logger (named by dotted path: it takes no arguments)

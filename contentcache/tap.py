@@ -264,7 +264,7 @@ class Options(usage.Options):
         if self["log-level"] not in LEVELS:
             raise usage.UsageError(f"--log-level is one of {', '.join(LEVELS)}, not {self['log-level']!r}.")
         parent = getattr(self, "parent", None)
-        if parent is not None and not parent.get("logger") and not parent.get("syslog"):
+        if parent is not None and _own_logging(parent):
             # twistd reads its --logger after parsing our options and before
             # it starts logging: the one place every line's form and level
             # are decided (without it, even debug lines would be written).
@@ -277,6 +277,17 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be an http or https URL, not {url!r}.")
         self.setdefault("go-sumdb", None)
         self.setdefault("npm-tarball-host", [])
+
+
+def _own_logging(twistd: Mapping[str, object]) -> bool:
+    """
+    Whether the daemon's observer should be twistd's: unless twistd was
+    given a --logger or --syslog of its own, or --logfile - for a daemon in
+    the background (which twistd refuses, in a sentence).
+    """
+    if twistd.get("logger") or twistd.get("syslog"):
+        return False
+    return not (twistd.get("logfile") == "-" and not twistd.get("nodaemon"))
 
 
 def listening_port(description: str) -> int | None:
