@@ -136,6 +136,7 @@ class DiskSpace:
     reason: str = ""
     room: Room | None = None
     _warned_at: float = float("-inf")
+    _roomy_at: float = float("-inf")
     _listeners: list[Callable[[], object]] = field(factory=list)
 
     def when_short(self, listener: Callable[[], object]) -> None:
@@ -186,8 +187,10 @@ class DiskSpace:
         """
         if self.full:
             self.full = False
-            self._warned_at = float("-inf")
-            log.info("storage has room again; misses are stored")
+            now = self._clock()
+            if now - self._roomy_at >= WARN_INTERVAL:
+                self._roomy_at = now
+                log.info("storage has room again; misses are stored")
         if self.room is not None and self.min_free.enabled and self.room.free < self.min_free.bytes_of(self.room.total):
             self._short()
 

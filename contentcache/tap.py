@@ -314,8 +314,11 @@ def makeService(options: Options) -> IService:
     disk.setServiceParent(top)
     metrics.disk_queue.set_function(lambda: disk.pending)
 
-    # One view of the disk's room, shared by what writes to it.
-    space = DiskSpace(storage.staging, reactor, options["min-free"])
+    # One view of the disk's room, shared by what writes to it. With S3,
+    # evicting frees nothing on the local disk: --min-free would empty the
+    # cache for nothing, and only the full state is kept.
+    min_free = options["min-free"] if isinstance(storage.blobs, str) else MinFree()
+    space = DiskSpace(storage.staging, reactor, min_free)
     index = SQLiteIndex(storage.state_dir, disk, reactor, space=space)
     IndexService(index, reactor).setServiceParent(top)
 
@@ -329,7 +332,7 @@ def makeService(options: Options) -> IService:
 
     policy = Policy(
         ttl=options["ttl"] or None, max_size=options["max-size"], grace=options["grace"],
-        min_free=options["min-free"],
+        min_free=min_free,
     )
     expiry = ExpiryService(Expiry(index, store, reactor, policy), reactor, options["expiry-interval"])
     expiry.setServiceParent(top)

@@ -107,3 +107,33 @@ def test_flags_from_environment() -> None:
     assert parse([], {"CONTENTCACHE_NO_METRICS": "1"})["no-metrics"]
     assert not parse([], {"CONTENTCACHE_NO_METRICS": "0"})["no-metrics"]
     assert not parse([])["no-metrics"]
+
+
+@pytest.mark.parametrize(
+    "storage, evicts",
+    [("{tmp}/fs", True), ("s3://bucket/prefix", False)],
+    ids=["filesystem", "s3"],
+)
+def test_min_free_evicts_only_where_evicting_frees_room(tmp_path: object, storage: str, evicts: bool) -> None:
+    # With S3 the spool directory's room is watched (507 when it is full),
+    # but evicting S3 objects would free none of it.
+    argv = ["--storage", storage.format(tmp=tmp_path), "--port", "tcp:0", "--min-free", "10%"]
+    if storage.startswith("s3://"):
+        argv += ["--state-dir", str(tmp_path), "--s3-endpoint", "http://127.0.0.1:9"]
+    service = makeService(parse(argv))
+    [expiry] = [s for s in service if type(s).__name__ == "ExpiryService"]
+    assert expiry.expiry.policy.min_free.enabled is evicts  # type: ignore[attr-defined]
+    assert expiry.expiry.store.space.min_free.enabled is evicts  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--min-free", "lots"], "--min-free: 'lots' is neither a size"),
+        (["--header-timeout", "0"], "--header-timeout must be more than 0."),
+        (["--scrub-interval", "weekly"], "--scrub-interval: 'weekly' is not a duration"),
+    ],
+)
+def test_the_new_options_are_checked(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse(argv)
