@@ -6,6 +6,7 @@ concurrent misses, and a short memory of what upstream does not have.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Callable, Coroutine, Generic, Hashable, Mapping, TypeVar, cast
 
@@ -30,6 +31,12 @@ from twisted.internet.error import (
 from twisted.web._newclient import ParseError, ResponseFailed, ResponseNeverReceived, _WrapperException
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.iweb import UNKNOWN_LENGTH
+
+try:
+    from OpenSSL.SSL import Error as TLSError
+except ImportError:  # pragma: no cover - twisted[tls] brings it
+    class TLSError(Exception):  # type: ignore[no-redef]
+        pass
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http import NOT_MODIFIED, OK
 from twisted.web.http_headers import Headers
@@ -64,6 +71,10 @@ class UpstreamTimeout(UpstreamError):
     """
 
 
+#: What a Python object's repr looks like, never to reach a client.
+_REPR = re.compile(r"<[A-Za-z_][\w.]* .*>|^\[\(|object at 0x")
+
+
 def _cause(error: BaseException) -> BaseException:
     """
     What lies under the agent's wrappers (a list of failures each).
@@ -93,7 +104,14 @@ def what_happened(error: BaseException) -> str:
         return "sent a malformed response"
     if isinstance(cause, ConnectError):
         return "could not be reached"
-    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if isinstance(cause, TLSError):
+        # pyOpenSSL's message is a list of (library, function, reason).
+        found = cause.args[0] if cause.args and isinstance(cause.args[0], list) else []
+        reasons = [r[-1] for r in found if isinstance(r, tuple) and r and r[-1]]
+        return f"failed the TLS handshake ({reasons[-1] if reasons else 'no reason given'})"
+    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    if not detail or _REPR.search(detail):
+        detail = type(cause).__name__
     return f"failed ({detail[:200]})"
 
 

@@ -8,6 +8,7 @@ import pytest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
+from OpenSSL import SSL
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
@@ -98,6 +99,9 @@ def test_negative_cache_off() -> None:
         (ResponseFailed([Failure(ConnectionLost()), Failure(ValueError("x"))]), "reset the connection"),
         (RuntimeError("something\nwith lines <object at 0x1>"), "failed (something)"),
         (RuntimeError(), "failed (RuntimeError)"),
+        (RuntimeError("<twisted.python.failure.Failure builtins.OSError: x>"), "failed (RuntimeError)"),
+        (SSL.Error([("SSL routines", "", "certificate verify failed")]),
+         "failed the TLS handshake (certificate verify failed)"),
     ],
 )
 def test_upstream_errors_read_as_sentences(error: Exception, said: str) -> None:
