@@ -7,7 +7,8 @@ A connection is in one of four phases, each with a deadline:
   - the request line and headers must arrive within C{header} seconds of
     the first byte (of the connection, for its first request), however
     slowly they trickle in;
-  - a body may go C{body} seconds without a byte (as upstream bodies may);
+  - a body may go C{body} seconds without a byte (as upstream bodies may),
+    and must come at L{BODY_MIN_RATE} on the whole;
   - a response may wait C{send} seconds for a client that reads nothing;
   - between requests, an idle connection is closed after C{keepalive}.
 While a request is being answered (a slow miss, say), nothing is expected
@@ -47,6 +48,10 @@ MAX_REQUEST_BODY = 16 << 20
 #: A Content-Length of more digits than this is larger than any body (or,
 #: padded with zeros, not worth Twisted's int() of thousands of digits).
 _MAX_LENGTH_DIGITS = 18
+#: However a body trickles in, it must come at least this fast on the whole
+#: (bytes a second, after the first --idle-timeout): a body of a byte every
+#: 29 s would otherwise hold a connection for ever.
+BODY_MIN_RATE = 64 * 1024
 #: nginx's status for a request its client closed before the response.
 CLIENT_CLOSED_REQUEST = 499
 #: RFC 6585 (Twisted has no name for it).
@@ -193,6 +198,8 @@ class CacheChannel(HTTPChannel):
     _phase = HEADERS
     #: When the current phase's deadline passes.
     _due: float | None = None
+    #: When the whole of a request body must have arrived.
+    _body_until = 0.0
     #: Some of the request line and headers being waited for have arrived.
     _begun = False
     #: Since when the client has read nothing of the response, and how
@@ -245,8 +252,7 @@ class CacheChannel(HTTPChannel):
             else:
                 self._close()
         elif self._phase == BODY:
-            log.debug("closing a connection from {peer}: its request body sent nothing for {seconds:g} s",
-                      peer=peer(self), seconds=self.deadlines.body)
+            log.debug("closing a connection from {peer}: its request body stalled", peer=peer(self))
             self.refuse(REQUEST_TIMEOUT, "request body stalled")
         elif self._phase == IDLE:
             log.debug("closing an idle connection from {peer}", peer=peer(self))
@@ -263,12 +269,15 @@ class CacheChannel(HTTPChannel):
             self._begun = True
         elif self._phase == BODY:
             # The same deadline for each read of a body as for upstream bodies.
-            self._due = self._now() + self.deadlines.body
+            self._due = min(self._now() + self.deadlines.body, self._body_until)
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
+        now = self._now()
+        size = self.deadlines.max_body if self.length is None else self.length
         self._phase = BODY
-        self._due = self._now() + self.deadlines.body
+        self._body_until = now + self.deadlines.body + size / BODY_MIN_RATE
+        self._due = min(now + self.deadlines.body, self._body_until)
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:

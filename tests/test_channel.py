@@ -159,11 +159,21 @@ def test_a_stalled_body_is_cut_off(connect: Any, clock: Clock) -> None:
     c = connect()
     c.send(b"POST /ok HTTP/1.1\r\nHost: cache.test\r\nContent-Length: 10\r\n\r\n12345")
     clock.advance(DEADLINES.body - 1)
-    c.send(b"6")  # each read resets the body's deadline
-    clock.advance(DEADLINES.body - 1)
     assert not c.closed
     clock.advance(1)
     assert c.received().endswith(b"\r\n\r\nrequest body stalled\n") and c.closed
+
+
+def test_a_body_that_trickles_must_still_arrive_on_the_whole(connect: Any, clock: Clock) -> None:
+    c = connect()
+    c.send(b"POST /ok HTTP/1.1\r\nHost: cache.test\r\nContent-Length: 1000\r\n\r\n")
+    clock.advance(DEADLINES.body - 1)
+    c.send(b"x")  # a byte before the read's deadline
+    assert not c.closed
+    # 1,000 bytes at the least rate take a fraction of a second more than
+    # the first read's deadline: by then the whole body is overdue.
+    clock.advance(2)
+    assert c.received().endswith(b"request body stalled\n") and c.closed
 
 
 @pytest.mark.parametrize(
