@@ -273,11 +273,14 @@ class CacheChannel(HTTPChannel):
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
-        now = self._now()
-        size = self.deadlines.max_body if self.length is None else self.length
         self._phase = BODY
-        self._body_until = now + self.deadlines.body + size / BODY_MIN_RATE
-        self._due = min(now + self.deadlines.body, self._body_until)
+        if self.length == 0:
+            self._due = None  # no body: allContentReceived comes next
+        else:
+            now = self._now()
+            size = self.deadlines.max_body if self.length is None else self.length
+            self._body_until = now + self.deadlines.body + size / BODY_MIN_RATE
+            self._due = min(now + self.deadlines.body, self._body_until)
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
@@ -320,9 +323,9 @@ class CacheChannel(HTTPChannel):
     # Requests that cannot be parsed, or are too large.
 
     def headerReceived(self, line: bytes) -> bool:
-        name, colon, value = line.partition(b":")
-        if colon and name.strip().lower() == b"content-length":
-            value = value.strip(b" \t")
+        # A field name has no white space before its colon (RFC 9112, 5.1).
+        if line[:15].lower() == b"content-length:":
+            value = line[15:].strip(b" \t")
             if value.isdigit() and len(value) > _MAX_LENGTH_DIGITS:
                 if len(value.lstrip(b"0")) <= _MAX_LENGTH_DIGITS:
                     self.refuse(BAD_REQUEST, "bad request: a Content-Length of too many digits")

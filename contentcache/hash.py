@@ -51,6 +51,12 @@ class Hash:
         """
         return cls(blake3.blake3(data).digest())
 
+    def matches(self, data: bytes) -> bool:
+        """
+        Whether C{data} hashes to this (one call, for small blobs).
+        """
+        return bool(blake3.blake3(data).digest() == self.digest)
+
     @property
     def hex(self) -> str:
         return self.digest.hex()
