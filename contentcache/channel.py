@@ -50,8 +50,9 @@ MAX_REQUEST_BODY = 16 << 20
 _MAX_LENGTH_DIGITS = 18
 #: However a body trickles in, it must come at least this fast on the whole
 #: (bytes a second, after the first --idle-timeout): a body of a byte every
-#: 29 s would otherwise hold a connection for ever.
-BODY_MIN_RATE = 64 * 1024
+#: 29 s would otherwise hold a connection for ever. (A 4 MB npm audit over
+#: a 256 kbit/s link takes 125 s of the 286 s this allows.)
+BODY_MIN_RATE = 16 * 1024
 #: nginx's status for a request its client closed before the response.
 CLIENT_CLOSED_REQUEST = 499
 #: RFC 6585 (Twisted has no name for it).
@@ -202,10 +203,11 @@ class CacheChannel(HTTPChannel):
     _body_until = 0.0
     #: Some of the request line and headers being waited for have arrived.
     _begun = False
-    #: Since when the client has read nothing of the response, and how
-    #: much was waiting to be sent then.
+    #: Since when the client has read nothing of the response.
     _stalled_since: float | None = None
-    _stalled_pending = 0
+    #: What the transport held unsent at the last look: less now means the
+    #: client reads.
+    _unsent_seen = 0
     #: Answered by L{refuse}: whatever else arrives is not a request.
     _refused = False
     _answered = 0
@@ -231,17 +233,25 @@ class CacheChannel(HTTPChannel):
         """
         Act on a deadline that has passed (called by the site's L{Watch}).
         """
+        unsent = _unsent(self.transport)
+        reads = unsent < self._unsent_seen
+        self._unsent_seen = unsent
         if self._stalled_since is not None:
-            pending = _unsent(self.transport)
-            if pending < self._stalled_pending:
+            if reads:
                 # It reads, if slowly: the deadline is for reading nothing.
-                self._stalled_since, self._stalled_pending = now, pending
+                self._stalled_since = now
             elif now - self._stalled_since >= self.deadlines.send:
                 log.debug("closing a connection from {peer}: it read nothing for {seconds:g} s",
                           peer=peer(self), seconds=self.deadlines.send)
                 self._abort()
                 return
-        if self._due is None or now < self._due:
+        if self._due is None:
+            return
+        if reads and self._phase in (IDLE, CLOSING):
+            # Still taking the end of the last response: not idle, and a
+            # close waits for it.
+            self._due = max(self._due, now + (self.deadlines.keepalive if self._phase == IDLE else ABORT_AFTER))
+        if now < self._due:
             return
         self._due = None
         if self._phase == HEADERS:
@@ -252,8 +262,10 @@ class CacheChannel(HTTPChannel):
             else:
                 self._close()
         elif self._phase == BODY:
-            log.debug("closing a connection from {peer}: its request body stalled", peer=peer(self))
-            self.refuse(REQUEST_TIMEOUT, "request body stalled")
+            slow = now >= self._body_until
+            log.debug("closing a connection from {peer}: its request body {how}", peer=peer(self),
+                      how="came too slowly" if slow else "stalled")
+            self.refuse(REQUEST_TIMEOUT, "request body too slow" if slow else "request body stalled")
         elif self._phase == IDLE:
             log.debug("closing an idle connection from {peer}", peer=peer(self))
             self._close()
@@ -295,7 +307,9 @@ class CacheChannel(HTTPChannel):
     def requestDone(self, request: Request) -> None:
         self._answered += 1
         answered = self._answered
-        buffered = bool(self._dataBuffer)
+        # What came after this request: held while it was answered, or
+        # still in the line buffer when it was answered at once.
+        buffered = bool(self._dataBuffer or self._buffer)
         self._phase = HEADERS
         super().requestDone(request)
         if answered != self._answered or self._phase != HEADERS or not self.persistent:
@@ -314,7 +328,7 @@ class CacheChannel(HTTPChannel):
     def pauseProducing(self) -> None:
         super().pauseProducing()
         if self._stalled_since is None:
-            self._stalled_since, self._stalled_pending = self._now(), _unsent(self.transport)
+            self._stalled_since = self._now()
 
     def resumeProducing(self) -> None:
         self._stalled_since = None
@@ -364,10 +378,16 @@ class CacheChannel(HTTPChannel):
         self._close()
 
     def _close(self) -> None:
-        self._phase = CLOSING
-        self._due = self._now() + ABORT_AFTER
         if self.transport is not None:
             self.loseConnection()
+
+    def loseConnection(self) -> None:
+        # Every way of closing comes here (a refusal, a deadline, a request
+        # that said Connection: close, a response cut short): a client that
+        # stops reading what is left is cut ABORT_AFTER later.
+        self._phase = CLOSING
+        self._due = self._now() + ABORT_AFTER
+        super().loseConnection()
 
     def _abort(self) -> None:
         if self.transport is not None:
@@ -382,12 +402,16 @@ def _unsent(transport: Any) -> int:
     """
     Bytes a TCP transport still holds for its peer (Twisted's own buffers:
     what the kernel took is gone from them), to tell a client that reads
-    slowly from one that reads nothing; 0 when the transport cannot say.
+    slowly from one that reads nothing; behind TLS, the TCP transport's
+    under it. 0 when the transport cannot say.
     """
-    try:
-        return int(len(transport.dataBuffer) - transport.offset + transport._tempDataLen)
-    except (AttributeError, TypeError):
-        return 0
+    candidate: Any
+    for candidate in (transport, getattr(transport, "transport", None)):
+        try:
+            return int(len(candidate.dataBuffer) - candidate.offset + candidate._tempDataLen)
+        except (AttributeError, TypeError):
+            continue
+    return 0
 
 
 def peer(channel: HTTPChannel) -> str:

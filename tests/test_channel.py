@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from contentcache import metrics
-from contentcache.channel import CacheChannel, Deadlines
+from contentcache.channel import ABORT_AFTER, CacheChannel, Deadlines
 from contentcache.server import CacheSite
 
 DEADLINES = Deadlines(header=10, keepalive=60, body=30, send=30, max_body=1000)
@@ -173,6 +173,18 @@ def test_a_body_that_trickles_must_still_arrive_on_the_whole(connect: Any, clock
     # 1,000 bytes at the least rate take a fraction of a second more than
     # the first read's deadline: by then the whole body is overdue.
     clock.advance(2)
+    assert c.received().endswith(b"request body too slow\n") and c.closed
+
+
+def test_each_read_of_a_large_body_resets_its_deadline(resource: Ok, clock: Clock) -> None:
+    site = CacheSite(resource, Deadlines(header=10, keepalive=60, body=30, send=30, max_body=16 << 20), reactor=clock)
+    c = Connection(site, clock)
+    c.send(b"POST /ok HTTP/1.1\r\nHost: cache.test\r\nContent-Length: 8000000\r\n\r\n")
+    for _ in range(5):  # 8 MB at the least rate may take 30 + 488 s in all
+        clock.advance(29)
+        c.send(b"x" * 1000)
+    assert not c.closed
+    clock.advance(30)
     assert c.received().endswith(b"request body stalled\n") and c.closed
 
 
@@ -258,6 +270,34 @@ def test_a_client_that_reads_slowly_is_not_dropped(connect: Any, clock: Clock) -
         clock.advance(DEADLINES.send - 1)
     assert not c.closed
     clock.advance(DEADLINES.send + 1)  # then nothing
+    assert c.closed
+
+
+def test_a_pipelined_partial_request_has_the_header_deadline(connect: Any, clock: Clock) -> None:
+    c = connect()
+    c.send(REQUEST + b"GET /o")  # answered at once; the rest waits in the line buffer
+    assert c.received().endswith(b"ok\n")
+    clock.advance(DEADLINES.header)
+    assert c.received().startswith(b"HTTP/1.1 408 ") and c.closed
+
+
+def test_every_close_is_cut_if_the_client_stops_reading(connect: Any, clock: Clock) -> None:
+    c = connect()
+    c.send(b"GET /ok HTTP/1.1\r\nHost: cache.test\r\nConnection: close\r\n\r\n")
+    assert c.closed and not c.transport.disconnected  # closing, waiting to send the rest
+    clock.advance(ABORT_AFTER)
+    assert c.transport.disconnected, "aborted"
+
+
+def test_a_slow_reader_finishes_its_download_before_the_keepalive_timeout(connect: Any, clock: Clock) -> None:
+    c = connect()
+    c.send(REQUEST)
+    c.transport.dataBuffer, c.transport.offset, c.transport._tempDataLen = b"x" * 262144, 0, 0
+    for _ in range(10):  # reading the end of the response, slowly, for 300 s
+        c.transport.offset += 1000
+        clock.advance(DEADLINES.keepalive / 2)
+    assert not c.closed
+    clock.advance(DEADLINES.keepalive)  # then it reads no more
     assert c.closed
 
 
