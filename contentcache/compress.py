@@ -109,13 +109,16 @@ def decoder(stream: BinaryIO, encoding: str) -> BinaryIO:
     raise ValueError(f"unknown storage encoding {encoding!r}")
 
 
-def decode(data: bytes, encoding: str) -> bytes:
+def decode(data: bytes, encoding: str, size: int | None = None) -> bytes:
     """
     The original bytes of a whole stored object held in memory (a small
-    blob).
+    blob), expected to be C{size} bytes: a damaged frame header that says
+    more is an error, not an allocation of that much.
     """
     if encoding == IDENTITY:
         return data
     if encoding == ZSTD:
-        return zstandard.ZstdDecompressor().decompress(data)
+        if size is not None and zstandard.frame_content_size(data) not in (size, -1):
+            raise DecodeError(f"the frame says {zstandard.frame_content_size(data):,} bytes, not {size:,}")
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=size or 0)
     raise ValueError(f"unknown storage encoding {encoding!r}")

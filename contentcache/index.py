@@ -426,9 +426,12 @@ class Database:
         with self._lock:
             return {h for (h,) in self._db.execute("SELECT DISTINCT hash FROM entries")}
 
-    def delete_entries_of(self, hexhash: str) -> int:
-        with self._lock:
-            cursor = self._db.execute("DELETE FROM entries WHERE hash = ?", (hexhash,))
+    def delete_entries_of(self, hexhash: str, now: float) -> int:
+        with self._transaction() as db:
+            cursor = db.execute("DELETE FROM entries WHERE hash = ?", (hexhash,))
+            # Young again: a copy a concurrent miss is storing right now is
+            # out of expiry's reach until its entry is recorded.
+            db.execute("UPDATE blobs SET created = ? WHERE hash = ?", (now, hexhash))
         return cursor.rowcount
 
     def delete_where_hash(self, hexhash: str) -> int:
@@ -555,7 +558,7 @@ class SQLiteIndex:
         (which deletes it once nothing references it), so a copy stored
         again meanwhile is never an orphan.
         """
-        return self._call("delete_entries_of", hash.hex)
+        return self._call("delete_entries_of", hash.hex, self._clock.seconds())
 
     def keys(self, protocol: str, prefix: str, limit: int = 10_000) -> Deferred[list[str]]:
         return self._call("keys", protocol, prefix, limit)

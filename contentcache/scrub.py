@@ -26,7 +26,8 @@ from . import metrics, tempfiles
 from .backend import StorageUnavailable
 from .index import SQLiteIndex
 from .pool import Runner
-from .store import BlobNotFound, Store, blob_key
+from .hash import Hash
+from .store import DAMAGED, UNREADABLE, BlobNotFound, Store, blob_key
 from .units import DAY, MINUTE
 
 log = Logger()
@@ -36,8 +37,18 @@ DEFAULT_INTERVAL = 7 * DAY
 POSITION_FILENAME = "scrub.position"
 #: How often that is written down.
 SAVE_EVERY = MINUTE
-#: An empty store is looked at again after this long (or the interval, if shorter).
+#: A pass that failed is tried again after this long (or the interval, if shorter).
 IDLE_WAIT = 10 * MINUTE
+
+
+#: Blobs in a row that cannot be read at all before a pass stops.
+MAX_UNREADABLE_IN_A_ROW = 3
+
+
+class DiskFailing(Exception):
+    """
+    Read after read fails: the scrub stops its pass rather than delete.
+    """
 
 
 @define
@@ -103,32 +114,59 @@ class Scrub:
         report = PassReport()
         resume = await self.disk.run(self._load)
         total = await self.index.call("stored_bytes")
-        rate = max(total / self.interval, 1.0)
+        # Bytes a second; no wait at all in a store of empty blobs (the
+        # service then waits out the interval after the pass).
+        rate = total / self.interval if total else float("inf")
+        # Blobs that could not be read, since the last one that could: a
+        # few in a row are not rot but a failing disk, and are left alone.
+        unreadable: list[tuple[Hash, str]] = []
         async for h, encoding in self.store.stored():
             key = blob_key(h, encoding)
             if resume and key <= resume:
                 continue
             try:
-                sound, stored = await self.store.scrub(h, encoding)
+                found, stored = await self.store.scrub(h, encoding)
             except BlobNotFound:
                 continue  # expiry deleted it while we walked
-            except StorageUnavailable:
-                raise  # S3 does not answer: the whole pass waits
+            except (CancelledError, StorageUnavailable):
+                raise  # stopping; or S3 does not answer: the pass waits
             except Exception:
                 # One blob the scrub cannot read must not stop it for good.
                 log.failure("scrubbing blob {hash} failed; going on", hash=h.hex)
                 continue
+            if found == UNREADABLE:
+                unreadable.append((h, encoding))
+                if len(unreadable) >= MAX_UNREADABLE_IN_A_ROW:
+                    # Not rot: the disk fails reads (a soft mount, a failing
+                    # controller). Deleting all it touches would lose what
+                    # upstream may no longer have.
+                    raise DiskFailing(f"{len(unreadable)} blobs in a row could not be read")
+                continue
+            report.damaged += await self._discard(unreadable)
             report.blobs += 1
             report.bytes += stored
-            report.damaged += not sound
+            report.damaged += found == DAMAGED
             metrics.scrub_bytes.inc(stored)
             await self._remember(key)
             # The time this blob's bytes are worth at this rate, so that a
             # pass takes about the interval.
-            await deferLater(self.clock, stored / rate, lambda: None)
+            if stored:
+                await deferLater(self.clock, stored / rate, lambda: None)
+        report.damaged += await self._discard(unreadable)
         await self._remember("", now=True)
         metrics.scrub_passes.inc()
         return report
+
+    async def _discard(self, unreadable: list[tuple[Hash, str]]) -> int:
+        """
+        Delete blobs that could not be read among ones that could: bad
+        sectors, fetched again.
+        """
+        for h, encoding in unreadable:
+            await self.store.discard_unreadable(h, encoding)
+        count = len(unreadable)
+        unreadable.clear()
+        return count
 
 
 class ScrubService(Service):
@@ -140,31 +178,41 @@ class ScrubService(Service):
         self.scrub = scrub
         self._clock = clock
         self._running: Deferred[None] | None = None
-        #: What each finished pass found.
-        self.reports: list[PassReport] = []
+        self.passes = 0
+        #: What the last finished pass found.
+        self.last: PassReport | None = None
 
     async def _passes(self) -> None:
         while self.running:
+            started = self._clock.seconds()
+            finished = False
             try:
                 report = await self.scrub.run_pass()
             except CancelledError:
                 return
-            except StorageUnavailable as e:
+            except (StorageUnavailable, DiskFailing) as e:
                 log.warn("scrub pass stopped: {error}; trying again later", error=e)
-                report = None
             except Exception:
                 log.failure("scrub pass failed; trying again later")
-                report = None
-            if report is not None:
-                self.reports.append(report)
+            else:
+                finished = True
+                self.passes += 1
+                self.last = report
                 log.info(
                     "scrub pass: checked {blobs} blobs ({bytes} bytes); {damaged} damaged "
                     "(deleted, to be fetched again)",
                     blobs=report.blobs, bytes=report.bytes, damaged=report.damaged,
                 )
-            if report is None or report.blobs == 0:
+            # A paced pass takes about the interval; one over a store that
+            # grew less, or emptied, waits out the rest: one pass an
+            # interval at most. A pass that failed is tried again later.
+            if finished:
+                wait = started + self.scrub.interval - self._clock.seconds()
+            else:
+                wait = min(self.scrub.interval, IDLE_WAIT)
+            if wait > 0:
                 try:
-                    await deferLater(self._clock, min(self.scrub.interval, IDLE_WAIT), lambda: None)
+                    await deferLater(self._clock, wait, lambda: None)
                 except CancelledError:
                     return
 

@@ -47,7 +47,9 @@ REHASH_STEP = 8 << 20
 FOUND_READING, FOUND_STREAMING, FOUND_SCRUBBING = "read", "stream", "scrub"
 #: Read errors that mean the stored bytes are lost (a bad sector): damage,
 #: fetched again, not an error to answer.
-UNREADABLE = frozenset({errno.EIO})
+LOST = frozenset({errno.EIO})
+#: What the scrub finds of a stored object.
+SOUND, DAMAGED, UNREADABLE = "sound", "damaged", "unreadable"
 
 
 class BlobNotFound(KeyError):
@@ -78,7 +80,7 @@ class _Damaged(Exception):
 
 
 def _unreadable(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in UNREADABLE
+    return isinstance(error, OSError) and error.errno in LOST
 
 
 class HashMismatch(ValueError):
@@ -407,7 +409,9 @@ class Store:
                 return _BlobReader(self, blob.hash, encoding, raw, None, blob.size, offset)
             try:
                 stream = await self._disk.run(self._decoding, raw, encoding, offset)
-            except DecodeError as e:
+            except (DecodeError, OSError) as e:
+                if isinstance(e, OSError) and not _unreadable(e):
+                    raise
                 damaged = True
                 await self._discard_damaged(blob.hash, encoding, e, FOUND_STREAMING)
                 candidates.remove(encoding)
@@ -445,7 +449,14 @@ class Store:
             try:
                 if encoding == IDENTITY:
                     if whole:
-                        return await self.backend.read(key, 0, blob.size, partial(_checked, blob, offset, length))
+                        then = partial(_checked, blob, offset, length)
+                        try:
+                            return await self.backend.read(key, 0, blob.size, then)
+                        except OSError as e:
+                            if not _unreadable(e):
+                                raise
+                            # Once more before it counts as lost.
+                            return await self.backend.read(key, 0, blob.size, then)
                     # A part of a large blob: its bytes are checked only
                     # when it is streamed whole, and by the scrub.
                     data = await self.backend.read(key, offset, length)
@@ -515,25 +526,35 @@ class Store:
         """
         return (await self._rehash(h, encoding))[0]
 
-    async def scrub(self, h: Hash, encoding: str) -> tuple[bool, int]:
+    async def scrub(self, h: Hash, encoding: str) -> tuple[str, int]:
         """
         Check one stored object as a read would: one that does not decode or
         hash to its name is deleted (and, with no good copy left, its
-        entries forgotten). Fires with whether it was sound and the bytes
-        it takes; fails with L{BlobNotFound}.
+        entries forgotten). Fires with L{SOUND}, L{DAMAGED} or, for one that
+        cannot be read twice over, L{UNREADABLE} (left for the caller to
+        judge: a bad sector, or a failing disk), and the bytes it takes.
+        Fails with L{BlobNotFound}.
         """
-        try:
-            actual, stored = await self._rehash(h, encoding)
-        except OSError as e:
-            if not _unreadable(e):
-                raise
-            await self._discard_damaged(h, encoding, e, FOUND_SCRUBBING)
-            return False, 0
+        for attempt in (1, 2):
+            try:
+                actual, stored = await self._rehash(h, encoding)
+                break
+            except OSError as e:
+                if not _unreadable(e):
+                    raise
+        else:
+            return UNREADABLE, 0
         if actual == h:
-            return True, stored
+            return SOUND, stored
         why = "it does not decode" if actual is None else f"its bytes hash to {actual.hex[:16]}..."
         await self._discard_damaged(h, encoding, why, FOUND_SCRUBBING)
-        return False, stored
+        return DAMAGED, stored
+
+    async def discard_unreadable(self, h: Hash, encoding: str) -> None:
+        """
+        Delete an object the scrub could not read (as L{_discard_damaged}).
+        """
+        await self._discard_damaged(h, encoding, "it cannot be read", FOUND_SCRUBBING)
 
     async def has(self, h: Hash) -> bool:
         return await self.find(h) is not None
@@ -680,4 +701,4 @@ def _slice_decoded(encoding: str, blob: Blob, offset: int, length: int, data: by
     """
     A slice of a small compressed blob, decoded and checked whole.
     """
-    return _checked(blob, offset, length, decode(data, encoding))
+    return _checked(blob, offset, length, decode(data, encoding, blob.size))

@@ -465,9 +465,9 @@ def test_scrub_finds_and_deletes_damage(make_store: MakeStore) -> None:
             results[h] = resolve(store.scrub(h, encoding))
 
     resolve(walk())
-    assert results[blobs[0].hash] == (True, 1000)
-    assert results[blobs[1].hash] == (False, 300 * KiB)
-    assert results[blobs[2].hash][0] is False
+    assert results[blobs[0].hash] == ("sound", 1000)
+    assert results[blobs[1].hash] == ("damaged", 300 * KiB)
+    assert results[blobs[2].hash][0] == "damaged"
     assert objects(store) == [blob_key(blobs[0].hash)]
 
 
