@@ -250,10 +250,16 @@ class Options(usage.Options):
         for name in ("header-timeout", "keepalive-timeout", "idle-timeout"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be more than 0.")
+        given = str(self["min-free"]) != DEFAULT_MIN_FREE
         try:
             self["min-free"] = MinFree.parse(str(self["min-free"]))
         except ValueError as e:
             raise usage.UsageError(f"--min-free: {e}.") from None
+        if given and self["min-free"].enabled and not isinstance(self["storage"].blobs, str):
+            raise usage.UsageError(
+                "--min-free applies to a storage directory: with s3:// storage, evicting objects "
+                "frees nothing on the state directory's disk (a full one still answers 507)."
+            )
         if self["max-size"] is not None:
             try:
                 self["max-size"] = parse_size(str(self["max-size"]))
@@ -379,6 +385,7 @@ def makeService(options: Options) -> IService:
     site = CacheSite(
         Root(store, index, {b"goproxy": GoProxyResource(goproxy), b"npm": NpmResource(npm)}),
         deadlines,
+        reactor=reactor,
     )
     site.count_requests = not options["no-metrics"]
     strports.service(options["port"], site).setServiceParent(top)

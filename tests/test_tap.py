@@ -116,10 +116,12 @@ def test_flags_from_environment() -> None:
 )
 def test_min_free_evicts_only_where_evicting_frees_room(tmp_path: object, storage: str, evicts: bool) -> None:
     # With S3 the spool directory's room is watched (507 when it is full),
-    # but evicting S3 objects would free none of it.
-    argv = ["--storage", storage.format(tmp=tmp_path), "--port", "tcp:0", "--min-free", "10%"]
+    # but evicting S3 objects would free none of it: the default is off.
+    argv = ["--storage", storage.format(tmp=tmp_path), "--port", "tcp:0"]
     if storage.startswith("s3://"):
         argv += ["--state-dir", str(tmp_path), "--s3-endpoint", "http://127.0.0.1:9"]
+        with pytest.raises(UsageError, match="--min-free applies to a storage directory"):
+            parse([*argv, "--min-free", "10%"])
     service = makeService(parse(argv))
     [expiry] = [s for s in service if type(s).__name__ == "ExpiryService"]
     assert expiry.expiry.policy.min_free.enabled is evicts  # type: ignore[attr-defined]
