@@ -72,7 +72,7 @@ class UpstreamTimeout(UpstreamError):
 
 
 #: What a Python object's repr looks like, never to reach a client.
-_REPR = re.compile(r"<[A-Za-z_][\w.]* .*>|^\[\(|object at 0x")
+_REPR = re.compile(r"<[A-Za-z_][\w.]* .*>|^\[\(|object at 0x|\w\((?:\w+=|\[)")
 
 
 def _cause(error: BaseException) -> BaseException:
@@ -107,8 +107,11 @@ def what_happened(error: BaseException) -> str:
     if isinstance(cause, TLSError):
         # pyOpenSSL's message is a list of (library, function, reason).
         found = cause.args[0] if cause.args and isinstance(cause.args[0], list) else []
-        reasons = [r[-1] for r in found if isinstance(r, tuple) and r and r[-1]]
+        reasons = [str(part) for r in found if isinstance(r, tuple) for part in r if part]
         return f"failed the TLS handshake ({reasons[-1] if reasons else 'no reason given'})"
+    if type(cause).__name__ == "VerificationError":
+        # service_identity: the certificate names another host.
+        return "presented a certificate for another host name"
     detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
     if not detail or _REPR.search(detail):
         detail = type(cause).__name__

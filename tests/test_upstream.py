@@ -9,6 +9,8 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
 from OpenSSL import SSL
+from service_identity import VerificationError
+from service_identity.hazmat import DNS_ID, DNSMismatch
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
@@ -102,6 +104,11 @@ def test_negative_cache_off() -> None:
         (RuntimeError("<twisted.python.failure.Failure builtins.OSError: x>"), "failed (RuntimeError)"),
         (SSL.Error([("SSL routines", "", "certificate verify failed")]),
          "failed the TLS handshake (certificate verify failed)"),
+        (SSL.Error([("SSL routines", "tls_process_server_certificate", "certificate verify failed", "")]),
+         "failed the TLS handshake (certificate verify failed)"),
+        (VerificationError(errors=[DNSMismatch(mismatched_id=DNS_ID("registry.test"))]),
+         "presented a certificate for another host name"),
+        (RuntimeError("Thing(errors=[Other(x=1)])"), "failed (RuntimeError)"),
     ],
 )
 def test_upstream_errors_read_as_sentences(error: Exception, said: str) -> None:
