@@ -81,8 +81,8 @@ def _at_least(level: LogLevel, observer: ILogObserver) -> ILogObserver:
 
 def _reopened_on_sigusr1(log_file: LogFile) -> IO[str]:
     """
-    What twistd does for its own --logfile: SIGUSR1 (logrotate's
-    postrotate) reopens the file, rather than ending the daemon.
+    SIGUSR1 reopens the file (what logrotate's postrotate expects), rather
+    than ending the daemon; twistd's own --logfile would rotate it itself.
     """
     if not signal.getsignal(signal.SIGUSR1):
 

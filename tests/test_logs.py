@@ -5,9 +5,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from typing import Any
 
-from .daemon import Daemon, free_port
+from twisted.logger import LogLevel
+
+from contentcache.logs import observer_factory
+
+from .daemon import TWISTD, Daemon, free_port
 from .gomodules import GREET, build_tree, modules
 from .test_goproxy import request
 from .upstream import UpstreamFixture
@@ -53,3 +61,40 @@ def test_log_level_filters(tmp_path: Any) -> None:
     finally:
         daemon.stop()
     assert "/health" not in daemon.output.decode()
+
+
+def test_sigusr1_reopens_the_log_file(tmp_path: Any, monkeypatch: Any) -> None:
+    from twisted.internet import reactor
+
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    try:
+        path = str(tmp_path / "contentcache.log")
+        observer = observer_factory("text", "info", logfile=path)()
+        handler = signal.getsignal(signal.SIGUSR1)
+        assert callable(handler), "the daemon would end on SIGUSR1"
+        later: list[Any] = []
+        monkeypatch.setattr(reactor, "callFromThread", lambda f, *args: later.append(f))
+        os.rename(path, path + ".1")  # logrotate moved it
+        handler(signal.SIGUSR1, None)
+        [reopen] = later
+        reopen()
+        observer({"log_format": "after the rotation", "log_level": LogLevel.info, "log_time": time.time(),
+                  "log_namespace": "test"})
+        assert "after the rotation" in open(path).read()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_daemon_in_the_background_cannot_log_to_stdout(tmp_path: Any) -> None:
+    pidfile = str(tmp_path / "twistd.pid")
+    try:
+        done = subprocess.run(
+            [TWISTD, "--logfile", "-", f"--pidfile={pidfile}", "contentcache", "--port", "tcp:0",
+             "--storage", str(tmp_path / "storage")],
+            capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+        )
+        assert done.returncode != 0
+        assert "Daemons cannot log to stdout" in done.stdout + done.stderr
+    finally:
+        if os.path.exists(pidfile):  # it went to the background after all: stop it
+            os.kill(int(open(pidfile).read()), signal.SIGTERM)
