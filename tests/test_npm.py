@@ -10,6 +10,7 @@ import gzip
 import http.client
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -477,7 +478,8 @@ def test_real_registry_then_offline(tmp_path: Any, daemons: list[Daemon]) -> Non
     """
     storage = str(tmp_path / "storage")
     daemon = start(daemons, storage)
-    assert "from npm config get registry" in daemon.log()
+    # Found at start by running npm, which may answer after the port listens.
+    daemon.wait_for(re.compile(rb"from npm config get registry"))
     home = str(tmp_path / "home")
     npmrc(home, f"{daemon.url}/npm/")
     app = project(str(tmp_path / "app"), dict(REAL))
