@@ -8,7 +8,8 @@ A connection is in one of four phases, each with a deadline:
     the first byte (of the connection, for its first request), however
     slowly they trickle in;
   - a body may go C{body} seconds without a byte (as upstream bodies may),
-    and must come at L{BODY_MIN_RATE} on the whole;
+    and after that first C{body} seconds must keep up L{BODY_MIN_RATE} on
+    the whole;
   - a response may wait C{send} seconds for a client that reads nothing;
   - between requests, an idle connection is closed after C{keepalive}.
 While a request is being answered (a slow miss, say), nothing is expected
@@ -51,8 +52,10 @@ _MAX_LENGTH_DIGITS = 18
 #: However a body trickles in, it must come at least this fast on the whole
 #: (bytes a second, after the first --idle-timeout): a body of a byte every
 #: 29 s would otherwise hold a connection for ever. (A 4 MB npm audit over
-#: a 256 kbit/s link takes 125 s of the 286 s this allows.)
+#: a 256 kbit/s link comes at twice this.)
 BODY_MIN_RATE = 16 * 1024
+#: Pipelined bytes held while a request is answered, before reading stops.
+_MAX_PIPELINED = 64 * 1024
 #: nginx's status for a request its client closed before the response.
 CLIENT_CLOSED_REQUEST = 499
 #: RFC 6585 (Twisted has no name for it).
@@ -199,8 +202,9 @@ class CacheChannel(HTTPChannel):
     _phase = HEADERS
     #: When the current phase's deadline passes.
     _due: float | None = None
-    #: When the whole of a request body must have arrived.
-    _body_until = 0.0
+    #: When the request body began, and how much of it has come.
+    _body_started = 0.0
+    _body_bytes = 0
     #: Some of the request line and headers being waited for have arrived.
     _begun = False
     #: Since when the client has read nothing of the response.
@@ -247,6 +251,13 @@ class CacheChannel(HTTPChannel):
                 return
         if self._due is None:
             return
+        if self._phase == BODY:
+            late = now - self._body_started - self.deadlines.body
+            if late > 0 and self._body_bytes < late * BODY_MIN_RATE:
+                log.debug("closing a connection from {peer}: its request body came too slowly", peer=peer(self))
+                self._due = None
+                self.refuse(REQUEST_TIMEOUT, "request body too slow")
+                return
         if reads and self._phase in (IDLE, CLOSING):
             # Still taking the end of the last response: not idle, and a
             # close waits for it.
@@ -262,10 +273,8 @@ class CacheChannel(HTTPChannel):
             else:
                 self._close()
         elif self._phase == BODY:
-            slow = now >= self._body_until
-            log.debug("closing a connection from {peer}: its request body {how}", peer=peer(self),
-                      how="came too slowly" if slow else "stalled")
-            self.refuse(REQUEST_TIMEOUT, "request body too slow" if slow else "request body stalled")
+            log.debug("closing a connection from {peer}: its request body stalled", peer=peer(self))
+            self.refuse(REQUEST_TIMEOUT, "request body stalled")
         elif self._phase == IDLE:
             log.debug("closing an idle connection from {peer}", peer=peer(self))
             self._close()
@@ -281,7 +290,8 @@ class CacheChannel(HTTPChannel):
             self._begun = True
         elif self._phase == BODY:
             # The same deadline for each read of a body as for upstream bodies.
-            self._due = min(self._now() + self.deadlines.body, self._body_until)
+            self._due = self._now() + self.deadlines.body
+            self._body_bytes += len(data)
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
@@ -289,10 +299,9 @@ class CacheChannel(HTTPChannel):
         if self.length == 0:
             self._due = None  # no body: allContentReceived comes next
         else:
-            now = self._now()
-            size = self.deadlines.max_body if self.length is None else self.length
-            self._body_until = now + self.deadlines.body + size / BODY_MIN_RATE
-            self._due = min(now + self.deadlines.body, self._body_until)
+            self._body_started = self._now()
+            self._body_bytes = 0
+            self._due = self._body_started + self.deadlines.body
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
@@ -308,8 +317,10 @@ class CacheChannel(HTTPChannel):
         self._answered += 1
         answered = self._answered
         # What came after this request: held while it was answered, or
-        # still in the line buffer when it was answered at once.
-        buffered = bool(self._dataBuffer or self._buffer)
+        # still in the line buffer when it was answered at once (Twisted
+        # holds an empty string after any body; a stray CRLF between
+        # requests is no request).
+        buffered = bool(b"".join(self._dataBuffer).lstrip(b"\r\n") or self._buffer.lstrip(b"\r\n"))
         self._phase = HEADERS
         super().requestDone(request)
         if answered != self._answered or self._phase != HEADERS or not self.persistent:
@@ -329,6 +340,14 @@ class CacheChannel(HTTPChannel):
         super().pauseProducing()
         if self._stalled_since is None:
             self._stalled_since = self._now()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        super().rawDataReceived(data)
+        if self._handlingRequest and sum(map(len, self._dataBuffer)) > _MAX_PIPELINED:
+            # Twisted stops reading here only while its transport is not
+            # stalled; a client that reads nothing but sends on would fill
+            # memory until the send deadline.
+            self._networkProducer.pauseProducing()
 
     def resumeProducing(self) -> None:
         self._stalled_since = None

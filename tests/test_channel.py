@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from contentcache import metrics
-from contentcache.channel import ABORT_AFTER, CacheChannel, Deadlines
+from contentcache.channel import ABORT_AFTER, BODY_MIN_RATE, CacheChannel, Deadlines
 from contentcache.server import CacheSite
 
 DEADLINES = Deadlines(header=10, keepalive=60, body=30, send=30, max_body=1000)
@@ -180,12 +180,22 @@ def test_each_read_of_a_large_body_resets_its_deadline(resource: Ok, clock: Cloc
     site = CacheSite(resource, Deadlines(header=10, keepalive=60, body=30, send=30, max_body=16 << 20), reactor=clock)
     c = Connection(site, clock)
     c.send(b"POST /ok HTTP/1.1\r\nHost: cache.test\r\nContent-Length: 8000000\r\n\r\n")
-    for _ in range(5):  # 8 MB at the least rate may take 30 + 488 s in all
+    for _ in range(5):  # in bursts, each before the read's deadline, at the least rate
         clock.advance(29)
-        c.send(b"x" * 1000)
+        c.send(b"x" * (29 * BODY_MIN_RATE))
     assert not c.closed
     clock.advance(30)
     assert c.received().endswith(b"request body stalled\n") and c.closed
+
+
+def test_a_body_of_no_stated_length_must_keep_up_too(resource: Ok, clock: Clock) -> None:
+    site = CacheSite(resource, Deadlines(header=10, keepalive=60, body=30, send=30, max_body=16 << 20), reactor=clock)
+    c = Connection(site, clock)
+    c.send(b"POST /ok HTTP/1.1\r\nHost: cache.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(3):  # a chunk of a byte before each read's deadline
+        clock.advance(DEADLINES.body - 1)
+        c.send(b"1\r\nx\r\n")
+    assert c.received().endswith(b"request body too slow\n") and c.closed
 
 
 @pytest.mark.parametrize(
@@ -271,6 +281,27 @@ def test_a_client_that_reads_slowly_is_not_dropped(connect: Any, clock: Clock) -
     assert not c.closed
     clock.advance(DEADLINES.send + 1)  # then nothing
     assert c.closed
+
+
+@pytest.mark.parametrize("after", [b"", b"\r\n"], ids=["nothing", "a-stray-crlf"])
+def test_after_a_request_with_a_body_the_connection_is_idle(connect: Any, clock: Clock, after: bytes) -> None:
+    c = connect()
+    c.send(b"POST /ok HTTP/1.1\r\nHost: cache.test\r\nContent-Length: 3\r\n\r\nabc" + after)
+    assert c.received().endswith(b"ok\n")
+    clock.advance(DEADLINES.header + 1)
+    assert not c.closed and c.received() == b"", "kept alive, not a 408"
+    clock.advance(DEADLINES.keepalive)
+    assert c.closed
+
+
+def test_pipelined_bytes_are_not_read_without_end_while_answering(connect: Any, resource: Ok) -> None:
+    c = connect()
+    c.send(b"GET /slow HTTP/1.1\r\nHost: cache.test\r\n\r\n")
+    c.channel.pauseProducing()  # the client reads nothing of the answer
+    c.transport.producerState = "producing"
+    for _ in range(10):
+        c.send(b"GET /ok HTTP/1.1\r\nHost: cache.test\r\nX: " + b"y" * 8000 + b"\r\n\r\n")
+    assert c.transport.producerState == "paused", "it stops reading what it cannot answer yet"
 
 
 def test_a_pipelined_partial_request_has_the_header_deadline(connect: Any, clock: Clock) -> None:
