@@ -26,8 +26,7 @@ from . import metrics, tempfiles
 from .backend import StorageUnavailable
 from .index import SQLiteIndex
 from .pool import Runner
-from .hash import Hash
-from .store import DAMAGED, UNREADABLE, BlobNotFound, Store, blob_key
+from .store import BlobNotFound, Store, blob_key
 from .units import DAY, MINUTE
 
 log = Logger()
@@ -41,14 +40,11 @@ SAVE_EVERY = MINUTE
 IDLE_WAIT = 10 * MINUTE
 
 
-#: Blobs in a row that cannot be read at all before a pass stops.
-MAX_UNREADABLE_IN_A_ROW = 3
-
-
-class DiskFailing(Exception):
-    """
-    Read after read fails: the scrub stops its pass rather than delete.
-    """
+#: The pace's bounds, in bytes a second: a small store is gone over at a
+#: gentle pace rather than a blob a day (and one whose index undercounts
+#: it, not at full speed), a large one never at more than a disk spares.
+MIN_RATE = 4 * 1024
+MAX_RATE = 64 << 20
 
 
 @define
@@ -114,59 +110,36 @@ class Scrub:
         report = PassReport()
         resume = await self.disk.run(self._load)
         total = await self.index.call("stored_bytes")
-        # Bytes a second; no wait at all in a store of empty blobs (the
-        # service then waits out the interval after the pass).
-        rate = total / self.interval if total else float("inf")
-        # Blobs that could not be read, since the last one that could: a
-        # few in a row are not rot but a failing disk, and are left alone.
-        unreadable: list[tuple[Hash, str]] = []
+        # Bytes a second, and never faster than MAX_RATE (the index may
+        # undercount what the backend holds); the service waits out what
+        # is left of the interval after the pass.
+        rate = min(max(total / self.interval, MIN_RATE), MAX_RATE)
         async for h, encoding in self.store.stored():
             key = blob_key(h, encoding)
             if resume and key <= resume:
                 continue
             try:
-                found, stored = await self.store.scrub(h, encoding)
+                sound, stored = await self.store.scrub(h, encoding)
             except BlobNotFound:
                 continue  # expiry deleted it while we walked
             except (CancelledError, StorageUnavailable):
-                raise  # stopping; or S3 does not answer: the pass waits
+                raise  # stopping; or the storage fails: the pass waits
             except Exception:
                 # One blob the scrub cannot read must not stop it for good.
                 log.failure("scrubbing blob {hash} failed; going on", hash=h.hex)
                 continue
-            if found == UNREADABLE:
-                unreadable.append((h, encoding))
-                if len(unreadable) >= MAX_UNREADABLE_IN_A_ROW:
-                    # Not rot: the disk fails reads (a soft mount, a failing
-                    # controller). Deleting all it touches would lose what
-                    # upstream may no longer have.
-                    raise DiskFailing(f"{len(unreadable)} blobs in a row could not be read")
-                continue
-            report.damaged += await self._discard(unreadable)
             report.blobs += 1
             report.bytes += stored
-            report.damaged += found == DAMAGED
+            report.damaged += not sound
             metrics.scrub_bytes.inc(stored)
             await self._remember(key)
             # The time this blob's bytes are worth at this rate, so that a
             # pass takes about the interval.
             if stored:
                 await deferLater(self.clock, stored / rate, lambda: None)
-        report.damaged += await self._discard(unreadable)
         await self._remember("", now=True)
         metrics.scrub_passes.inc()
         return report
-
-    async def _discard(self, unreadable: list[tuple[Hash, str]]) -> int:
-        """
-        Delete blobs that could not be read among ones that could: bad
-        sectors, fetched again.
-        """
-        for h, encoding in unreadable:
-            await self.store.discard_unreadable(h, encoding)
-        count = len(unreadable)
-        unreadable.clear()
-        return count
 
 
 class ScrubService(Service):
@@ -190,7 +163,7 @@ class ScrubService(Service):
                 report = await self.scrub.run_pass()
             except CancelledError:
                 return
-            except (StorageUnavailable, DiskFailing) as e:
+            except StorageUnavailable as e:
                 log.warn("scrub pass stopped: {error}; trying again later", error=e)
             except Exception:
                 log.failure("scrub pass failed; trying again later")

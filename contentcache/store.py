@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import metrics, tempfiles
-from .backend import IBackend, IReader, NotFound, Stat, iterate
+from .backend import IBackend, IReader, NotFound, Stat, StorageUnavailable, iterate
 from .compress import IDENTITY, SUFFIXES, Compression, DecodeError, decode, decoder
 from .hash import Hash, Hasher
 from .pool import Runner
@@ -46,10 +46,12 @@ REHASH_STEP = 8 << 20
 #: streamed, the background scrub.
 FOUND_READING, FOUND_STREAMING, FOUND_SCRUBBING = "read", "stream", "scrub"
 #: Read errors that mean the stored bytes are lost (a bad sector): damage,
-#: fetched again, not an error to answer.
+#: fetched again, not an error to answer...
 LOST = frozenset({errno.EIO})
-#: What the scrub finds of a stored object.
-SOUND, DAMAGED, UNREADABLE = "sound", "damaged", "unreadable"
+#: ...unless reads fail this many times in a row: then the disk (a soft
+#: mount, a failing controller), not a blob, is failing, and deleting what
+#: it cannot read would lose what upstream may no longer have.
+MAX_LOST_IN_A_ROW = 3
 
 
 class BlobNotFound(KeyError):
@@ -269,6 +271,8 @@ class Store:
     #: copy is left, once the damaged object is deleted: the cache forgets
     #: every entry that points at it, so the next request fetches it again.
     damaged: Callable[[Hash], Awaitable[object]] | None = None
+    #: Reads that failed with a LOST error since the last that did not.
+    lost_in_a_row: int = field(default=0, init=False)
 
     def room(self) -> Deferred[Room]:
         """
@@ -410,13 +414,30 @@ class Store:
             try:
                 stream = await self._disk.run(self._decoding, raw, encoding, offset)
             except (DecodeError, OSError) as e:
-                if isinstance(e, OSError) and not _unreadable(e):
-                    raise
+                if isinstance(e, OSError):
+                    if not _unreadable(e):
+                        raise
+                    await self._lost(blob.hash, encoding, e, FOUND_STREAMING)
+                else:
+                    await self._discard_damaged(blob.hash, encoding, e, FOUND_STREAMING)
                 damaged = True
-                await self._discard_damaged(blob.hash, encoding, e, FOUND_STREAMING)
                 candidates.remove(encoding)
                 continue
             return _BlobReader(self, blob.hash, encoding, raw, stream, blob.size, offset)
+
+    async def _lost(self, h: Hash, encoding: str, error: OSError, found: str) -> None:
+        """
+        An object could not be read (EIO): damage, deleted as such, unless
+        reads have failed L{MAX_LOST_IN_A_ROW} times in a row: then nothing
+        is deleted and the storage is unavailable (503), for now.
+        """
+        self.lost_in_a_row += 1
+        if self.lost_in_a_row >= MAX_LOST_IN_A_ROW:
+            raise StorageUnavailable(
+                f"the storage fails reads ({self.lost_in_a_row} in a row, the last: {error.strerror}); "
+                "nothing is deleted"
+            ) from error
+        await self._discard_damaged(h, encoding, error, found)
 
     async def _discard_damaged(self, h: Hash, encoding: str, error: object, found: str) -> None:
         """
@@ -451,12 +472,14 @@ class Store:
                     if whole:
                         then = partial(_checked, blob, offset, length)
                         try:
-                            return await self.backend.read(key, 0, blob.size, then)
+                            data = await self.backend.read(key, 0, blob.size, then)
                         except OSError as e:
                             if not _unreadable(e):
                                 raise
                             # Once more before it counts as lost.
-                            return await self.backend.read(key, 0, blob.size, then)
+                            data = await self.backend.read(key, 0, blob.size, then)
+                        self.lost_in_a_row = 0
+                        return data
                     # A part of a large blob: its bytes are checked only
                     # when it is streamed whole, and by the scrub.
                     data = await self.backend.read(key, offset, length)
@@ -478,10 +501,13 @@ class Store:
                 damaged = damaged or isinstance(e, BlobCorrupt)
                 continue
             except (DecodeError, _Damaged, OSError) as e:
-                if isinstance(e, OSError) and not _unreadable(e):
-                    raise
                 damaged = True
-                await self._discard_damaged(blob.hash, encoding, e, FOUND_READING)
+                if isinstance(e, OSError):
+                    if not _unreadable(e):
+                        raise
+                    await self._lost(blob.hash, encoding, e, FOUND_READING)
+                else:
+                    await self._discard_damaged(blob.hash, encoding, e, FOUND_READING)
         raise (BlobCorrupt if damaged else BlobNotFound)(blob.hash)
 
     async def _read_streamed(self, blob: Blob, offset: int, length: int) -> bytes:
@@ -526,14 +552,13 @@ class Store:
         """
         return (await self._rehash(h, encoding))[0]
 
-    async def scrub(self, h: Hash, encoding: str) -> tuple[str, int]:
+    async def scrub(self, h: Hash, encoding: str) -> tuple[bool, int]:
         """
         Check one stored object as a read would: one that does not decode or
-        hash to its name is deleted (and, with no good copy left, its
-        entries forgotten). Fires with L{SOUND}, L{DAMAGED} or, for one that
-        cannot be read twice over, L{UNREADABLE} (left for the caller to
-        judge: a bad sector, or a failing disk), and the bytes it takes.
-        Fails with L{BlobNotFound}.
+        hash to its name, or cannot be read twice over, is deleted (and,
+        with no good copy left, its entries forgotten). Fires with whether
+        it was sound and the bytes it takes; fails with L{BlobNotFound}, or
+        L{StorageUnavailable} when reads fail in a row.
         """
         for attempt in (1, 2):
             try:
@@ -542,19 +567,15 @@ class Store:
             except OSError as e:
                 if not _unreadable(e):
                     raise
-        else:
-            return UNREADABLE, 0
+                if attempt == 2:
+                    await self._lost(h, encoding, e, FOUND_SCRUBBING)
+                    return False, 0
+        self.lost_in_a_row = 0
         if actual == h:
-            return SOUND, stored
+            return True, stored
         why = "it does not decode" if actual is None else f"its bytes hash to {actual.hex[:16]}..."
         await self._discard_damaged(h, encoding, why, FOUND_SCRUBBING)
-        return DAMAGED, stored
-
-    async def discard_unreadable(self, h: Hash, encoding: str) -> None:
-        """
-        Delete an object the scrub could not read (as L{_discard_damaged}).
-        """
-        await self._discard_damaged(h, encoding, "it cannot be read", FOUND_SCRUBBING)
+        return False, stored
 
     async def has(self, h: Hash) -> bool:
         return await self.find(h) is not None
@@ -620,6 +641,7 @@ class _BlobReader:
     def _next(self, size: int) -> bytes:
         # On the disk pool: one trip reads, hashes and, at the end, checks.
         data = self.stream.read(size)
+        self._store.lost_in_a_row = 0
         if not data and size > 0 and self._position < self.size:
             raise _Damaged(f"it ends after {self._position:,} of {self.size:,} bytes")
         self._position += len(data)
@@ -632,7 +654,10 @@ class _BlobReader:
         return data
 
     async def _discard(self, error: Exception) -> bytes:
-        await self._store._discard_damaged(self._hash, self._encoding, error, FOUND_STREAMING)
+        if isinstance(error, OSError):
+            await self._store._lost(self._hash, self._encoding, error, FOUND_STREAMING)
+        else:
+            await self._store._discard_damaged(self._hash, self._encoding, error, FOUND_STREAMING)
         raise BlobCorrupt(self._hash)
 
     def _failed(self, failure: Failure) -> Deferred[bytes]:

@@ -18,6 +18,7 @@ from contentcache.backend.s3 import MIN_PART_SIZE, S3Backend, S3Location, make_c
 from contentcache.compress import IDENTITY, ZSTD, Compression
 from contentcache.hash import Hash
 from contentcache.pool import SynchronousRunner
+from contentcache.backend import NotFound, StorageUnavailable
 from contentcache.space import StorageFull
 from contentcache.store import Blob, BlobCorrupt, BlobNotFound, HashMismatch, Store, blob_key
 
@@ -465,9 +466,9 @@ def test_scrub_finds_and_deletes_damage(make_store: MakeStore) -> None:
             results[h] = resolve(store.scrub(h, encoding))
 
     resolve(walk())
-    assert results[blobs[0].hash] == ("sound", 1000)
-    assert results[blobs[1].hash] == ("damaged", 300 * KiB)
-    assert results[blobs[2].hash][0] == "damaged"
+    assert results[blobs[0].hash] == (True, 1000)
+    assert results[blobs[1].hash] == (False, 300 * KiB)
+    assert results[blobs[2].hash][0] is False
     assert objects(store) == [blob_key(blobs[0].hash)]
 
 
@@ -510,7 +511,9 @@ def test_a_blob_that_cannot_be_read_is_damaged(tmp_path: Any, disk: SynchronousR
     small, large = content(1000), content(2 * MiB)
     blobs = [resolve(store.put([data])).blob for data in (small, large)]
 
-    def unreadable(*args: Any) -> bytes:
+    def unreadable(backend: Any, key: str, *args: Any) -> bytes:
+        if not os.path.exists(backend.path(key)):
+            raise NotFound(key)
         raise OSError(5, "Input/output error")
 
     with monkeypatch.context() as patched:
@@ -520,7 +523,9 @@ def test_a_blob_that_cannot_be_read_is_damaged(tmp_path: Any, disk: SynchronousR
     assert objects(store) == [blob_key(blobs[1].hash)]
 
     class BadSector:
-        read = staticmethod(unreadable)
+        @staticmethod
+        def read(size: int) -> bytes:
+            raise OSError(5, "Input/output error")
 
         def close(self) -> None:
             pass
@@ -531,3 +536,23 @@ def test_a_blob_that_cannot_be_read_is_damaged(tmp_path: Any, disk: SynchronousR
     with pytest.raises(BlobCorrupt):
         resolve(reader.read(64 * KiB))
     assert objects(store) == []
+
+
+def test_reads_failing_in_a_row_are_the_disk_not_the_blobs(tmp_path: Any, disk: SynchronousRunner, monkeypatch: Any) -> None:
+    store = Store(FilesystemBackend(str(tmp_path / "fs"), disk), str(tmp_path / "fs" / "tmp"), disk)
+    resolve(store.start())
+    blobs = [resolve(store.put([content(1000)])).blob for _ in range(4)]
+
+    def unreadable(backend: Any, key: str, *args: Any) -> bytes:
+        if not os.path.exists(backend.path(key)):
+            raise NotFound(key)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(FilesystemBackend, "_read", unreadable)
+    for blob in blobs[:2]:
+        with pytest.raises(BlobCorrupt):
+            resolve(store.read(blob, 0, 1000))
+    for blob in blobs[2:]:  # the third in a row, and on: nothing more deleted
+        with pytest.raises(StorageUnavailable, match="fails reads"):
+            resolve(store.read(blob, 0, 1000))
+    assert objects(store) == sorted(blob_key(b.hash) for b in blobs[2:])
