@@ -18,7 +18,7 @@ Compare two checkouts by running each one's copy. BLAKE3's vector code
 counts as more instructions than it takes time, so a large blob's hashing
 weighs more here than in seconds (about 0.12 ms a MiB at 8 GB/s here).
 
-    python bench/hitcost.py --callgrind            # about two minutes
+    python bench/hitcost.py --callgrind            # under a minute
     python bench/hitcost.py --what zip --requests 50 --callgrind
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -97,7 +98,8 @@ def instructions(what: str, requests: int) -> int:
     """
     The instructions callgrind counts for the whole process.
     """
-    out = tempfile.mktemp(prefix="hitcost-callgrind-")
+    handle, out = tempfile.mkstemp(prefix="hitcost-callgrind-")
+    os.close(handle)
     try:
         done = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
@@ -120,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="hits to replay (default: 400 for .info, 40 for .zip; 5,000 and 300 without --callgrind)")
     parser.add_argument("--callgrind", action="store_true", help="count instructions under valgrind")
     args = parser.parse_args(argv)
+    if args.callgrind and shutil.which("valgrind") is None:
+        parser.error("--callgrind needs valgrind (Debian: apt-get install valgrind)")
     if args.callgrind:
         requests = args.requests or (400 if args.what == "info" else 40)
         per_request = (instructions(args.what, requests) - instructions(args.what, 0)) / requests

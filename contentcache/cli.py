@@ -17,7 +17,6 @@ from twisted.python.failure import Failure
 
 from . import __version__, admin
 from .backend import StorageUnavailable
-from .backend.filesystem import FilesystemBackend
 from .backend.s3 import DEFAULT_PART_SIZE
 from .expiry import DEFAULT_GRACE, DEFAULT_TTL, Expiry, Policy
 from .index import INDEX_FILENAME, IndexTooNew, SQLiteIndex
@@ -136,10 +135,10 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
-    index, store = _open(args)
-    if args.min_free.enabled and not isinstance(store.backend, FilesystemBackend):
+    if args.min_free.enabled and not isinstance(_config(args).blobs, str):
         raise SystemExit("contentcache: --min-free applies to a storage directory: with s3:// storage, "
                          "evicting objects frees nothing on the local disk.")
+    index, store = _open(args)
     policy = Policy(ttl=args.ttl or None, max_size=args.max_size, grace=args.grace, min_free=args.min_free)
 
     def removed(kind: str, name: str) -> None:

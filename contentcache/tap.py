@@ -201,6 +201,9 @@ class Options(usage.Options):
                 continue
             values = value.split() if name in self.repeatable else [value]
             from_environment += [f"--{name}={v}" for v in values]
+            given.add(name)
+        #: The options set on the command line or in the environment.
+        self.explicit = given
         for flag in (str(f[0]) for f in self.optFlags):
             value = self._environ.get(environment_name(flag), "")
             if flag not in given and value.lower() in ("1", "true", "yes", "on"):
@@ -250,12 +253,12 @@ class Options(usage.Options):
         for name in ("header-timeout", "keepalive-timeout", "idle-timeout"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be more than 0.")
-        given = str(self["min-free"]) != DEFAULT_MIN_FREE
         try:
             self["min-free"] = MinFree.parse(str(self["min-free"]))
         except ValueError as e:
             raise usage.UsageError(f"--min-free: {e}.") from None
-        if given and self["min-free"].enabled and not isinstance(self["storage"].blobs, str):
+        if ("min-free" in getattr(self, "explicit", ()) and self["min-free"].enabled
+                and not isinstance(self["storage"].blobs, str)):
             raise usage.UsageError(
                 "--min-free applies to a storage directory: with s3:// storage, evicting objects "
                 "frees nothing on the state directory's disk (a full one still answers 507)."

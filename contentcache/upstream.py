@@ -108,7 +108,7 @@ def what_happened(error: BaseException) -> str:
         # pyOpenSSL's message is a list of (library, function, reason).
         found = cause.args[0] if cause.args and isinstance(cause.args[0], list) else []
         reasons = [str(part) for r in found if isinstance(r, tuple) for part in r if part]
-        return f"failed the TLS handshake ({reasons[-1] if reasons else 'no reason given'})"
+        return f"failed the TLS handshake ({reasons[-1][:200] if reasons else 'no reason given'})"
     if type(cause).__name__ == "VerificationError":
         # service_identity: the certificate names another host.
         return "presented a certificate for another host name"

@@ -475,7 +475,7 @@ def test_slow_headers_are_cut_off_while_hits_go_on(daemon: Daemon) -> None:
     assert len(hits) >= 10 and all(code == 200 for code, _ in hits)
     # Hits as fast as ever while the slow ones trickle (the bound on the
     # slowest allows for a busy machine).
-    assert sorted(seconds for _, seconds in hits)[len(hits) // 2] < 0.1
+    assert sorted(seconds for _, seconds in hits)[len(hits) // 2] < 0.25
     assert max(seconds for _, seconds in hits) < 3.0
     logged.assert_no_trouble()
 

@@ -120,8 +120,12 @@ def test_min_free_evicts_only_where_evicting_frees_room(tmp_path: object, storag
     argv = ["--storage", storage.format(tmp=tmp_path), "--port", "tcp:0"]
     if storage.startswith("s3://"):
         argv += ["--state-dir", str(tmp_path), "--s3-endpoint", "http://127.0.0.1:9"]
+        for explicit in (["--min-free", "10%"], ["--min-free", "5%"]):
+            with pytest.raises(UsageError, match="--min-free applies to a storage directory"):
+                parse([*argv, *explicit])
         with pytest.raises(UsageError, match="--min-free applies to a storage directory"):
-            parse([*argv, "--min-free", "10%"])
+            parse(argv, {"CONTENTCACHE_MIN_FREE": "5%"})
+        parse([*argv, "--min-free", "0"])
     service = makeService(parse(argv))
     [expiry] = [s for s in service if type(s).__name__ == "ExpiryService"]
     assert expiry.expiry.policy.min_free.enabled is evicts  # type: ignore[attr-defined]
