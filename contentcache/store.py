@@ -414,16 +414,24 @@ class Store:
             try:
                 stream = await self._disk.run(self._decoding, raw, encoding, offset)
             except (DecodeError, OSError) as e:
-                if isinstance(e, OSError):
-                    if not _unreadable(e):
-                        raise
-                    await self._lost(blob.hash, encoding, e, FOUND_STREAMING)
-                else:
-                    await self._discard_damaged(blob.hash, encoding, e, FOUND_STREAMING)
+                await self._damage(blob.hash, encoding, e, FOUND_STREAMING)
                 damaged = True
                 candidates.remove(encoding)
                 continue
             return _BlobReader(self, blob.hash, encoding, raw, stream, blob.size, offset)
+
+    async def _damage(self, h: Hash, encoding: str, error: Exception, found: str) -> None:
+        """
+        What reading the object found: a read error that loses its bytes
+        (L{_lost}), or bytes that do not decode or match (deleted). Any other
+        read error is raised again.
+        """
+        if isinstance(error, OSError):
+            if not _unreadable(error):
+                raise error
+            await self._lost(h, encoding, error, found)
+        else:
+            await self._discard_damaged(h, encoding, error, found)
 
     async def _lost(self, h: Hash, encoding: str, error: OSError, found: str) -> None:
         """
@@ -501,13 +509,8 @@ class Store:
                 damaged = damaged or isinstance(e, BlobCorrupt)
                 continue
             except (DecodeError, _Damaged, OSError) as e:
+                await self._damage(blob.hash, encoding, e, FOUND_READING)
                 damaged = True
-                if isinstance(e, OSError):
-                    if not _unreadable(e):
-                        raise
-                    await self._lost(blob.hash, encoding, e, FOUND_READING)
-                else:
-                    await self._discard_damaged(blob.hash, encoding, e, FOUND_READING)
         raise (BlobCorrupt if damaged else BlobNotFound)(blob.hash)
 
     async def _read_streamed(self, blob: Blob, offset: int, length: int) -> bytes:
@@ -654,10 +657,7 @@ class _BlobReader:
         return data
 
     async def _discard(self, error: Exception) -> bytes:
-        if isinstance(error, OSError):
-            await self._store._lost(self._hash, self._encoding, error, FOUND_STREAMING)
-        else:
-            await self._store._discard_damaged(self._hash, self._encoding, error, FOUND_STREAMING)
+        await self._store._damage(self._hash, self._encoding, error, FOUND_STREAMING)
         raise BlobCorrupt(self._hash)
 
     def _failed(self, failure: Failure) -> Deferred[bytes]:
