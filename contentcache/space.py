@@ -92,9 +92,6 @@ class MinFree:
         """
         return self.size if self.size else int(total * self.share)
 
-    def __str__(self) -> str:
-        return f"{self.share * 100:g}%" if self.share else f"{self.size} bytes"
-
 
 @frozen
 class Room:

@@ -173,7 +173,7 @@ PATHS = [
     "/npm/%40scope%2f..%2f..%2fetc", "/npm/@scope/../../etc/passwd", "/npm/" + "a" * 16_000, "/npm/-/ping",
     "/npm/-/v1/search?text=" + "x" * 5000, "/npm/left-pad/-/left-pad-1.3.0.tgz", "/npm/left-pad/-/../../../etc/passwd",
     "/npm/%2e%2e%2f", "/npm/-/package/%40x%2fy/dist-tags", "/npm/left-pad?write=true", "/npm/%40%40/x",
-    "/npm/-/npm/v1/security/advisories/bulk", "*", "http://evil.example/goproxy/x", "/%", "/%%%",
+    "/npm/-/npm/v1/security/advisories/bulk", "*", "http://example.evil/goproxy/x", "/%", "/%%%",
     INFO + "?" + "a=b&" * 2000,
 ]
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH", "PROPFIND", "get", "X" * 1000]
