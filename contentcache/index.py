@@ -533,9 +533,12 @@ class SQLiteIndex:
         if self._database is None:
             return fail(RuntimeError("the index is not open"))
         call = getattr(self._database, method)
+        if method == "get":
+            # The lookup every hit makes: it writes nothing (so needs no
+            # full-disk guard) and is not worth a span of its own.
+            return self._disk.run(call, *args)
         d = self._disk.run(call, *args) if self.space is None else self._disk.run(guarded, self.space, call, *args)
-        # The lookup every hit makes is not worth a span of its own.
-        return d if method == "get" else traced_call(f"index {method}", d)
+        return traced_call(f"index {method}", d)
 
     def get(self, protocol: str, key: str) -> Deferred[Entry | None]:
         return self._call("get", protocol, key)
