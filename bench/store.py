@@ -708,7 +708,7 @@ def slug(rng: random.Random) -> str:
     return "-".join(words(rng, rng.randint(1, 2))).lower()
 
 
-# npm packuments, shaped as registry.npmjs.org sends them (compact JSON).
+# npm packuments, shaped as the public npm registry sends them (compact JSON).
 
 NPM_DEPENDENCIES = """
 @babel/runtime @babel/core @types/node @types/react ajv ansi-styles axios body-parser chalk
@@ -727,7 +727,8 @@ ts-node tsup typescript vitest @rollup/plugin-node-resolve standard xo ava
 LICENSES = ("MIT", "MIT", "MIT", "ISC", "Apache-2.0", "BSD-3-Clause", "BSD-2-Clause")
 #: npm's registry signing key, in every dist's signatures.
 KEY_ID = "SHA256:jl3bwswu80PjjokCgh0o2w5c2U4LhQAE57gj9cz1kzA"
-REGISTRY = "https://registry.npmjs.org"
+#: A registry-shaped address for the tarball URLs, never a real registry's.
+REGISTRY = "https://registry.example.org"
 
 
 def person(rng: random.Random) -> dict[str, str]:
@@ -1066,7 +1067,7 @@ def go_mod(rng: random.Random) -> bytes:
 
 def go_info(rng: random.Random) -> bytes:
     """
-    A version's .info as proxy.golang.org serves it; the newer ones say
+    A version's .info as the public Go module proxy serves it; the newer ones say
     where the version came from.
     """
     when = datetime(2019, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=rng.uniform(0, 5.5 * 365 * 86400))
