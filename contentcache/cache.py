@@ -68,18 +68,31 @@ class _NotModified:
 NOT_MODIFIED = _NotModified()
 
 
-def body_or_status(fetched: Fetched, what: str) -> Spool | _NotModified:
+def body_or_status(fetched: Fetched, what: str, conditional: bool = False) -> Spool | _NotModified:
     """
-    What an upstream answer means for the cache: its spooled body, a 304,
+    What an upstream answer means for the cache: its spooled body, a 304
+    (to a C{conditional} request; to any other it is upstream's mistake),
     L{Missing} for a 404 or 410, L{UpstreamError} for anything else.
     """
     if fetched.status in (404, 410):
         raise Missing(what)
     if fetched.status == 304:
+        if not conditional:
+            raise UpstreamError(f"upstream answered 304 to an unconditional request for {what}")
         return NOT_MODIFIED
     if fetched.spool is None:
         raise UpstreamError(f"upstream answered {fetched.status} for {what}")
     return fetched.spool
+
+
+def body_of(fetched: Fetched, what: str) -> Spool:
+    """
+    The spooled body of an answer to an unconditional request (see
+    L{body_or_status}).
+    """
+    body = body_or_status(fetched, what)
+    assert not isinstance(body, _NotModified)  # an UpstreamError instead
+    return body
 
 
 @frozen

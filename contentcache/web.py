@@ -37,7 +37,7 @@ from zope.interface import implementer
 from . import metrics
 from .tracing import child_span, tracer
 from .backend import IReader, StorageUnavailable
-from .cache import IntegrityError, Missing, ProtocolCache
+from .cache import OUTCOME_HEADER, STALE, IntegrityError, Missing, ProtocolCache
 from .hash import Hash
 from .space import is_full
 from .store import Blob, BlobCorrupt, BlobNotFound, Store
@@ -51,6 +51,21 @@ log = Logger()
 #: that a connection holds little while its client is slow.
 CHUNK_SIZE = 256 * 1024
 TEXT = b"text/plain; charset=utf-8"
+#: The Cache-Control of what never changes once published.
+IMMUTABLE = b"public, max-age=31536000, immutable"
+#: What a stale answer (upstream failed) says of itself (RFC 7234, 5.5.1).
+STALE_WARNING = b'111 - "Revalidation Failed"'
+
+
+def cache_headers(outcome: str, cache_control: bytes) -> dict[bytes, bytes]:
+    """
+    The headers that say how the cache came by an answer: X-Cache, the
+    Warning of a stale one, and its Cache-Control.
+    """
+    headers = {b"x-cache": OUTCOME_HEADER[outcome], b"cache-control": cache_control}
+    if outcome == STALE:
+        headers[b"warning"] = STALE_WARNING
+    return headers
 
 
 class HTTPError(Exception):

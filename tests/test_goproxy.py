@@ -350,6 +350,19 @@ def test_upstream_404_is_404_and_remembered(
     assert request(daemon.url, f"/goproxy/{GREET}/@v/v1.0.0.info")[0] == 404
 
 
+def test_an_upstream_304_to_an_unconditional_request_is_502(
+    storage: str, upstream: UpstreamFixture, daemons: list[Daemon]
+) -> None:
+    # As for npm: upstream's mistake, said in a sentence (it was a 500).
+    daemon = start(storage, "--go-upstream", upstream.url, "--go-sumdb", "off")
+    daemons.append(daemon)
+    upstream.override[f"/{GREET}/@v/v1.0.0.zip"] = (304, b"")
+    status, headers, body = request(daemon.url, f"/goproxy/{GREET}/@v/v1.0.0.zip")
+    assert status == 502 and headers["content-type"] == "text/plain; charset=utf-8"
+    assert body == (b"upstream failure: upstream answered 304 to an unconditional request for "
+                    b"example.com/greet/@v/v1.0.0.zip\n")
+
+
 def test_stale_if_error_and_502_without_a_copy(
     storage: str, upstream: UpstreamFixture, daemons: list[Daemon]
 ) -> None:

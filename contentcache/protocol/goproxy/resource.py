@@ -15,7 +15,6 @@ from twisted.web.http import NOT_FOUND, OK
 from twisted.web.server import Request
 
 from ...cache import (
-    OUTCOME_HEADER,
     STALE,
     Fill,
     IntegrityError,
@@ -29,7 +28,9 @@ from ...index import Entry
 from ...pool import Runner
 from ...store import BlobNotFound, Store
 from ...upstream import Upstream, UpstreamError, conditional_headers
-from ...web import TEXT, AsyncResource, path_segments, read_blob, refetching, send_blob, text
+from ...web import (
+    IMMUTABLE, TEXT, AsyncResource, cache_headers, path_segments, read_blob, refetching, send_blob, text,
+)
 from .modzip import MAX_GO_MOD_SIZE, MAX_ZIP_SIZE, ZipRuleError, check_and_hash_zip, hash_go_mod
 from .paths import InvalidPath, Module, Version, is_canonical, match_prefix_patterns, unescape
 from .sumdb import InvalidSumDB, SumDB, check_tile, parse_record
@@ -41,7 +42,6 @@ SUMDB_PROTOCOL = "gosumdb"
 DEFAULT_METADATA_TTL = 10 * 60.0
 #: .info, lists and sumdb answers are small; anything bigger is not one.
 MAX_METADATA_SIZE = 16 << 20
-IMMUTABLE = b"public, max-age=31536000, immutable"
 JSON = b"application/json"
 ZIP = b"application/zip"
 OCTETS = b"application/octet-stream"
@@ -76,7 +76,7 @@ class GoProxy:
         self, upstream: Upstream, path: str, limit: int, headers: dict[str, str] | None = None
     ) -> Fill | _NotModified:
         fetched = await upstream.fetch(self.store, upstream.url(path), headers, limit)
-        body = body_or_status(fetched, path)
+        body = body_or_status(fetched, path, conditional=bool(headers))
         if isinstance(body, _NotModified):
             return body
         attrs = {
@@ -298,22 +298,19 @@ class GoProxyResource(AsyncResource):
     async def _send(
         self, request: Request, served: Served | bytes, content_type: bytes, immutable: bool
     ) -> None:
+        cache_control = IMMUTABLE if immutable else b"max-age=60"
         if isinstance(served, bytes):
             # A list made from what the cache holds: upstream could not say.
             request.setResponseCode(OK)
-            request.setHeader(b"x-cache", b"STALE")
-            request.setHeader(b"warning", b'111 - "Revalidation Failed"')
+            for name, value in cache_headers(STALE, cache_control).items():
+                request.setHeader(name, value)
             request.setHeader(b"content-type", content_type)
             request.setHeader(b"content-length", b"%d" % len(served))
             request.write(served)
             request.finish()
             return
-        headers = {b"x-cache": OUTCOME_HEADER[served.outcome]}
-        if served.outcome == STALE:
-            headers[b"warning"] = b'111 - "Revalidation Failed"'
-        headers[b"cache-control"] = IMMUTABLE if immutable else b"max-age=60"
-        entry = served.entry
-        await send_blob(request, self.proxy.store, entry.blob, content_type, headers)
+        headers = cache_headers(served.outcome, cache_control)
+        await send_blob(request, self.proxy.store, served.entry.blob, content_type, headers)
 
     async def render_async(self, request: Request) -> None:
         try:

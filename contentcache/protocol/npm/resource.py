@@ -20,7 +20,6 @@ from twisted.web.server import Request
 from ...cache import (
     HIT,
     MISS,
-    OUTCOME_HEADER,
     STALE,
     Fill,
     IntegrityError,
@@ -28,6 +27,7 @@ from ...cache import (
     ProtocolCache,
     Served,
     _NotModified,
+    body_of,
     body_or_status,
 )
 from ...index import Entry
@@ -35,7 +35,8 @@ from ...pool import Runner
 from ...store import BlobNotFound, Store
 from ...upstream import Coalescer, Upstream, UpstreamError, conditional_headers
 from ...web import (
-    CHUNK_SIZE, AsyncResource, HTTPError, path_segments, read_blob, refetching, send_blob, text,
+    CHUNK_SIZE, IMMUTABLE, AsyncResource, HTTPError, cache_headers, path_segments, read_blob, refetching,
+    send_blob, text,
 )
 from .integrity import IntegrityMismatch, check_tarball
 from .names import InvalidName, PackageName, check_tarball_file, split_request
@@ -54,7 +55,6 @@ MAX_TARBALL_SIZE = 2 << 30
 MAX_PASS_THROUGH_BODY = 16 << 20
 #: Rendered copies kept per packument variant (distinct bases x gzip).
 MAX_RENDERS = 8
-IMMUTABLE = b"public, max-age=31536000, immutable"
 _HOST = re.compile(rb"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::([0-9]{1,5}))?")
 MAX_PORT = 65535
 _ENDPOINT = re.compile(r"[a-z0-9-]+")
@@ -126,10 +126,8 @@ class NpmRegistry:
         if entry is not None:
             headers.update(conditional_headers(entry.attrs.get("etag"), entry.attrs.get("last_modified")))
         fetched = await upstream.fetch(self.store, upstream.url(name.path), headers, MAX_PACKUMENT_SIZE)
-        raw = body_or_status(fetched, name.full)
+        raw = body_or_status(fetched, name.full, conditional=entry is not None)
         if isinstance(raw, _NotModified):
-            if entry is None:
-                raise UpstreamError(f"upstream answered 304 to an unconditional request for {name.full}")
             return raw
         template = await self.store.spool()
         try:
@@ -276,9 +274,7 @@ class NpmRegistry:
             log.warn("not fetching {url}: not an upstream host (see --npm-tarball-host)", url=url)
             raise IntegrityError(f"{name.full}/-/{file}: its address is not on an allowed upstream host")
         fetched = await upstream.fetch(self.store, url, {}, MAX_TARBALL_SIZE)
-        spool = body_or_status(fetched, f"{name.full}/-/{file}")
-        if isinstance(spool, _NotModified):
-            raise UpstreamError(f"upstream answered 304 to an unconditional request for {name.full}/-/{file}")
+        spool = body_of(fetched, f"{name.full}/-/{file}")
         try:
             await self._disk.run(check_tarball, spool.path, info.get("integrity"), info.get("shasum"))
         except IntegrityMismatch as e:
@@ -396,13 +392,8 @@ class NpmResource(AsyncResource):
         async def answer() -> None:
             entry, served, fresh = await registry.rendered(name, variant, base, gzip)
             outcome = MISS if fresh and served.outcome == HIT else served.outcome
-            headers = {
-                b"x-cache": OUTCOME_HEADER[outcome],
-                b"vary": b"Accept, Accept-Encoding",
-                b"cache-control": b"public, max-age=%d" % int(registry.metadata_ttl),
-            }
-            if served.outcome == STALE:
-                headers[b"warning"] = b'111 - "Revalidation Failed"'
+            headers = cache_headers(outcome, b"public, max-age=%d" % int(registry.metadata_ttl))
+            headers[b"vary"] = b"Accept, Accept-Encoding"
             if gzip:
                 headers[b"content-encoding"] = b"gzip"
             content_type = str(served.entry.attrs.get("content_type", "application/json")).encode()
@@ -418,7 +409,7 @@ class NpmResource(AsyncResource):
 
         async def answer() -> None:
             served = await registry.tarball(name, file)
-            headers = {b"x-cache": OUTCOME_HEADER[served.outcome], b"cache-control": IMMUTABLE}
+            headers = cache_headers(served.outcome, IMMUTABLE)
             await send_blob(request, registry.store, served.entry.blob, b"application/octet-stream", headers)
 
         await refetching(request, registry.cache, answer)
@@ -428,9 +419,8 @@ class NpmResource(AsyncResource):
         dist = await self.registry.dist_index(name)
         if dist is None:
             raise Missing(name.full)
-        if served.outcome == STALE:
-            request.setHeader(b"warning", b'111 - "Revalidation Failed"')
-        request.setHeader(b"x-cache", OUTCOME_HEADER[served.outcome])
+        for header, value in cache_headers(served.outcome, b"public, max-age=%d" % int(self.registry.metadata_ttl)).items():
+            request.setHeader(header, value)
         self._json(request, json.dumps(dist["dist-tags"]).encode())
 
     async def _pass_through(self, request: Request, path: str) -> None:
