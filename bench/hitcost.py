@@ -8,7 +8,8 @@ daemon's own site, channel and resources on one connection, with the disk
 pool's calls run at once on the same thread (C{SynchronousRunner}) and no
 reactor, so that everything a hit does happens in the counted thread: the
 HTTP parsing, the index lookup, the read and the check of the blob, the
-response, the access log line (formatted, to /dev/null) and the metrics.
+response, the access log line (formatted as the daemon does, written to
+/dev/null) and the metrics.
 
 With C{--callgrind} it runs itself under valgrind twice, with the requests
 and with none, and prints the instructions per request (the difference over
@@ -39,12 +40,13 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.logger import globalLogBeginner
 
 from contentcache.backend.filesystem import FilesystemBackend
 from contentcache.cache import ProtocolCache
 from contentcache.channel import Deadlines
 from contentcache.index import SQLiteIndex
+from contentcache.logs import observer_factory
 from contentcache.pool import SynchronousRunner
 from contentcache.protocol.goproxy.resource import GoProxy, GoProxyResource
 from contentcache.server import CacheSite, Root
@@ -65,7 +67,9 @@ def replay(what: str, requests: int, directory: str) -> float:
     """
     Serve C{requests} cached hits of C{what}; the CPU seconds they took.
     """
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(open(os.devnull, "w"))], redirectStandardIO=False)
+    # The daemon's own observer, as twistd builds it, writing to /dev/null.
+    observer = observer_factory("text", "info", stream=open(os.devnull, "w"))()
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     disk, clock = SynchronousRunner(), Clock()
     store = Store(FilesystemBackend(directory, disk), os.path.join(directory, "tmp"), disk)
     _resolve(Deferred.fromCoroutine(store.start()))
@@ -79,6 +83,7 @@ def replay(what: str, requests: int, directory: str) -> float:
         ProtocolCache("gosumdb", index, store, clock, NegativeCache(clock, 60)), disk, clock, upstream=None,
     )
     site = CacheSite(Root(store, index, {b"goproxy": GoProxyResource(proxy)}), Deadlines(), reactor=clock)
+    site.startFactory()
     channel = site.buildProtocol(None)
     transport = StringTransport(
         peerAddress=IPv4Address("TCP", "127.0.0.1", 40000), hostAddress=IPv4Address("TCP", "127.0.0.1", 8080)
@@ -91,6 +96,7 @@ def replay(what: str, requests: int, directory: str) -> float:
         if i == 0 and not (transport.value().startswith(b"HTTP/1.1 200 ") and transport.value().endswith(body)):
             raise SystemExit(f"the first hit was not the blob: {transport.value()[:200]!r}")
         transport.clear()
+    site.access.flush()
     return time.process_time() - started
 
 

@@ -18,13 +18,13 @@ from twisted.web.server import Request, Site
 
 from . import __version__, metrics
 from .channel import CacheChannel, CacheRequest, Deadlines, Watch, peer
+from .logs import AccessLog
 from .index import SQLiteIndex
 from .space import StorageFull
 from .store import Store
 from .web import AsyncResource, NotFoundResource, exact, text
 
 log = Logger()
-access = Logger(namespace="contentcache.access")
 
 
 class Health(AsyncResource):
@@ -113,6 +113,15 @@ class CacheSite(Site):
         super().__init__(resource, timeout=None, **kwargs)
         self.deadlines = deadlines
         self.watch = Watch(self.reactor)
+        self.access = AccessLog(self.reactor)
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        self.access.start()
+
+    def stopFactory(self) -> None:
+        self.access.stop()
+        super().stopFactory()
 
     def log(self, request: http.Request) -> None:
         started = getattr(request, "started", time.monotonic())
@@ -121,9 +130,8 @@ class CacheSite(Site):
         outcome = request.responseHeaders.getRawHeaders(b"x-cache", [b"-"])[0]
         aborted = getattr(request, "aborted", False)
         cut = getattr(request, "cut", False)
-        access.info(
-            "{method} {path} {status} {cache_result} {bytes} {duration:.4f} {upstream_time:.4f}"
-            + (" client left" if aborted else " cut off" if cut else ""),
+        self.access.log(
+            end=" client left" if aborted else " cut off" if cut else "",
             method=request.method.decode("latin-1"),
             path=request.uri.decode("latin-1")[:2048],
             status=request.code,

@@ -64,6 +64,18 @@ class Logged:
     def text(self) -> str:
         return self._daemon.log()[self._start :]
 
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 10) -> list[str]:
+        """
+        The lines matching C{pattern}, once there are C{count} of them (the
+        access log is written in batches, every second).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [line for line in self.text().splitlines() if re.search(pattern, line)]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.2)
+
     def assert_no_trouble(self) -> None:
         trouble = [line for line in self.text().splitlines() if TROUBLE.search(line)]
         assert not trouble, "\n".join(trouble[:20])
@@ -379,7 +391,7 @@ def test_clients_that_leave_mid_download_are_counted_not_tracebacks(
     # Counted and logged once each, as hits whose client left.
     after = metric(daemon, "contentcache_requests_total", protocol="go", status_class="2xx", cache_result="hit")
     assert after - served >= 1000
-    lines = [line for line in logged.text().splitlines() if f"GET {path} 200 hit" in line]
+    lines = logged.wait_for(f"GET {re.escape(path)} 200 hit ", 1000)
     assert len(lines) == 1000 and all(line.endswith("client left") for line in lines)
     logged.assert_no_trouble()
     code, _, again = request(daemon.url, path)
@@ -536,7 +548,7 @@ def test_flipped_bytes_are_never_served(daemon: Daemon, upstream: UpstreamFixtur
     assert metric(daemon, "contentcache_corrupt_blobs_total", found_by="stream") == streamed + 1
     assert logged.text().count("is damaged") == 2
     assert metric(daemon, "contentcache_client_aborts_total", protocol="go") == aborts, "the daemon cut it"
-    assert re.search(rf"GET {re.escape(archive)} 200 hit \d+ .* cut off\n", logged.text())
+    assert logged.wait_for(rf"GET {re.escape(archive)} 200 hit \d+ .* cut off$")
     logged.assert_no_trouble()
 
 

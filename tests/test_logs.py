@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -11,9 +12,11 @@ import subprocess
 import time
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel
 
-from contentcache.logs import observer_factory
+from contentcache import logs
+from contentcache.logs import AccessLog, observer_factory
 
 from .daemon import TWISTD, Daemon, free_port
 from .gomodules import GREET, build_tree, modules
@@ -98,3 +101,48 @@ def test_a_daemon_in_the_background_cannot_log_to_stdout(tmp_path: Any) -> None:
     finally:
         if os.path.exists(pidfile):  # it went to the background after all: stop it
             os.kill(int(open(pidfile).read()), signal.SIGTERM)
+
+
+FIELDS = dict(method="GET", path="/goproxy/m/@v/list", status=200, cache_result="hit", bytes=12,
+              duration=0.0004, upstream_time=0.0, end="", client="127.0.0.1", aborted=False, cut=False)
+
+
+def access_log(monkeypatch: Any, form: str, level: LogLevel = LogLevel.info) -> tuple[AccessLog, io.StringIO, Clock]:
+    stream, clock = io.StringIO(), Clock()
+    monkeypatch.setattr(logs, "_output", logs._Output(stream, form, level))
+    access = AccessLog(clock)
+    access.start()
+    return access, stream, clock
+
+
+def test_the_access_log_is_written_in_batches_of_whole_lines(monkeypatch: Any) -> None:
+    access, stream, clock = access_log(monkeypatch, "text")
+    for status in (200, 404, 502):
+        access.log(**{**FIELDS, "status": status})
+    assert stream.getvalue() == "", "nothing yet: a batch a second"
+    clock.advance(logs.ACCESS_FLUSH_INTERVAL)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" ", 2)[1:] for line in lines] == [
+        ["[contentcache.access#info]", f"GET /goproxy/m/@v/list {status} hit 12 0.0004 0.0000"]
+        for status in (200, 404, 502)
+    ]
+    access.log(**{**FIELDS, "end": " client left"})
+    access.stop()  # at shutdown, what is left
+    assert stream.getvalue().endswith(" client left\n")
+
+
+def test_the_access_log_in_json_keeps_its_fields(monkeypatch: Any) -> None:
+    access, stream, clock = access_log(monkeypatch, "json")
+    access.log(**FIELDS)
+    access.stop()
+    [event] = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert event["log_namespace"] == "contentcache.access" and event["level"] == "info"
+    assert (event["method"], event["status"], event["cache_result"], event["bytes"]) == ("GET", 200, "hit", 12)
+    assert event["message"] == "GET /goproxy/m/@v/list 200 hit 12 0.0004 0.0000"
+
+
+def test_the_access_log_is_dropped_above_info(monkeypatch: Any) -> None:
+    access, stream, clock = access_log(monkeypatch, "text", LogLevel.warn)
+    access.log(**FIELDS)
+    access.stop()
+    assert stream.getvalue() == ""
