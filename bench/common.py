@@ -3,13 +3,17 @@ What the benchmarks share.
 
 All of them: sizes in words, their temporary directory and the C{--dir}
 option that places it. The two that measure a peak RSS in a fresh process
-(C{store.py}, C{expiry.py}): the memory figures, the launcher of that
+(C{streaming.py}, C{expiry.py}): the memory figures, the launcher of that
 process, the disk pool and the store, and the warnings-only log. The three
-that measure the daemon with wrk (C{goproxy.py}, C{npm.py},
-C{telemetry.py}): the daemon and its log, GETs and their checks, wrk, the
-table of what it measured, the GOPROXY module version two of them serve,
-and L{run_with_wrk}, which stops every process started on an error, Ctrl-C
-or SIGTERM.
+that measure the store on the filesystem and on S3 (C{store.py},
+C{streaming.py}, C{compression.py}): their options, SeaweedFS and the
+temporary directory it keeps its data in, a store wired for either
+backend, and the lines that say what they ran on. The three that measure
+the daemon with wrk (C{goproxy.py}, C{npm.py}, C{telemetry.py}): the
+daemon and its log, GETs and their checks, wrk, the table of what it
+measured, the GOPROXY module version two of them serve, and
+L{run_with_wrk}, which stops every process started on an error, Ctrl-C or
+SIGTERM.
 
 A script run as C{python bench/<name>.py} has bench/ first on its path, so
 it imports this as C{common}. Importing it puts the repository on the path
@@ -21,9 +25,11 @@ from __future__ import annotations
 import argparse
 import gc
 import http.client
+import importlib.metadata
 import itertools
 import json
 import os
+import platform
 import re
 import resource
 import shutil
@@ -31,11 +37,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import ExitStack, contextmanager
 from types import FrameType
-from typing import Any, Callable, ClassVar, Iterator, Protocol, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Coroutine, Iterator, Protocol, Sequence, TypeVar
 
+import zstandard
 from attrs import frozen
+from twisted.internet.task import react
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -49,7 +58,9 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPOSITORY)
 
 from contentcache.backend.filesystem import FilesystemBackend  # noqa: E402
-from contentcache.pool import DiskPool, Runner  # noqa: E402
+from contentcache.backend.s3 import DEFAULT_PART_SIZE, S3Backend, S3Location, make_client  # noqa: E402
+from contentcache.compress import Compression  # noqa: E402
+from contentcache.pool import DEFAULT_THREADS, DiskPool, Runner  # noqa: E402
 from contentcache.protocol.goproxy.paths import escape  # noqa: E402
 from contentcache.store import Store  # noqa: E402
 from tests.daemon import Daemon  # noqa: E402
@@ -61,7 +72,7 @@ R = TypeVar("R")
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
-#: The units L{human} writes sizes in, the largest first.
+#: The units L{human} and L{exact} write sizes in, the largest first.
 _SIZE_UNITS = ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB"))
 
 LOOPBACK = "127.0.0.1"
@@ -213,6 +224,213 @@ def filesystem_store(directory: str, disk: Runner) -> Store:
     it.
     """
     return Store(FilesystemBackend(directory, disk), os.path.join(directory, "tmp"), disk)
+
+
+# The store on the filesystem and on S3.
+
+#: Throughput is reported in decimal megabytes per second.
+MB = 1000 * 1000
+#: How much one piece of a put holds: an upstream body arrives in pieces
+#: of about this size once spooled.
+PUT_CHUNK = MiB
+#: Where the benchmarks' objects go in the bucket: one prefix per store.
+S3_PREFIX = "bench/"
+#: The daemon's default part size: a blob above it is a multipart upload.
+PART_SIZE = DEFAULT_PART_SIZE
+
+
+def exact(size: int) -> str:
+    """
+    C{size} bytes in the largest unit that divides it: the sizes measured
+    are chosen round, and a line says exactly how big its blob is.
+    """
+    for unit, name in _SIZE_UNITS:
+        if size >= unit and size % unit == 0:
+            return f"{size // unit} {name}"
+    return f"{size} B"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("needs a positive number")
+    return value
+
+
+def store_parser(doc: str, quick: str, repeat: str | None = None) -> argparse.ArgumentParser:
+    """
+    A parser (see L{make_parser}) with C{--dir}, C{--quick} (C{quick} is
+    its help), C{--no-s3} and, if C{repeat} is its help, C{--repeat N}.
+    """
+    parser = make_parser(doc)
+    add_dir_option(parser, "storage directory")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    if repeat is not None:
+        parser.add_argument("--repeat", type=_positive, metavar="N", help=repeat)
+    parser.add_argument("--no-s3", action="store_true",
+                        help="measure the filesystem only, without SeaweedFS")
+    return parser
+
+
+@frozen
+class S3Server:
+    """
+    Where the benchmark's S3 is; the credentials are in the environment,
+    where the AWS credential chain finds them.
+    """
+
+    endpoint: str
+    bucket: str
+    region: str
+
+    def client(self) -> Any:
+        """
+        A botocore client made as the daemon makes its own, with a
+        connection for each thread of the disk pool.
+        """
+        return make_client(self.endpoint, self.region, DEFAULT_THREADS)
+
+
+@contextmanager
+def seaweed(workdir: str, wanted: bool) -> Iterator[S3Server | None]:
+    """
+    SeaweedFS running with its data in C{workdir} and its credentials in
+    this process's environment (and so in the fresh processes'), stopped
+    however the block ends; L{None} if not C{wanted}.
+    """
+    if not wanted:
+        yield None
+        return
+    # Imported here: it brings boto3 and pytest, which a process measuring
+    # its own RSS is better without.
+    from tests.seaweed import start_seaweed
+
+    server = start_seaweed(os.path.join(workdir, "seaweed"))
+    try:
+        os.environ.update(server.env())
+        yield S3Server(server.endpoint, server.bucket, server.region)
+    finally:
+        server.stop()
+
+
+@contextmanager
+def storage(args: argparse.Namespace) -> Iterator[tuple[str, S3Server | None]]:
+    """
+    A temporary directory in C{args.dir} and, unless C{args.no_s3},
+    SeaweedFS keeping its data there: both gone however the block ends,
+    also on SIGTERM.
+    """
+    # Unwind as Ctrl-C does, so that SeaweedFS is stopped (the reactor
+    # handles SIGTERM itself while it runs).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with temporary_directory(args.dir) as workdir, seaweed(workdir, not args.no_s3) as s3:
+        yield workdir, s3
+
+
+def make_store(
+    disk: Runner,
+    directory: str,
+    s3: S3Server | None = None,
+    prefix: str = S3_PREFIX,
+    compression: Compression = Compression(0),
+    client: Any = None,
+) -> Store:
+    """
+    A store wired as C{makeService} wires it: blobs in C{directory}, or in
+    C{s3} under C{prefix} with the spool files in C{directory}.
+    """
+    if s3 is None:
+        if not compression.enabled:
+            return filesystem_store(directory, disk)
+        return Store(FilesystemBackend(directory, disk), os.path.join(directory, "tmp"), disk, compression)
+    backend = S3Backend(client or s3.client(), S3Location(s3.bucket, prefix), disk, PART_SIZE)
+    return Store(backend, os.path.join(directory, "tmp"), disk, compression)
+
+
+def machine(workdir: str) -> list[str]:
+    """
+    Lines that say what the numbers were measured on.
+    """
+    model = "unknown CPU"
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    memory = status_kib("MemTotal", "/proc/meminfo")
+    filesystem = "?"
+    best = ""
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            _, point, kind, *_ = line.split()
+            if (workdir == point or workdir.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                best, filesystem = point, kind
+    return [
+        f"  machine: {model}, {os.cpu_count()} CPUs, {mib(memory)} RAM, "
+        f"{platform.system()} {platform.release()} {platform.machine()}",
+        f"  Python {platform.python_version()}, zstandard {zstandard.__version__} ({zstandard.backend}), "
+        # From its metadata: naming it needs no import of it.
+        f"botocore {importlib.metadata.version('botocore')}",
+        f"  storage: {workdir} ({filesystem} mounted at {best}; removed at the end)",
+    ]
+
+
+def weed_version() -> str:
+    """
+    The version of SeaweedFS's C{weed}, as it says.
+    """
+    from tests.seaweed import find_weed  # for the reason in seaweed()
+
+    result = subprocess.run([find_weed(), "version"], capture_output=True, text=True, timeout=30)
+    words = result.stdout.split()
+    return " ".join(words[1:3]) if len(words) > 2 else "?"
+
+
+def print_setup(title: str, workdir: str, quick: bool, reactor: Reactor, s3: S3Server | None) -> None:
+    """
+    The benchmark's title, then what it runs on: the machine, the
+    C{reactor}, the disk pool, and S3 if it measures it.
+    """
+    print(f"contentcache {title}{' (--quick)' if quick else ''}")
+    for line in machine(workdir):
+        print(line)
+    print(f"  reactor {type(reactor).__name__}, disk pool of {DEFAULT_THREADS} threads")
+    if s3 is None:
+        print("  S3: skipped (--no-s3)")
+    else:
+        print(f"  S3: SeaweedFS {weed_version()} (weed mini, data on the same disk) at {s3.endpoint}, "
+              f"bucket {s3.bucket}; botocore client with {DEFAULT_THREADS + 2} connections, "
+              f"{exact(PART_SIZE)} parts")
+
+
+#: A benchmark of the store run under the reactor: it measures with the
+#: options given, in the temporary directory, on S3 if not L{None}.
+StoreBenchmark = Callable[[Reactor, str, argparse.Namespace, S3Server | None], Coroutine[Any, Any, None]]
+
+
+def print_total_time(started: float) -> None:
+    print()
+    print(f"total time: {time.perf_counter() - started:.0f} s")
+
+
+async def _timed(
+    reactor: Reactor, benchmark: StoreBenchmark, workdir: str, args: argparse.Namespace,
+    s3: S3Server | None,
+) -> None:
+    started = time.perf_counter()
+    await benchmark(reactor, workdir, args, s3)
+    print_total_time(started)
+
+
+def react_on_storage(benchmark: StoreBenchmark, args: argparse.Namespace) -> None:
+    """
+    Run C{benchmark} under the reactor with the L{storage} of C{args},
+    showing only warnings and failures of the log, then print how long it
+    took; exit with status 0 when it is done, 1 if it raised.
+    """
+    show_warnings()
+    with storage(args) as (workdir, s3):
+        react(_timed, (benchmark, workdir, args, s3))
 
 
 # The daemon under wrk.
