@@ -44,6 +44,8 @@ from twisted.logger import globalLogBeginner
 
 from contentcache.backend.filesystem import FilesystemBackend
 from contentcache.cache import ProtocolCache
+from contentcache.hot import DEFAULT_SIZE, HotSet
+from contentcache.units import parse_size
 from contentcache.channel import Deadlines
 from contentcache.index import SQLiteIndex
 from contentcache.logs import observer_factory
@@ -63,7 +65,7 @@ def _resolve(d: Deferred[Any]) -> Any:
     return results[0]
 
 
-def replay(what: str, requests: int, directory: str) -> float:
+def replay(what: str, requests: int, directory: str, memory: int = DEFAULT_SIZE) -> float:
     """
     Serve C{requests} cached hits of C{what}; the CPU seconds they took.
     """
@@ -78,9 +80,10 @@ def replay(what: str, requests: int, directory: str) -> float:
     body = INFO if what == "info" else os.urandom(1 << 20)
     put = _resolve(Deferred.fromCoroutine(store.put([body])))
     _resolve(index.put("go", f"{KEY}.{what}", put.blob, {}))
+    hot = HotSet(memory)  # the daemon's default, or --memory-cache
     proxy = GoProxy(
-        store, ProtocolCache("go", index, store, clock, NegativeCache(clock, 60)),
-        ProtocolCache("gosumdb", index, store, clock, NegativeCache(clock, 60)), disk, clock, upstream=None,
+        store, ProtocolCache("go", index, store, clock, NegativeCache(clock, 60), hot),
+        ProtocolCache("gosumdb", index, store, clock, NegativeCache(clock, 60), hot), disk, clock, upstream=None,
     )
     site = CacheSite(Root(store, index, {b"goproxy": GoProxyResource(proxy)}), Deadlines(), reactor=clock)
     site.startFactory()
@@ -100,7 +103,7 @@ def replay(what: str, requests: int, directory: str) -> float:
     return time.process_time() - started
 
 
-def instructions(what: str, requests: int) -> int:
+def instructions(what: str, requests: int, memory: int) -> int:
     """
     The instructions callgrind counts for the whole process.
     """
@@ -109,7 +112,7 @@ def instructions(what: str, requests: int) -> int:
     try:
         done = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-             os.path.abspath(__file__), "--what", what, "--requests", str(requests)],
+             os.path.abspath(__file__), "--what", what, "--requests", str(requests), "--memory-cache", str(memory)],
             capture_output=True, text=True, env={**os.environ, "PYTHONMALLOC": "malloc"},
         )
     finally:
@@ -127,18 +130,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=None,
                         help="hits to replay (default: 400 for .info, 40 for .zip; 5,000 and 300 without --callgrind)")
     parser.add_argument("--callgrind", action="store_true", help="count instructions under valgrind")
+    parser.add_argument("--memory-cache", type=parse_size, default=DEFAULT_SIZE,
+                        help="the in-memory hot set's size, as the daemon's option (default 256MiB; 0: off)")
     args = parser.parse_args(argv)
     if args.callgrind and shutil.which("valgrind") is None:
         parser.error("--callgrind needs valgrind (Debian: apt-get install valgrind)")
     if args.callgrind:
         requests = args.requests or (400 if args.what == "info" else 40)
-        per_request = (instructions(args.what, requests) - instructions(args.what, 0)) / requests
+        memory = args.memory_cache
+        per_request = (instructions(args.what, requests, memory) - instructions(args.what, 0, memory)) / requests
         print(f"cached .{args.what} hit: {per_request:,.0f} instructions a request "
               f"(callgrind, {requests} requests, less the same run with none)")
         return
     requests = args.requests if args.requests is not None else (5000 if args.what == "info" else 300)
     with tempfile.TemporaryDirectory(prefix="contentcache-hitcost-") as directory:
-        seconds = replay(args.what, requests, directory)
+        seconds = replay(args.what, requests, directory, args.memory_cache)
     if requests:
         print(f"cached .{args.what} hit: {seconds / requests * 1e6:.1f} us of CPU a request ({requests} requests)")
 

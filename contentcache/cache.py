@@ -12,15 +12,18 @@ L{UpstreamError}. The rest (store, index, freshness, coalescing) is here.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, nullcontext
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from attrs import Factory, define, field, frozen
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .hash import Hash
+from .hot import Found, HotSet
 from .index import Entry, SQLiteIndex
-from .store import Spool, Store
+from .locks import KeyLocks
+from .store import MAX_WHOLE_READ, Blob, Spool, Store
 from .upstream import Coalescer, Fetched, NegativeCache, UpstreamError
 
 log = Logger()
@@ -105,6 +108,9 @@ class Served:
     outcome: str
     #: Why a stale copy was served.
     reason: str | None = None
+    #: The blob's bytes, when they are at hand (a small blob, hot or read
+    #: with its entry): nothing to read from the store.
+    body: bytes | None = None
 
 
 Fetch = Callable[[], Awaitable[Fill]]
@@ -114,7 +120,9 @@ Revalidate = Callable[[Entry | None], Awaitable["Fill | _NotModified"]]
 @define
 class ProtocolCache:
     """
-    The cached entries of one protocol.
+    The cached entries of one protocol: what an adapter asks for a key,
+    whatever is needed to answer it (the hot set, the index and the store,
+    one upstream fetch), and every write of the protocol's entries.
     """
 
     protocol: str
@@ -122,74 +130,176 @@ class ProtocolCache:
     store: Store
     _clock: IReactorTime
     negative: NegativeCache[str]
+    #: Entries and small blobs in memory, shared by every protocol.
+    hot: HotSet = field(factory=lambda: HotSet(0))
+    #: Locks between the processes sharing the storage: one upstream
+    #: request for a key whichever of them the misses land on.
+    locks: KeyLocks | None = None
     _coalescer: Coalescer[str, Served] = field(
         default=Factory(lambda self: Coalescer(protocol=self.protocol), takes_self=True)
     )
 
-    async def _commit(self, key: str, fill: Fill) -> Entry:
-        result = await fill.spool.commit()
-        self.negative.discard(key)
-        return await self.index.put(self.protocol, key, result.blob, fill.attrs)
+    def _held(self, key: str) -> AbstractAsyncContextManager[None]:
+        if self.locks is None:
+            return nullcontext()
+        return self.locks.hold(f"{self.protocol}\0{key}")
+
+    # Reading.
+
+    async def find_all(self, wanted: Sequence[tuple[str, bool]]) -> list[Found | None]:
+        """
+        The entries for several C{(key, body)}, recording their use; with
+        C{body}, the blob's bytes too if it is small. From the hot set
+        where it holds them, else in one trip to the disk pool for all.
+        """
+        hot = self.hot
+        found: list[Found | None] = []
+        missing = []
+        for i, (key, body) in enumerate(wanted):
+            held = hot.get((self.protocol, key))
+            if held is not None and (not body or held.body is not None or held.entry.size > hot.item_limit):
+                found.append(held)
+            else:
+                found.append(None)
+                missing.append(i)
+        if missing:
+            since = hot.generation
+            read = self._read_now if any(wanted[i][1] for i in missing) else None
+            rows = await self.index.lookup(
+                self.protocol, [(wanted[i][0], read if wanted[i][1] else None) for i in missing]
+            )
+            for i, row in zip(missing, rows):
+                if row is not None:
+                    found[i] = Found(*row)
+                    hot.put((self.protocol, wanted[i][0]), found[i], since)  # type: ignore[arg-type]
+        for (key, _), result in zip(wanted, found):
+            if result is not None:
+                self.index.touch(self.protocol, key)
+        return found
+
+    def _read_now(self, entry: Entry) -> bytes | None:
+        # On the disk pool, in the trip that found the entry.
+        limit = self.hot.item_limit if self.hot.enabled else MAX_WHOLE_READ
+        return self.store.read_now(entry.blob, limit)
+
+    async def find(self, key: str, body: bool = False) -> Found | None:
+        """
+        The entry for C{key} (see L{find_all}).
+        """
+        return (await self.find_all([(key, body)]))[0]
 
     async def lookup(self, key: str) -> Entry | None:
         """
         The entry for C{key} if there is one, recording the access.
         """
-        entry = await self.index.get(self.protocol, key)
-        if entry is not None:
-            self.index.touch(self.protocol, key)
-        return entry
+        found = await self.find(key)
+        return None if found is None else found.entry
 
-    async def immutable(self, key: str, fetch: Fetch | None) -> Served:
+    def touch(self, key: str) -> None:
+        """
+        Record a use of C{key}'s entry (one used with another: a
+        packument's dist index), in the next batch.
+        """
+        self.index.touch(self.protocol, key)
+
+    async def keys(self, prefix: str, limit: int = 10_000) -> list[str]:
+        return await self.index.keys(self.protocol, prefix, limit)
+
+    async def entries(self, prefix: str, limit: int) -> list[Entry]:
+        """
+        The entries whose keys start with C{prefix}, without recording a use.
+        """
+        keys = await self.keys(prefix, limit)
+        rows = await self.index.lookup(self.protocol, [(key, None) for key in keys])
+        return [row[0] for row in rows if row is not None]
+
+    # Writing: every entry of the protocol is written here, so that what
+    # this process holds in memory goes with it.
+
+    async def put(self, key: str, blob: Blob, attrs: Mapping[str, Any]) -> Entry:
+        """
+        Record C{key} as answered by C{blob}.
+        """
+        try:
+            return await self.index.put(self.protocol, key, blob, attrs)
+        finally:
+            self.hot.drop([(self.protocol, key)])
+
+    async def remove(self, key: str) -> bool:
+        try:
+            return await self.index.delete(self.protocol, key)
+        finally:
+            self.hot.drop([(self.protocol, key)])
+
+    async def _commit(self, key: str, fill: Fill) -> Entry:
+        result = await fill.spool.commit()
+        self.negative.discard(key)
+        return await self.put(key, result.blob, fill.attrs)
+
+    # The caching rules.
+
+    async def immutable(self, key: str, fetch: Fetch | None, body: bool = False) -> Served:
         """
         Content that never changes once published: served from the cache
         when present, fetched once otherwise. C{fetch} is L{None} in
-        cache-only mode.
+        cache-only mode. With C{body}, a small blob's bytes come with it.
         """
-        entry = await self.lookup(key)
-        if entry is not None:
-            return Served(entry, HIT)
+        found = await self.find(key, body)
+        if found is not None:
+            return Served(found.entry, HIT, body=found.body)
         if fetch is None or key in self.negative:
             raise Missing(key)
         return await self._coalescer.run(key, lambda: self._fill(key, fetch))
 
     async def _fill(self, key: str, fetch: Fetch) -> Served:
-        # A fill for this key may have finished between our lookup and
-        # this operation starting.
-        entry = await self.index.get(self.protocol, key)
-        if entry is not None:
-            return Served(entry, HIT)
-        try:
-            fill = await fetch()
-        except Missing:
-            self.negative.add(key)
-            raise
-        return Served(await self._commit(key, fill), MISS)
+        async with self._held(key):
+            # A fill for this key (here or in another process) may have
+            # finished between our lookup and this operation starting.
+            entry = await self.index.get(self.protocol, key)
+            if entry is not None:
+                return Served(entry, HIT)
+            try:
+                fill = await fetch()
+            except Missing:
+                self.negative.add(key)
+                raise
+            return Served(await self._commit(key, fill), MISS)
 
     def fresh(self, entry: Entry, ttl: float) -> bool:
         return self._clock.seconds() - entry.created < ttl
 
-    async def mutable(self, key: str, ttl: float, revalidate: Revalidate | None) -> Served:
+    async def mutable(self, key: str, ttl: float, revalidate: Revalidate | None, body: bool = False) -> Served:
         """
         Content that changes upstream: served from the cache for C{ttl}
         seconds after it was fetched or last revalidated, then revalidated
         (C{revalidate} gets the current entry for a conditional request).
         When upstream fails, the last good copy is served as stale.
         """
-        entry = await self.lookup(key)
-        if entry is not None and (revalidate is None or self.fresh(entry, ttl)):
-            return Served(entry, HIT)
+        found = await self.find(key, body)
+        entry = None if found is None else found.entry
+        if found is not None and (revalidate is None or self.fresh(found.entry, ttl)):
+            return Served(found.entry, HIT, body=found.body)
         if revalidate is None or (entry is None and key in self.negative):
             raise Missing(key)
-        return await self._coalescer.run(key, lambda: self._refresh(key, entry, revalidate))
+        return await self._coalescer.run(key, lambda: self._refresh(key, entry, ttl, revalidate))
 
-    async def _refresh(self, key: str, entry: Entry | None, revalidate: Revalidate) -> Served:
+    async def _refresh(self, key: str, entry: Entry | None, ttl: float, revalidate: Revalidate) -> Served:
+        async with self._held(key):
+            if self.locks is not None:
+                # Another process may have revalidated it while we waited.
+                current = await self.index.get(self.protocol, key)
+                if current is not None and self.fresh(current, ttl):
+                    return Served(current, HIT)
+                entry = current if current is not None else entry
+            return await self._revalidate(key, entry, revalidate)
+
+    async def _revalidate(self, key: str, entry: Entry | None, revalidate: Revalidate) -> Served:
         try:
             result = await revalidate(entry)
         except Missing:
             self.negative.add(key)
             if entry is not None:
-                await self.index.delete(self.protocol, key)
+                await self.remove(key)
             raise
         except UpstreamError as e:
             if entry is None:
@@ -203,7 +313,7 @@ class ProtocolCache:
             return Served(entry, STALE, str(e))
         if isinstance(result, _NotModified):
             assert entry is not None
-            renewed = await self.index.put(self.protocol, key, entry.blob, entry.attrs)
+            renewed = await self.put(key, entry.blob, entry.attrs)
             return Served(renewed, REVALIDATED)
         return Served(await self._commit(key, result), MISS)
 
@@ -213,6 +323,7 @@ class ProtocolCache:
         found and deleted): forget every entry that points at it, of any
         protocol, so that the next request fetches it again.
         """
+        self.hot.drop_blob(h)
         if await self.store.has(h):
             return  # back already: another request fetched it again
         forgotten = await self.index.forget_entries(h)

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
@@ -32,6 +32,8 @@ from .pool import Runner
 from .space import DiskSpace, StorageFull, guarded
 from .store import Blob
 from .tracing import traced_call
+
+T = TypeVar("T")
 
 INDEX_FILENAME = "index.sqlite"
 #: How long a recorded access may wait in memory before it is written.
@@ -90,6 +92,37 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE blobs ADD COLUMN encoding TEXT NOT NULL DEFAULT 'identity'",
         "ALTER TABLE blobs ADD COLUMN stored INTEGER",
         "UPDATE blobs SET stored = size",
+    ],
+    4: [
+        # What changed, for the in-memory hot sets of every process using
+        # this index (the workers, and a daemon beside the admin command):
+        # each looks here once a second and drops what it holds of these
+        # keys. An INSERT OR REPLACE fires the insert trigger; a touch
+        # (which changes only the access time) fires nothing.
+        """
+        CREATE TABLE changes (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            protocol TEXT NOT NULL,
+            key TEXT NOT NULL,
+            at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+        )
+        """,
+        "CREATE INDEX changes_by_time ON changes (at)",
+        """
+        CREATE TRIGGER entries_inserted AFTER INSERT ON entries BEGIN
+            INSERT INTO changes (protocol, key) VALUES (new.protocol, new.key);
+        END
+        """,
+        """
+        CREATE TRIGGER entries_deleted AFTER DELETE ON entries BEGIN
+            INSERT INTO changes (protocol, key) VALUES (old.protocol, old.key);
+        END
+        """,
+        """
+        CREATE TRIGGER entries_changed AFTER UPDATE OF hash, size, attrs, created ON entries BEGIN
+            INSERT INTO changes (protocol, key) VALUES (new.protocol, new.key);
+        END
+        """,
     ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -175,6 +208,24 @@ def _row_to_entry(row: tuple[Any, ...]) -> Entry:
 
 
 _COLUMNS = "protocol, key, hash, size, attrs, created, accessed"
+#: How long the rows of L{Database.changes_since} are kept: a process that
+#: has not looked for longer than this drops its whole hot set.
+CHANGES_KEPT = 60.0
+#: Changes read at once; more than this, and a hot set is dropped whole.
+CHANGES_LIMIT = 10_000
+
+
+@frozen
+class Changes:
+    """
+    The keys whose entries changed after a position in the index's log of
+    changes, and the position to look from next. C{keys} is L{None} when
+    they cannot be told (too many, or some were pruned unseen): then
+    everything held may be out of date.
+    """
+
+    keys: list[tuple[str, str]] | None
+    position: int
 #: Hashes per "IN (...)" query, well under SQLite's parameter limit.
 _IN_CHUNK = 500
 
@@ -265,6 +316,51 @@ class Database:
                 (blob.hash.hex, blob.size, now, blob.encoding, stored, blob.stored is not None),
             )
         return Entry(protocol, key, blob.hash, blob.size, json.loads(encoded), now, now, blob.encoding)
+
+    def lookup(
+        self, protocol: str, wanted: Sequence[tuple[str, Callable[[Entry], T] | None]]
+    ) -> list[tuple[Entry, T | None] | None]:
+        """
+        The entries of C{protocol} for several keys, each with what its
+        function (run on this same thread: reading a small blob) makes of
+        it.
+        """
+        found: list[tuple[Entry, T | None] | None] = []
+        for key, then in wanted:
+            entry = self.get(protocol, key)
+            found.append(None if entry is None else (entry, None if then is None else then(entry)))
+        return found
+
+    def changes_since(self, position: int | None) -> Changes:
+        """
+        The keys changed after C{position} (L{None}: only where the log is
+        now).
+        """
+        with self._lock:
+            if position is None:
+                (last,) = self._db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()
+                return Changes([], last)
+            rows = self._db.execute(
+                "SELECT seq, protocol, key FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
+                (position, CHANGES_LIMIT + 1),
+            ).fetchall()
+            if not rows:
+                return Changes([], position)
+            if len(rows) > CHANGES_LIMIT or (
+                rows[0][0] > position + 1
+                and self._db.execute("SELECT 1 FROM changes WHERE seq <= ? LIMIT 1", (position,)).fetchone() is None
+            ):
+                # Too many to go through, or pruned before this process saw
+                # them (the first row is not the next one, and nothing at or
+                # before the position is left to say the gap is just rows
+                # that were rolled back).
+                (last,) = self._db.execute("SELECT max(seq) FROM changes").fetchone()
+                return Changes(None, last)
+        return Changes([(protocol, key) for _, protocol, key in rows], rows[-1][0])
+
+    def prune_changes(self, before: float) -> int:
+        with self._transaction() as db:
+            return db.execute("DELETE FROM changes WHERE at < ?", (before,)).rowcount
 
     @contextmanager
     def _transaction(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
@@ -543,6 +639,27 @@ class SQLiteIndex:
     def get(self, protocol: str, key: str) -> Deferred[Entry | None]:
         return self._call("get", protocol, key)
 
+    def lookup(
+        self, protocol: str, wanted: Sequence[tuple[str, Callable[[Entry], T] | None]]
+    ) -> Deferred[list[tuple[Entry, T | None] | None]]:
+        """
+        Several entries of C{protocol} in one trip to the disk pool, each
+        with what its function (a blocking read of its blob, say) makes of
+        it in that trip.
+        """
+        if self._database is None:
+            return fail(RuntimeError("the index is not open"))
+        return self._disk.run(self._database.lookup, protocol, wanted)
+
+    def changes_since(self, position: int | None) -> Deferred[Changes]:
+        """
+        The keys whose entries changed (in any process) after C{position};
+        L{None} for where the log of changes is now.
+        """
+        if self._database is None:
+            return fail(RuntimeError("the index is not open"))
+        return self._disk.run(self._database.changes_since, position)
+
     def put(self, protocol: str, key: str, blob: Blob, attrs: Mapping[str, Any]) -> Deferred[Entry]:
         self._pending.pop((protocol, key), None)
         return self._call("put", protocol, key, blob, attrs, self._clock.seconds())
@@ -597,6 +714,30 @@ class SQLiteIndex:
         return d
 
 
+@contextmanager
+def startup_errors(directory: str) -> Iterator[None]:
+    """
+    An index that cannot be opened stops startup in one sentence.
+    """
+    try:
+        yield
+    except IndexTooNew as e:
+        raise SystemExit(str(e)) from None
+    except (OSError, sqlite3.Error) as e:
+        raise SystemExit(f"Cannot open the index in {directory}: {e}.") from None
+
+
+def prepare(directory: str) -> None:
+    """
+    Create or migrate the index in C{directory} and close it again (the
+    supervisor of workers, before it starts them: one migration, and a
+    sentence rather than N failing workers).
+    """
+    with startup_errors(directory):
+        os.makedirs(directory, exist_ok=True)
+        Database(os.path.join(directory, INDEX_FILENAME)).close()
+
+
 class IndexService(Service):
     """
     Opens the index at start, writes recorded accesses every
@@ -618,15 +759,9 @@ class IndexService(Service):
         self._flush_interval = flush_interval
 
     def startService(self) -> None:
-        try:
+        with startup_errors(self.index.directory):
             os.makedirs(self.index.directory, exist_ok=True)
             self.index.open()
-        except IndexTooNew as e:
-            raise SystemExit(str(e)) from None
-        except (OSError, sqlite3.Error) as e:
-            raise SystemExit(
-                f"Cannot open the index in {self.index.directory}: {e}."
-            ) from None
         super().startService()
         self._loop.start(self._flush_interval, now=False)
 

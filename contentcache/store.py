@@ -513,6 +513,30 @@ class Store:
                 damaged = True
         raise (BlobCorrupt if damaged else BlobNotFound)(blob.hash)
 
+    def read_now(self, blob: Blob, limit: int) -> bytes | None:
+        """
+        On the disk pool: a blob of at most C{limit} bytes, whole and
+        checked, read as the index says it is stored, if the backend reads
+        on the calling thread (the filesystem does). L{None} when it cannot
+        be read that way (too large, S3, not there, damaged): L{read} then
+        reads it, and deals with what it finds.
+        """
+        read = getattr(self.backend, "read_blocking", None)
+        if read is None or blob.size > limit or (blob.encoding != IDENTITY and blob.size > MAX_DECODED_READ):
+            return None
+        try:
+            if blob.encoding == IDENTITY:
+                data = read(blob_key(blob.hash), 0, blob.size)
+            else:
+                raw = read(blob_key(blob.hash, blob.encoding), 0, blob.size + (blob.size >> 6) + 1024)
+                data = decode(raw, blob.encoding, blob.size)
+        except Exception:
+            return None
+        if _check(blob.hash, blob.size, data) is not None:
+            return None
+        self.lost_in_a_row = 0
+        return data
+
     async def _read_streamed(self, blob: Blob, offset: int, length: int) -> bytes:
         reader = await self.get(blob, offset)
         try:

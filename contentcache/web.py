@@ -50,6 +50,9 @@ log = Logger()
 #: enough that a big blob needs few trips to the disk pool, small enough
 #: that a connection holds little while its client is slow.
 CHUNK_SIZE = 256 * 1024
+#: What a large blob streams in: one trip to the disk pool per MiB (each
+#: read, hashed and checked on the way, written before the next is read).
+STREAM_CHUNK = 1 << 20
 TEXT = b"text/plain; charset=utf-8"
 #: The Cache-Control of what never changes once published.
 IMMUTABLE = b"public, max-age=31536000, immutable"
@@ -386,7 +389,7 @@ class _BlobProducer:
                     await self._waiting
                 if self._stopped:
                     raise CancelledError("the client stopped reading")
-                chunk = await self._reader.read(min(CHUNK_SIZE, self._remaining))
+                chunk = await self._reader.read(min(STREAM_CHUNK, self._remaining))
                 if not chunk:
                     raise OSError("blob ended before its recorded size")
                 self._remaining -= len(chunk)
@@ -420,13 +423,16 @@ async def send_blob(
     content_type: bytes,
     headers: dict[bytes, bytes] | None = None,
     last_modified: float | None = None,
+    body: bytes | None = None,
 ) -> None:
     """
     Answer C{request} with a blob: C{Content-Length}, C{ETag} (the blob's
     hash), 304 for a matching C{If-None-Match} (or, without one, an
     C{If-Modified-Since} not older than C{last_modified}), HEAD, and a
-    single C{Range} as 206 (or 416). The body streams from the store with
-    backpressure; the blob is never held whole in memory.
+    single C{Range} as 206 (or 416). The body is C{body} when the blob's
+    checked bytes are at hand (a small blob); otherwise it is read from the
+    store, a large blob streamed with backpressure, never held whole in
+    memory.
     """
     size = blob.size
     etag = etag_of(blob.hash)
@@ -472,6 +478,10 @@ async def send_blob(
         request.finish()
         return
 
+    if body is not None:
+        request.write(body if length == len(body) else body[offset : offset + length])
+        request.finish()
+        return
     if length <= CHUNK_SIZE:
         # One trip to the disk pool instead of open, read and close.
         request.write(await store.read(blob, offset, length))

@@ -14,7 +14,7 @@ from contentcache.hash import Hash
 from contentcache.index import SQLiteIndex
 from contentcache.server import Root
 from contentcache.store import Blob, Store
-from contentcache.web import CHUNK_SIZE, AsyncResource, _BlobProducer, send_blob
+from contentcache.web import CHUNK_SIZE, STREAM_CHUNK, AsyncResource, _BlobProducer, send_blob
 
 from .conftest import resolve
 
@@ -303,7 +303,7 @@ class CountingReader:
 
 
 def test_producer_reads_only_while_the_client_keeps_up() -> None:
-    data = os.urandom(CHUNK_SIZE * 3 + 5)
+    data = os.urandom(STREAM_CHUNK * 3 + 5)
     request, reader = PausingRequest(), CountingReader(data)
     done = Deferred.fromCoroutine(_BlobProducer(request, reader, len(data)).run())  # type: ignore[arg-type]
     assert reader.reads == 1 and len(request.written) == 1  # paused after one chunk
@@ -316,8 +316,8 @@ def test_producer_reads_only_while_the_client_keeps_up() -> None:
 
 
 def test_producer_stops_when_the_client_goes_away() -> None:
-    request, reader = PausingRequest(), CountingReader(b"x" * CHUNK_SIZE * 3)
-    done = Deferred.fromCoroutine(_BlobProducer(request, reader, CHUNK_SIZE * 3).run())  # type: ignore[arg-type]
+    request, reader = PausingRequest(), CountingReader(b"x" * STREAM_CHUNK * 3)
+    done = Deferred.fromCoroutine(_BlobProducer(request, reader, STREAM_CHUNK * 3).run())  # type: ignore[arg-type]
     request.producer.stopProducing()
     with pytest.raises(CancelledError):
         resolve(done)

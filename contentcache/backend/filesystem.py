@@ -137,6 +137,13 @@ class FilesystemBackend:
             raise NotFound(key) from None
         return data if then is None else then(data)
 
+    def read_blocking(self, key: str, offset: int, length: int) -> bytes:
+        """
+        L{read} on the calling thread, for a caller already on the disk
+        pool (a cold hit reads its entry and its blob in one trip).
+        """
+        return self._read(key, offset, length, None)
+
     def read(self, key: str, offset: int, length: int, then: Callable[[bytes], bytes] | None = None) -> Deferred[bytes]:
         return self._disk.run(self._read, key, offset, length, then)
 

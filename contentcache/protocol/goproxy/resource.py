@@ -221,24 +221,24 @@ class GoProxy:
         key = f"{module.escaped}/@v/{version.escaped}.{ext}"
         if ext == "info" and not version.canonical:
             return await self.cache.mutable(
-                key, self.metadata_ttl, self._revalidator(self.upstream, key)
+                key, self.metadata_ttl, self._revalidator(self.upstream, key), body=True
             )
         if not version.canonical:
             raise Missing(f"{module.path}@{version.name}: .{ext} needs a canonical version")
         if self.upstream is None:
-            return await self.cache.immutable(key, None)
+            return await self.cache.immutable(key, None, body=True)
         if ext == "zip":
-            return await self.cache.immutable(key, lambda: self._fetch_zip(module, version, key))
+            return await self.cache.immutable(key, lambda: self._fetch_zip(module, version, key), body=True)
         if ext == "mod":
-            return await self.cache.immutable(key, lambda: self._fetch_mod(module, version, key))
+            return await self.cache.immutable(key, lambda: self._fetch_mod(module, version, key), body=True)
         upstream = self.upstream
         return await self.cache.immutable(
-            key, lambda: self._get_new(upstream, key, MAX_METADATA_SIZE)
+            key, lambda: self._get_new(upstream, key, MAX_METADATA_SIZE), body=True
         )
 
     async def latest(self, module: Module) -> Served:
         key = f"{module.escaped}/@latest"
-        return await self.cache.mutable(key, self.metadata_ttl, self._revalidator(self.upstream, key))
+        return await self.cache.mutable(key, self.metadata_ttl, self._revalidator(self.upstream, key), body=True)
 
     async def version_list(self, module: Module) -> Served | bytes:
         """
@@ -248,7 +248,7 @@ class GoProxy:
         key = f"{module.escaped}/@v/list"
         try:
             return await self.cache.mutable(
-                key, self.metadata_ttl, self._revalidator(self.upstream, key)
+                key, self.metadata_ttl, self._revalidator(self.upstream, key), body=True
             )
         except (UpstreamError, Missing) as e:
             if isinstance(e, Missing) and self.upstream is not None:
@@ -261,7 +261,7 @@ class GoProxy:
     async def cached_versions(self, module: Module) -> list[str]:
         prefix = f"{module.escaped}/@v/"
         versions = set()
-        for key in await self.cache.index.keys(PROTOCOL, prefix):
+        for key in await self.cache.keys(prefix):
             name, _, ext = key[len(prefix):].rpartition(".")
             if ext in ("info", "mod", "zip"):
                 version = unescape(name, "version")
@@ -274,13 +274,13 @@ class GoProxy:
         key = f"{name}/{path}"
         if path == "latest":
             return await self.sumdb_cache.mutable(
-                key, self.metadata_ttl, self._revalidator(upstream, path)
+                key, self.metadata_ttl, self._revalidator(upstream, path), body=True
             )
         # A tile never changes, full or partial (a partial one's path names
         # its width, and the log only grows).
         check_tile(path.removeprefix("tile/"))
         return await self.sumdb_cache.immutable(
-            key, lambda: self._get_new(upstream, path, MAX_METADATA_SIZE)
+            key, lambda: self._get_new(upstream, path, MAX_METADATA_SIZE), body=True
         )
 
 
@@ -310,7 +310,7 @@ class GoProxyResource(AsyncResource):
             request.finish()
             return
         headers = cache_headers(served.outcome, cache_control)
-        await send_blob(request, self.proxy.store, served.entry.blob, content_type, headers)
+        await send_blob(request, self.proxy.store, served.entry.blob, content_type, headers, body=served.body)
 
     async def render_async(self, request: Request) -> None:
         try:

@@ -30,6 +30,7 @@ from ...cache import (
     body_of,
     body_or_status,
 )
+from ...hot import Found
 from ...index import Entry
 from ...pool import Runner
 from ...store import BlobNotFound, Store
@@ -144,7 +145,7 @@ class NpmRegistry:
             await raw.abort()
         try:
             stored = await self.store.put([dist])
-            await self.cache.index.put(PROTOCOL, f"dist:{name.full}", stored.blob, {})
+            await self.cache.put(f"dist:{name.full}", stored.blob, {})
         except BaseException:
             await template.abort()
             raise
@@ -159,23 +160,35 @@ class NpmRegistry:
 
     async def rendered(
         self, name: PackageName, variant: str, base: str, gzip: bool
-    ) -> tuple[Entry, Served, bool]:
+    ) -> tuple[Found, Served, bool]:
         """
         The packument as this client sees it: tarball addresses under
         C{base}, gzip if asked. Rendered once per base and revision; the
-        last item says whether this call rendered it.
+        last item says whether this call rendered it. A hit is one lookup
+        of both the template and the rendered copy (none when they are hot).
         """
+        template_key = self._packument_key(name, variant)
+        key = f"render:{template_key}:{'gzip' if gzip else 'identity'}:{base}"
+        template, render = await self.cache.find_all([(template_key, False), (key, True)])
+        if (
+            template is not None
+            and render is not None
+            and (self.upstream is None or self.cache.fresh(template.entry, self.metadata_ttl))
+            and render.entry.attrs.get("source") == template.entry.hash.hex
+        ):
+            self.cache.touch(f"dist:{name.full}")
+            return render, Served(template.entry, HIT), False
         served = await self._either_variant(name, variant)
         # The dist index is used with the packument: it expires with it.
-        self.cache.index.touch(PROTOCOL, f"dist:{name.full}")
+        self.cache.touch(f"dist:{name.full}")
         source = served.entry.hash.hex
         key = f"render:{served.entry.key}:{'gzip' if gzip else 'identity'}:{base}"
-        entry = await self.cache.lookup(key)
-        if entry is not None and entry.attrs.get("source") == source:
-            return entry, served, False
+        found = await self.cache.find(key, body=True)
+        if found is not None and found.entry.attrs.get("source") == source:
+            return found, served, False
         entry = await self._renders.run(key, lambda: self._render(key, served.entry, base, gzip))
         await self._prune_renders(served.entry)
-        return entry, served, True
+        return Found(entry), served, True
 
     async def _prune_renders(self, template: Entry) -> None:
         """
@@ -184,13 +197,12 @@ class NpmRegistry:
         new one on every request must not fill the disk. The least recently
         used copies go; their blobs go with the next expiry pass.
         """
-        keys = await self.cache.index.keys(PROTOCOL, f"render:{template.key}:", MAX_RENDERS * 4)
-        if len(keys) <= MAX_RENDERS:
+        entries = await self.cache.entries(f"render:{template.key}:", MAX_RENDERS * 4)
+        if len(entries) <= MAX_RENDERS:
             return
-        entries = [e for e in [await self.cache.index.get(PROTOCOL, k) for k in keys] if e is not None]
         entries.sort(key=lambda e: (e.accessed, e.created))
         for entry in entries[: len(entries) - MAX_RENDERS]:
-            await self.cache.index.delete(PROTOCOL, entry.key)
+            await self.cache.remove(entry.key)
 
     async def _either_variant(self, name: PackageName, variant: str) -> Served:
         """
@@ -226,7 +238,7 @@ class NpmRegistry:
             await spool.abort()
             raise
         result = await spool.commit()
-        return await self.cache.index.put(PROTOCOL, key, result.blob, {"source": template.hash.hex})
+        return await self.cache.put(key, result.blob, {"source": template.hash.hex})
 
     async def dist_index(self, name: PackageName) -> dict[str, Any] | None:
         entry = await self.cache.lookup(f"dist:{name.full}")
@@ -247,9 +259,9 @@ class NpmRegistry:
     async def tarball(self, name: PackageName, file: str) -> Served:
         key = f"tarball:{name.full}/{file}"
         if self.upstream is None:
-            return await self.cache.immutable(key, None)
+            return await self.cache.immutable(key, None, body=True)
         upstream = self.upstream
-        return await self.cache.immutable(key, lambda: self._fetch_tarball(upstream, name, file))
+        return await self.cache.immutable(key, lambda: self._fetch_tarball(upstream, name, file), body=True)
 
     async def _tarball_info(self, name: PackageName, file: str) -> dict[str, Any]:
         dist = await self.dist_index(name)
@@ -390,7 +402,7 @@ class NpmResource(AsyncResource):
         variant, gzip = _variant(request), _accepts_gzip(request)
 
         async def answer() -> None:
-            entry, served, fresh = await registry.rendered(name, variant, base, gzip)
+            found, served, fresh = await registry.rendered(name, variant, base, gzip)
             outcome = MISS if fresh and served.outcome == HIT else served.outcome
             headers = cache_headers(outcome, b"public, max-age=%d" % int(registry.metadata_ttl))
             headers[b"vary"] = b"Accept, Accept-Encoding"
@@ -398,8 +410,8 @@ class NpmResource(AsyncResource):
                 headers[b"content-encoding"] = b"gzip"
             content_type = str(served.entry.attrs.get("content_type", "application/json")).encode()
             await send_blob(
-                request, registry.store, entry.blob, content_type, headers,
-                last_modified=served.entry.attrs.get("fetched", served.entry.created),
+                request, registry.store, found.entry.blob, content_type, headers,
+                last_modified=served.entry.attrs.get("fetched", served.entry.created), body=found.body,
             )
 
         await refetching(request, registry.cache, answer)
@@ -410,7 +422,9 @@ class NpmResource(AsyncResource):
         async def answer() -> None:
             served = await registry.tarball(name, file)
             headers = cache_headers(served.outcome, IMMUTABLE)
-            await send_blob(request, registry.store, served.entry.blob, b"application/octet-stream", headers)
+            await send_blob(
+                request, registry.store, served.entry.blob, b"application/octet-stream", headers, body=served.body
+            )
 
         await refetching(request, registry.cache, answer)
 

@@ -1,0 +1,246 @@
+"""
+Locks between the processes that share one storage: the workers of a
+daemon (and a second daemon on the same directory, by mistake or during a
+restart).
+
+L{KeyLocks} gives each cache key a lock, so that concurrent misses for it
+make one upstream request whichever process they land on. They are
+open-file-description locks (Linux's C{F_OFD_SETLK}) on one byte each of a
+single file under C{<state-dir>/run/}, at an offset derived from the key:
+no file per key to create or clean up, and the kernel releases every lock a
+process holds when it dies, even by C{SIGKILL}. L{Leadership} is one such
+lock on a file of its own, held for as long as a process runs the
+daemon's single-instance work (expiry, the scrub).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Callable
+
+from attrs import define
+from blake3 import blake3
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+
+from .pool import Runner
+
+log = Logger()
+
+RUN_DIRECTORY = "run"
+KEY_LOCKS = "keys.lock"
+LEADER_LOCK = "leader.lock"
+#: Left by a process that found the disk short of room, for the leader.
+ROOM_WANTED = "room-wanted"
+#: Offsets of key locks: below 2**62, so any off_t holds them.
+_OFFSETS = (1 << 62) - 1
+#: How long a waiter sleeps between tries: short at first (a hit on what
+#: another worker is storing should not wait long), longer as it waits.
+FIRST_WAIT = 0.005
+LONGEST_WAIT = 0.1
+#: How often a process that does not lead tries to become the leader.
+LEADER_RETRY = 1.0
+
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+
+
+def run_directory(state_dir: str) -> str:
+    """
+    Where run-time files live: locks, metrics of the workers, sockets.
+    """
+    return os.path.join(state_dir, RUN_DIRECTORY)
+
+
+def _lock_byte(fd: int, offset: int) -> bool:
+    """
+    Take the write lock on one byte of C{fd}'s file without waiting;
+    whether it was free.
+    """
+    flock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+    try:
+        fcntl.fcntl(fd, _F_OFD_SETLK, flock)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _open(path: str) -> int:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def _try(path: str, offset: int) -> int | None:
+    """
+    On the disk pool: a descriptor holding the lock at C{offset} of
+    C{path}, or L{None} if another holds it.
+    """
+    fd = _open(path)
+    try:
+        if _lock_byte(fd, offset):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+def _touch(path: str) -> None:
+    with open(path, "a"):
+        pass
+
+
+def _take_file(path: str) -> bool:
+    """
+    Remove C{path}; whether it was there.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@define
+class KeyLocks:
+    """
+    A lock per key, shared by every process with the same run directory.
+    """
+
+    directory: str
+    _disk: Runner
+    _clock: IReactorTime
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.directory, KEY_LOCKS)
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        """
+        Hold C{key}'s lock for the body of the C{async with}, waiting (off
+        the reactor thread, a poll that backs off) while another process
+        holds it.
+        """
+        offset = int.from_bytes(blake3(key.encode("utf-8")).digest(8), "big") & _OFFSETS
+        wait = FIRST_WAIT
+        while (fd := await self._disk.run(_try, self.path, offset)) is None:
+            await deferLater(self._clock, wait)
+            wait = min(wait * 2, LONGEST_WAIT)
+        try:
+            yield
+        finally:
+            # Closing the descriptor releases the lock.
+            await self._disk.run(os.close, fd)
+
+
+class Leadership(MultiService):
+    """
+    Runs its child services (expiry, the scrub) only while this process
+    holds the leader lock: in one process of those that share the run
+    directory at a time. One that does not lead tries again every second,
+    so when the leader dies another takes over.
+    """
+
+    def __init__(self, directory: str, disk: Runner, clock: IReactorTime,
+                 on_change: Callable[[bool], None] | None = None) -> None:
+        super().__init__()
+        self.path = os.path.join(directory, LEADER_LOCK)
+        self._disk = disk
+        self._fd: int | None = None
+        self._on_change = on_change
+        self._loop = LoopingCall(self._try_again)
+        self._loop.clock = clock
+        self._wanted = os.path.join(directory, ROOM_WANTED)
+        self._room: Callable[[], object] | None = None
+        self._asked = LoopingCall(self._look_for_asks)
+        self._asked.clock = clock
+
+    @property
+    def leading(self) -> bool:
+        return self._fd is not None
+
+    def _take(self) -> bool:
+        self._fd = _try(self.path, 0)
+        return self._fd is not None
+
+    def startService(self) -> None:
+        # At startup, before the reactor runs, blocking is allowed (as
+        # opening the index is): the leader starts its services at once.
+        self.running = 1
+        if self._take():
+            self._lead()
+        else:
+            self._loop.start(LEADER_RETRY, now=False)
+
+    def _lead(self) -> None:
+        log.debug("this process runs expiry and the scrub")
+        if self._on_change is not None:
+            self._on_change(True)
+        for service in self:
+            service.startService()
+        self._asked.start(LEADER_RETRY, now=False)
+
+    def when_short(self, make_room: Callable[[], object]) -> None:
+        """
+        What the leader runs when a process finds the disk short of room.
+        """
+        self._room = make_room
+
+    def short(self) -> None:
+        """
+        This process found the disk short of room: make room here if it
+        leads, else leave word for the leader (who looks every second).
+        """
+        if self.leading:
+            if self._room is not None:
+                self._room()
+        else:
+            self._disk.run(_touch, self._wanted).addErrback(lambda f: None)
+
+    async def _look_for_asks_async(self) -> None:
+        if await self._disk.run(_take_file, self._wanted) and self._room is not None:
+            self._room()
+
+    def _look_for_asks(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._look_for_asks_async())
+
+    def _try_again(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._try_again_async())
+
+    async def _try_again_async(self) -> None:
+        fd = await self._disk.run(_try, self.path, 0)
+        if fd is None or not self.running:
+            if fd is not None:
+                os.close(fd)
+            return
+        self._fd = fd
+        self._loop.stop()
+        log.info("taking over expiry and the scrub (pid {pid})", pid=os.getpid())
+        self._lead()
+
+    async def _stop(self) -> None:
+        for loop in (self._loop, self._asked):
+            if loop.running:
+                loop.stop()
+        if self._fd is not None:
+            for service in reversed(list(self)):
+                try:
+                    await maybeDeferred(service.stopService)
+                except Exception:
+                    log.failure("stopping {service} failed", service=service)
+            os.close(self._fd)
+            self._fd = None
+
+    def stopService(self) -> Deferred[None]:
+        self.running = 0
+        return Deferred.fromCoroutine(self._stop())
