@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import socket
 import subprocess
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from twisted.logger import Logger
@@ -40,10 +41,35 @@ def _ask(argv: list[str]) -> str | None:
     return result.stdout.decode(errors="replace")
 
 
+#: What the supervisor of workers found, for its workers (JSON): asking
+#: the go and npm commands takes a second, and a worker that replaces one
+#: that died should serve at once.
+FOUND_VARIABLE = "CONTENTCACHE_FOUND_SETTINGS"
+GO_SETTINGS = ("GOPROXY", "GOSUMDB", "GONOSUMDB", "GOPRIVATE")
+
+
+def _found() -> dict[str, Any]:
+    found: dict[str, Any] = json.loads(os.environ.get(FOUND_VARIABLE) or "{}")
+    return found
+
+
+def find_for_workers() -> str:
+    """
+    The clients' settings, asked once, as the JSON workers find in
+    L{FOUND_VARIABLE} (and this process too, from now on).
+    """
+    found = json.dumps({"go": go_env(*GO_SETTINGS), "npm": npm_registry()})
+    os.environ[FOUND_VARIABLE] = found
+    return found
+
+
 def go_env(*names: str) -> dict[str, str] | None:
     """
     The go command's settings, or L{None} when there is no go command.
     """
+    found = _found()
+    if "go" in found:
+        return None if found["go"] is None else {k: v for k, v in found["go"].items() if k in names}
     output = _ask(["go", "env", "-json", *names])
     if output is None:
         return None
@@ -56,6 +82,9 @@ def npm_registry() -> str | None:
     The registry the npm client is configured to use, or L{None} when
     there is no npm client.
     """
+    found = _found()
+    if "npm" in found:
+        return str(found["npm"]) if found["npm"] else None
     url = (_ask(["npm", "config", "get", "registry"]) or "").strip()
     if not url.startswith(("http://", "https://")):
         log.warn("npm config get registry gave no registry URL")
@@ -119,6 +148,7 @@ def choose_upstream(
     prefix: str,
     source: str,
     option: str,
+    quiet: bool = False,
 ) -> str | None:
     """
     The upstream a protocol fetches from: C{flag} if given, else what the
@@ -132,9 +162,9 @@ def choose_upstream(
             raise SystemExit(
                 f"{source} ({url}) points at this daemon; pass {option} with the upstream to fetch from."
             )
-        if url is not None:
+        if url is not None and not quiet:
             log.info("{prefix} upstream {url} (from {source})", prefix=prefix, url=url, source=source)
-    if url is None:
+    if url is None and not quiet:
         log.warn("no upstream ({option} or {source}): {prefix} serves only what is cached",
                  option=option, source=source, prefix=prefix)
     return url

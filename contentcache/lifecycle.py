@@ -8,11 +8,12 @@ import os
 import signal
 import socket
 from types import FrameType
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ReactorNotRunning
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .backend import StorageUnavailable
@@ -51,8 +52,10 @@ class StoreService(Service):
     """
 
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, sweep: bool = True) -> None:
         self.store = store
+        #: Whether this process sweeps (with workers, one of them does).
+        self.sweep = sweep
         self.swept: Deferred[None] | None = None
 
     def startService(self) -> None:
@@ -66,11 +69,14 @@ class StoreService(Service):
         except OSError as e:
             raise SystemExit(f"Cannot use the storage directory: {e}.") from None
         super().startService()
-        self.swept = Deferred.fromCoroutine(self._sweep())
+        if self.sweep:
+            self.swept = Deferred.fromCoroutine(self._sweep())
 
     async def _sweep(self) -> None:
         try:
             removed = await self.store.start()
+        except StorageUnavailable as e:
+            log.warn("sweeping leftover temporary files failed: {error}", error=e)
         except Exception:
             log.failure("sweeping leftover temporary files failed")
         else:
@@ -107,15 +113,20 @@ class NotifyReady(Service):
     """
     C{READY=1} to systemd (Type=notify) once the site listens: this
     service starts after the listening port, which raises if it cannot
-    bind. C{STOPPING=1} when the daemon begins to stop.
+    bind (with workers: once C{ready} fires, when they all listen).
+    C{STOPPING=1} when the daemon begins to stop.
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, ready: Callable[[], Deferred[None]] | None = None) -> None:
         self._reactor = reactor
+        self._ready = ready
 
     def startService(self) -> None:
         super().startService()
-        self._reactor.callWhenRunning(sd_notify, b"READY=1")
+        if self._ready is None:
+            self._reactor.callWhenRunning(sd_notify, b"READY=1")
+        else:
+            self._ready().addCallback(lambda _: sd_notify(b"READY=1"))
 
     def stopService(self) -> None:
         super().stopService()
@@ -160,3 +171,23 @@ class ExitCleanlyOnSIGTERM(Service):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+
+class Every(Service):
+    """
+    Calls C{f} every C{interval} seconds while it runs.
+    """
+
+    def __init__(self, clock: Any, interval: float, f: Callable[[], object]) -> None:
+        self._loop = LoopingCall(f)
+        self._loop.clock = clock
+        self._interval = interval
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self._interval, now=True)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()

@@ -212,3 +212,34 @@ class AccessLog:
             _output.stream.flush()
         except OSError:
             pass  # a full disk or a closed pipe: the lines are lost, not the daemon
+
+
+_relayed = Logger(namespace="contentcache.workers")
+
+
+def write_lines(text: str) -> None:
+    """
+    Whole lines from a worker, written as they came to the daemon's log
+    (in its form already); where the daemon does not own its log, each is
+    an event.
+    """
+    if _output is None:
+        for line in text.splitlines():
+            _relayed.info("{line}", line=line)
+        return
+    try:
+        _output.stream.write(text)
+        _output.stream.flush()
+    except OSError:
+        pass  # as for the access log: lines lost, not the daemon
+
+
+def flush_output() -> None:
+    """
+    Write what is waiting (at exit).
+    """
+    if _output is not None:
+        try:
+            _output.stream.flush()
+        except OSError:
+            pass

@@ -6,14 +6,33 @@ name.
 
 from __future__ import annotations
 
+import os
 import time
 from contextvars import ContextVar
 from typing import Any
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from twisted.web import http
 
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+#: Set by the supervisor for its workers: each keeps its figures in files
+#: there, and /metrics, from any of them, sums them (prometheus-client's
+#: multiprocess mode).
+MULTIPROCESS_DIRECTORY = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
+def collect() -> bytes:
+    """
+    The whole daemon's metrics in the Prometheus text format. With
+    workers this reads their files: call it on the disk pool.
+    """
+    if MULTIPROCESS_DIRECTORY is None:
+        return generate_latest(REGISTRY)
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, MULTIPROCESS_DIRECTORY)
+    return generate_latest(registry)
 
 #: The protocol label of each top-level path.
 PROTOCOLS = {b"goproxy": "go", b"npm": "npm"}
@@ -52,13 +71,16 @@ integrity_failures = Counter(
     "contentcache_integrity_failures", "Upstream content refused by a check (checksum, zip rules, integrity).",
     ["protocol"], registry=REGISTRY,
 )
-store_blobs = Gauge("contentcache_store_blobs", "Blobs in the store.", registry=REGISTRY)
+# Gauges of the shared storage: the last any worker measured.
+store_blobs = Gauge("contentcache_store_blobs", "Blobs in the store.", registry=REGISTRY,
+                    multiprocess_mode="mostrecent")
 store_logical_bytes = Gauge(
     "contentcache_store_logical_bytes", "Bytes of all cached entries, shared content counted per entry.",
-    registry=REGISTRY,
+    registry=REGISTRY, multiprocess_mode="mostrecent",
 )
 store_bytes = Gauge(
-    "contentcache_store_bytes", "Bytes the blobs take in the backend, after compression.", registry=REGISTRY
+    "contentcache_store_bytes", "Bytes the blobs take in the backend, after compression.", registry=REGISTRY,
+    multiprocess_mode="mostrecent",
 )
 expiry_passes = Counter("contentcache_expiry_passes", "Expiry passes run.", registry=REGISTRY)
 expiry_evicted_entries = Counter(
@@ -81,11 +103,11 @@ client_aborts = Counter(
 )
 storage_free_bytes = Gauge(
     "contentcache_storage_free_bytes", "Bytes free on the filesystem of the storage (with S3: of the "
-    "spool directory), as last measured.", registry=REGISTRY,
+    "spool directory), as last measured.", registry=REGISTRY, multiprocess_mode="mostrecent",
 )
 storage_full = Gauge(
-    "contentcache_storage_full", "1 from a write that found the storage full until one succeeds again.",
-    registry=REGISTRY,
+    "contentcache_storage_full", "1 from a write that found the storage full until one succeeds again "
+    "(in any worker).", registry=REGISTRY, multiprocess_mode="livemax",
 )
 scrub_bytes = Counter(
     "contentcache_scrub_bytes", "Stored bytes the background scrub has read and checked.", registry=REGISTRY,
@@ -94,8 +116,16 @@ scrub_passes = Counter(
     "contentcache_scrub_passes", "Full passes of the background scrub over the store.", registry=REGISTRY,
 )
 disk_queue = Gauge(
-    "contentcache_disk_pool_queue_depth", "Calls waiting for or running on the disk thread pool.",
-    registry=REGISTRY,
+    "contentcache_disk_pool_queue_depth", "Calls waiting for or running on the disk thread pool "
+    "(of every worker).", registry=REGISTRY, multiprocess_mode="livesum",
+)
+hot_bytes = Gauge(
+    "contentcache_memory_cache_bytes", "Bytes the in-memory hot set holds (in every worker).",
+    registry=REGISTRY, multiprocess_mode="livesum",
+)
+hot_entries = Gauge(
+    "contentcache_memory_cache_entries", "Entries the in-memory hot set holds (in every worker).",
+    registry=REGISTRY, multiprocess_mode="livesum",
 )
 
 #: Seconds this request has spent waiting for upstream: a one-item list

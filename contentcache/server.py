@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.http import NOT_ALLOWED, NOT_FOUND, OK, SERVICE_UNAVAILABLE
 from twisted.web.resource import IResource, Resource
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.web.server import Request, Site
 
 from . import __version__, metrics
@@ -21,6 +21,7 @@ from .channel import CacheChannel, CacheRequest, Deadlines, Watch, peer
 from .logs import AccessLog
 from .index import SQLiteIndex
 from .space import StorageFull
+from .pool import Runner
 from .store import Store
 from .web import AsyncResource, NotFoundResource, exact, text
 
@@ -72,10 +73,13 @@ class Metrics(AsyncResource):
     C{GET /metrics}: the Prometheus text format.
     """
 
-    def __init__(self, index: SQLiteIndex, store: Store) -> None:
+    def __init__(self, index: SQLiteIndex, store: Store, disk: Runner | None = None,
+                 gauges: Callable[[], None] | None = None) -> None:
         super().__init__()
         self._index = index
         self._store = store
+        self._disk = disk
+        self._gauges = gauges
         self._stats_at = float("-inf")
 
     async def render_async(self, request: Request) -> None:
@@ -88,7 +92,12 @@ class Metrics(AsyncResource):
         room = await self._store.room()
         metrics.storage_free_bytes.set(room.free)
         metrics.storage_full.set(1 if self._store.space.full else 0)
-        body = generate_latest(metrics.REGISTRY)
+        if self._gauges is not None:
+            self._gauges()
+        if metrics.MULTIPROCESS_DIRECTORY is not None and self._disk is not None:
+            body = await self._disk.run(metrics.collect)  # every worker's files
+        else:
+            body = metrics.collect()
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-length", b"%d" % len(body))
@@ -184,10 +193,12 @@ class Root(Resource):
         store: Store,
         index: SQLiteIndex,
         protocols: Mapping[bytes, IResource] | None = None,
+        disk: Runner | None = None,
+        gauges: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self.putChild(b"health", Health(store, index))
-        self.putChild(b"metrics", Metrics(index, store))
+        self.putChild(b"metrics", Metrics(index, store, disk, gauges))
         for name, resource in (protocols or {}).items():
             self.putChild(name, resource)
 

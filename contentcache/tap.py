@@ -10,19 +10,25 @@ import sys
 from typing import Mapping, Sequence
 
 from twisted.application import strports
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
 from twisted.internet import reactor as _global_reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from . import metrics
-from .protocol.goproxy.sumdb import InvalidSumDB
+from .protocol.goproxy.sumdb import InvalidSumDB, parse_gosumdb
 from .protocol.goproxy.sumdb import parse_flag as parse_sumdb_flag
 from .units import parse_duration, parse_size
 from .cache import ProtocolCache
 from .channel import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEPALIVE_TIMEOUT, Deadlines
 from .expiry import Expiry, ExpiryService, Policy
-from .index import IndexService, SQLiteIndex
+from .discover import (
+    FOUND_VARIABLE, GO_SETTINGS, choose_upstream, find_for_workers, first_proxy_url, go_env, npm_registry,
+)
+from .hash import Hash
+from .hot import HotSet, Invalidations
+from .index import IndexService, SQLiteIndex, prepare as prepare_index
+from .locks import KeyLocks, Leadership, run_directory
 from .protocol.goproxy.resource import PROTOCOL as GO
 from .protocol.goproxy.resource import SUMDB_PROTOCOL as GOSUMDB
 from .protocol.goproxy.resource import GoProxy, GoProxyResource
@@ -32,9 +38,9 @@ from .protocol.npm.resource import NpmRegistry, NpmResource
 from .protocol.npm.service import NpmService
 from . import logs
 from .logs import FORMATS, LEVELS
-from .lifecycle import ExitCleanlyOnSIGTERM, NotifyReady, SequentialServices, StoreService
+from .lifecycle import Every, ExitCleanlyOnSIGTERM, NotifyReady, SequentialServices, StoreService
 from .compress import DEFAULT_LEVEL
-from .pool import DEFAULT_THREADS, DiskPool
+from .pool import DEFAULT_THREADS, DiskPool, SynchronousRunner
 from .scrub import Scrub, ScrubService
 from .server import CacheSite, Root
 from .space import DEFAULT_MIN_FREE, DiskSpace, MinFree
@@ -42,9 +48,24 @@ from .backend import StorageUnavailable
 from .storage import StorageConfig
 from .tracing import TracingService
 from .upstream import NegativeCache, Timeouts
+from .workers import AdoptedPort, NotifySupervisor, Supervisor, worker_slot
 
 ENVIRONMENT_PREFIX = "CONTENTCACHE_"
 MAX_DISK_THREADS = 256
+MAX_WORKERS = 64
+#: The most workers started when --workers is not given.
+DEFAULT_MAX_WORKERS = 8
+
+
+def default_workers() -> int:
+    """
+    The CPUs this process may run on, at most L{DEFAULT_MAX_WORKERS}.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, DEFAULT_MAX_WORKERS))
 
 
 def environment_name(option: str) -> str:
@@ -102,7 +123,11 @@ class Options(usage.Options):
          "(at least 5MiB)."],
         ["compression-level", None, str(DEFAULT_LEVEL), "zstd level for blobs that compress "
          "(JSON metadata, go.mod); 0 stores everything as it came."],
-        ["disk-threads", None, str(DEFAULT_THREADS), "Threads for disk and index work."],
+        ["disk-threads", None, str(DEFAULT_THREADS), "Threads for disk and index work (in each worker)."],
+        ["workers", None, None, "Worker processes serving the port (default: the CPUs this process may "
+         "run on, at most 8; 1: one process)."],
+        ["memory-cache", None, "256MiB", "Keep index entries and small blobs (metadata, small tarballs) "
+         "in memory, this much for the whole daemon, shared out among the workers; 0: off."],
         ["go-upstream", None, None, "The Go module proxy to fetch from (default: the first "
          "URL in `go env GOPROXY`; none: cache-only)."],
         ["go-nosumdb", None, None, "Comma-separated module path patterns never looked up in "
@@ -204,6 +229,8 @@ class Options(usage.Options):
             given.add(name)
         #: The options set on the command line or in the environment.
         self.explicit = given
+        #: As given, for the workers (which see the same environment).
+        self.argv = argv
         for flag in (str(f[0]) for f in self.optFlags):
             value = self._environ.get(environment_name(flag), "")
             if flag not in given and value.lower() in ("1", "true", "yes", "on"):
@@ -213,11 +240,24 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         self["port"] = normalise_port(str(self["port"]))
         try:
-            serverFromString(_global_reactor, self["port"])
-        except (ValueError, KeyError, TypeError) as e:
+            if worker_slot() is None:  # a worker is given the supervisor's socket
+                serverFromString(_global_reactor, self["port"])
+        except (ValueError, KeyError, TypeError, IndexError) as e:
             raise usage.UsageError(
                 f"--port {self['port']!r} is not an endpoint this daemon can listen on ({e})."
             )
+
+        workers = self["workers"]
+        if workers is None:
+            self["workers"] = default_workers()
+        elif not str(workers).isdigit() or not 1 <= int(str(workers)) <= MAX_WORKERS:
+            raise usage.UsageError(f"--workers must be a whole number from 1 to {MAX_WORKERS}, not {workers!r}.")
+        else:
+            self["workers"] = int(str(workers))
+        try:
+            self["memory-cache"] = parse_size(str(self["memory-cache"]))
+        except ValueError as e:
+            raise usage.UsageError(f"--memory-cache: {e}.") from None
 
         threads = str(self["disk-threads"])
         if not threads.isdigit() or not 1 <= int(threads) <= MAX_DISK_THREADS:
@@ -309,19 +349,80 @@ def listening_port(description: str) -> int | None:
 
 def makeService(options: Options) -> IService:
     """
-    Wire the daemon: the disk pool first (stopped last), then the index and
-    the store, and the listening port last, so that a failed bind stops
-    startup and no request arrives before what serves it is ready; then
-    the note to systemd that it is.
+    The daemon: with more than one worker, the supervisor that starts them
+    (each worker builds the daemon itself); else the daemon in this process.
+    """
+    if options["workers"] > 1 and worker_slot() is None:
+        return _supervisor(options)
+    return _daemon(options)
+
+
+def _supervisor(options: Options) -> IService:
+    """
+    Check what every worker will open, bind the port, and start the workers.
     """
     reactor = _global_reactor
     storage: StorageConfig = options["storage"]
+    top = SequentialServices()
+    Preflight(options).setServiceParent(top)
+    supervisor = Supervisor(reactor, options["port"], options["workers"], options.argv,
+                            run_directory(storage.state_dir), {FOUND_VARIABLE: find_for_workers})
+    supervisor.setServiceParent(top)
+    ExitCleanlyOnSIGTERM(reactor).setServiceParent(top)
+    NotifyReady(reactor, supervisor.when_ready).setServiceParent(top)
+    return top
+
+
+class Preflight(Service):
+    """
+    Before the supervisor binds the port and starts workers: what every
+    worker would refuse to start with stops the daemon in one sentence
+    here, once (an index it cannot open, migrated once; a storage it
+    cannot use; an upstream that is the daemon itself).
+    """
+
+    def __init__(self, options: Options) -> None:
+        self._options = options
+
+    def privilegedStartService(self) -> None:
+        options = self._options
+        storage: StorageConfig = options["storage"]
+        prepare_index(storage.state_dir)
+        try:
+            storage.store(SynchronousRunner(), 1).backend.check()
+        except StorageUnavailable as e:
+            raise SystemExit(str(e)) from None
+        port = listening_port(options["port"])
+        find_for_workers()  # asked once: what follows and the workers reuse it
+        settings = go_env(*GO_SETTINGS) or {}
+        choose_upstream(options["go-upstream"], lambda: first_proxy_url(settings.get("GOPROXY", "")),
+                        port, "/goproxy", "go env GOPROXY", "--go-upstream", quiet=True)
+        choose_upstream(options["npm-upstream"], npm_registry, port, "/npm", "npm config get registry",
+                        "--npm-upstream", quiet=True)
+        if options["go-sumdb"] is None:
+            try:
+                parse_gosumdb(settings.get("GOSUMDB", ""))
+            except InvalidSumDB as e:
+                raise SystemExit(f"{e}; pass --go-sumdb NAME=URL or --go-sumdb off.") from None
+        super().privilegedStartService()
+
+
+def _daemon(options: Options) -> IService:
+    """
+    Wire the daemon: the disk pool first (stopped last), then the index and
+    the store, and the listening port last, so that a failed bind stops
+    startup and no request arrives before what serves it is ready; then
+    the note to systemd (or to the supervisor of workers) that it is.
+    """
+    reactor = _global_reactor
+    storage: StorageConfig = options["storage"]
+    slot = worker_slot()
+    run = run_directory(storage.state_dir)
     top = SequentialServices()
 
     TracingService().setServiceParent(top)
     disk = DiskPool(reactor, options["disk-threads"])
     disk.setServiceParent(top)
-    metrics.disk_queue.set_function(lambda: disk.pending)
 
     # One view of the disk's room, shared by what writes to it. With S3,
     # evicting frees nothing on the local disk: --min-free would empty the
@@ -335,29 +436,56 @@ def makeService(options: Options) -> IService:
         store = storage.store(disk, options["disk-threads"], space)
     except StorageUnavailable as e:
         raise SystemExit(str(e)) from None
-    # Damage found in a blob: every entry that points at it goes with it.
-    store.damaged = index.forget_entries
-    StoreService(store).setServiceParent(top)
+    StoreService(store, sweep=slot in (None, 0)).setServiceParent(top)
 
+    # The hot set: the daemon's --memory-cache, shared out among workers.
+    hot = HotSet(options["memory-cache"] // options["workers"] if slot is not None else options["memory-cache"])
+    invalidations = Invalidations(hot, index, reactor, prune=False)
+    invalidations.setServiceParent(top)
+    locks = KeyLocks(run, disk, reactor)
+
+    async def damaged(h: Hash) -> None:
+        # Damage found in a blob: every entry that points at it goes with it.
+        hot.drop_blob(h)
+        await index.forget_entries(h)
+
+    store.damaged = damaged
+
+    def gauges() -> None:
+        metrics.disk_queue.set(disk.pending)
+        metrics.hot_bytes.set(hot.size)
+        metrics.hot_entries.set(len(hot))
+        metrics.storage_full.set(1 if space.full else 0)
+
+    if metrics.MULTIPROCESS_DIRECTORY is not None:
+        # Each worker's own figures, in its file, for whichever answers.
+        Every(reactor, 1.0, gauges).setServiceParent(top)
+
+    # Expiry and the scrub run in one process of those sharing the run
+    # directory (one worker; one daemon beside a second by mistake).
+    leadership = Leadership(run, disk, reactor, on_change=lambda leading: setattr(invalidations, "prune", leading))
     policy = Policy(
         ttl=options["ttl"] or None, max_size=options["max-size"], grace=options["grace"],
         min_free=min_free,
     )
     expiry = ExpiryService(Expiry(index, store, reactor, policy), reactor, options["expiry-interval"])
-    expiry.setServiceParent(top)
-    space.when_short(expiry.make_room)
+    expiry.setServiceParent(leadership)
+    leadership.when_short(expiry.make_room)
+    space.when_short(leadership.short)
     if options["scrub-interval"] > 0:
         scrub = Scrub(store, index, reactor, disk, storage.state_dir, options["scrub-interval"])
-        ScrubService(scrub, reactor).setServiceParent(top)
+        ScrubService(scrub, reactor).setServiceParent(leadership)
+    leadership.setServiceParent(top)
 
-    ExitCleanlyOnSIGTERM(reactor).setServiceParent(top)
+    if slot is None:
+        ExitCleanlyOnSIGTERM(reactor).setServiceParent(top)
 
     timeouts = Timeouts(options["connect-timeout"], options["upstream-timeout"], options["idle-timeout"])
     negative_ttl = options["negative-ttl"]
     goproxy = GoProxy(
         store,
-        ProtocolCache(GO, index, store, reactor, NegativeCache(reactor, negative_ttl)),
-        ProtocolCache(GOSUMDB, index, store, reactor, NegativeCache(reactor, negative_ttl)),
+        ProtocolCache(GO, index, store, reactor, NegativeCache(reactor, negative_ttl), hot, locks),
+        ProtocolCache(GOSUMDB, index, store, reactor, NegativeCache(reactor, negative_ttl), hot, locks),
         disk,
         reactor,
         upstream=None,
@@ -371,7 +499,7 @@ def makeService(options: Options) -> IService:
 
     npm = NpmRegistry(
         store,
-        ProtocolCache(NPM, index, store, reactor, NegativeCache(reactor, negative_ttl)),
+        ProtocolCache(NPM, index, store, reactor, NegativeCache(reactor, negative_ttl), hot, locks),
         disk,
         reactor,
         upstream=None,
@@ -386,11 +514,15 @@ def makeService(options: Options) -> IService:
         body=options["idle-timeout"], send=options["idle-timeout"],
     )
     site = CacheSite(
-        Root(store, index, {b"goproxy": GoProxyResource(goproxy), b"npm": NpmResource(npm)}),
+        Root(store, index, {b"goproxy": GoProxyResource(goproxy), b"npm": NpmResource(npm)}, disk, gauges),
         deadlines,
         reactor=reactor,
     )
     site.count_requests = not options["no-metrics"]
-    strports.service(options["port"], site).setServiceParent(top)
-    NotifyReady(reactor).setServiceParent(top)
+    if slot is None:
+        strports.service(options["port"], site).setServiceParent(top)
+        NotifyReady(reactor).setServiceParent(top)
+    else:
+        AdoptedPort(reactor, site).setServiceParent(top)
+        NotifySupervisor(reactor).setServiceParent(top)
     return top

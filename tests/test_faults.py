@@ -286,7 +286,7 @@ def test_hostile_requests_never_get_a_5xx_or_a_traceback(
     storage = os.path.join(place, "storage")
     assert os.listdir(os.path.join(storage, "tmp")) == [], "nothing left behind by requests cut short"
     assert set(os.listdir(storage)) <= {"blobs", "tmp", "index.sqlite", "index.sqlite-wal", "index.sqlite-shm",
-                                        "scrub.position"}
+                                        "scrub.position", "run"}
     for directory, _, files in os.walk(os.path.join(storage, "blobs")):
         for name in files:
             assert re.fullmatch(r"[0-9a-f]{64}(\.zst)?", name), name

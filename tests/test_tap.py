@@ -92,7 +92,7 @@ def test_bad_environment_value_names_the_option() -> None:
 
 def test_make_service_wires_without_io(tmp_path: object) -> None:
     storage = os.path.join(str(tmp_path), "not-yet")
-    service = makeService(parse(["--storage", storage, "--port", "tcp:0"]))
+    service = makeService(parse(["--storage", storage, "--port", "tcp:0", "--workers", "1"]))
     assert IServiceCollection.providedBy(service)
     names = [type(s).__name__ for s in service]
     # Tracing flushes last, after the disk pool, which stops after all
@@ -101,6 +101,25 @@ def test_make_service_wires_without_io(tmp_path: object) -> None:
     assert names[:2] == ["TracingService", "DiskPool"]
     assert names[-2:] == ["StreamServerEndpointService", "NotifyReady"]
     assert not os.path.exists(storage)  # nothing touched before start
+
+
+def test_workers_are_started_by_a_supervisor(tmp_path: object) -> None:
+    storage = os.path.join(str(tmp_path), "not-yet")
+    options = parse(["--storage", storage, "--port", "tcp:0", "--workers", "3"])
+    service = makeService(options)
+    # What the workers would fail on is checked before the port is bound;
+    # the port is bound once; systemd hears of it once they all listen.
+    assert [type(s).__name__ for s in service] == ["Preflight", "Supervisor", "ExitCleanlyOnSIGTERM", "NotifyReady"]
+    assert [s for s in service if type(s).__name__ == "Supervisor"][0].count == 3  # type: ignore[attr-defined]
+    assert not os.path.exists(storage)  # nothing touched before start
+
+
+@pytest.mark.parametrize("given, expected", [([], min(len(os.sched_getaffinity(0)), 8)), (["--workers", "1"], 1)])
+def test_workers_default_to_the_cpus(given: list[str], expected: int) -> None:
+    assert parse(given)["workers"] == expected
+    for bad in ("0", "-1", "many", "65"):
+        with pytest.raises(UsageError, match="--workers must be a whole number"):
+            parse(["--workers", bad])
 
 
 def test_flags_from_environment() -> None:
@@ -117,7 +136,7 @@ def test_flags_from_environment() -> None:
 def test_min_free_evicts_only_where_evicting_frees_room(tmp_path: object, storage: str, evicts: bool) -> None:
     # With S3 the spool directory's room is watched (507 when it is full),
     # but evicting S3 objects would free none of it: the default is off.
-    argv = ["--storage", storage.format(tmp=tmp_path), "--port", "tcp:0"]
+    argv = ["--storage", storage.format(tmp=tmp_path), "--port", "tcp:0", "--workers", "1"]
     if storage.startswith("s3://"):
         argv += ["--state-dir", str(tmp_path), "--s3-endpoint", "http://127.0.0.1:9"]
         for explicit in (["--min-free", "10%"], ["--min-free", "5%"]):
@@ -127,7 +146,8 @@ def test_min_free_evicts_only_where_evicting_frees_room(tmp_path: object, storag
             parse(argv, {"CONTENTCACHE_MIN_FREE": "5%"})
         parse([*argv, "--min-free", "0"])
     service = makeService(parse(argv))
-    [expiry] = [s for s in service if type(s).__name__ == "ExpiryService"]
+    [leadership] = [s for s in service if type(s).__name__ == "Leadership"]
+    [expiry] = [s for s in leadership if type(s).__name__ == "ExpiryService"]  # type: ignore[attr-defined]
     assert expiry.expiry.policy.min_free.enabled is evicts  # type: ignore[attr-defined]
     assert expiry.expiry.store.space.min_free.enabled is evicts  # type: ignore[attr-defined]
 

@@ -46,6 +46,7 @@ def in_process(tmp_path: Any) -> tuple[Any, UpstreamFixture, int]:
     options.parseOptions([
         "--port", f"tcp:{port}:interface=127.0.0.1", "--storage", str(tmp_path / "storage"),
         "--go-upstream", upstream.url, "--go-sumdb", "off", "--npm-upstream", "http://127.0.0.1:9",
+        "--workers", "1",  # this process's own spans
     ])
     service = makeService(options)
     service.startService()

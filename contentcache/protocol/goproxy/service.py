@@ -11,7 +11,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
-from ...discover import choose_upstream, first_proxy_url, go_env
+from ...discover import GO_SETTINGS, choose_upstream, first_proxy_url, go_env
 from ...upstream import Timeouts, Upstream
 from .resource import GoProxy
 from .sumdb import InvalidSumDB, SumDB, parse_gosumdb
@@ -52,7 +52,7 @@ class GoProxyService(Service):
     def _settings(self) -> dict[str, str]:
         if self._upstream is not None and self._sumdbs is not None and self._nosumdb is not None:
             return {}
-        return go_env("GOPROXY", "GOSUMDB", "GONOSUMDB", "GOPRIVATE") or {}
+        return go_env(*GO_SETTINGS) or {}
 
     def startService(self) -> None:
         settings = self._settings()
