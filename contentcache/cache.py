@@ -289,6 +289,7 @@ class ProtocolCache:
                 # Another process may have revalidated it while we waited.
                 current = await self.index.get(self.protocol, key)
                 if current is not None and self.fresh(current, ttl):
+                    self.hot.drop([(self.protocol, key)])  # the stale copy it held
                     return Served(current, HIT)
                 entry = current if current is not None else entry
             return await self._revalidate(key, entry, revalidate)

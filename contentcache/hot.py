@@ -31,7 +31,7 @@ DEFAULT_SIZE = 256 << 20
 MAX_ITEM = 4 << 20
 #: A held entry's own weight besides its blob's bytes: the Entry, its
 #: attributes and the keys that find it, as this interpreter lays them out.
-ENTRY_OVERHEAD = 600
+ENTRY_OVERHEAD = 1100
 #: How often L{Invalidations} looks for changes other processes made.
 POLL_INTERVAL = 1.0
 
@@ -117,7 +117,7 @@ class HotSet:
             if held is not None:
                 self.size -= held[1]
             self._dropped[key] = self.generation
-        if len(self._dropped) > 100_000:
+        if len(self._dropped) > 10_000:
             # Forget which: refuse every lookup begun before now instead.
             self._dropped.clear()
             self._cleared = self.generation
@@ -152,6 +152,7 @@ class Invalidations(Service):
         self._loop.clock = clock
         self._pruned_at = float("-inf")
         self._failing = False
+        self._polling: Deferred[None] | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -169,9 +170,13 @@ class Invalidations(Service):
             self._failing = True
             return
         self._failing = False
-        if self._position is not None:
+        if self._position is None:
+            # What was held before this process knew where the log stood
+            # may have changed unseen.
+            self.hot.clear()
+        else:
             if changes.keys is None:
-                log.info("dropping the in-memory hot set: too many changes to the index to go through")
+                log.info("dropping the in-memory hot set: changes to the index it could not go through")
                 self.hot.clear()
             elif changes.keys:
                 self.hot.drop(changes.keys)
@@ -186,9 +191,12 @@ class Invalidations(Service):
                 log.debug("pruning the index's changes failed: {error}", error=e)
 
     def _poll(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._poll_async())
+        self._polling = Deferred.fromCoroutine(self._poll_async())
+        return self._polling
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None] | None:
         super().stopService()
         if self._loop.running:
             self._loop.stop()
+        # The index closes after this: let the last look finish first.
+        return self._polling if self._polling is not None and not self._polling.called else None

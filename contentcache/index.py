@@ -338,29 +338,32 @@ class Database:
         """
         with self._lock:
             if position is None:
-                (last,) = self._db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()
-                return Changes([], last)
+                # The sequence, not the rows: they may all be pruned.
+                row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+                return Changes([], row[0] if row else 0)
             rows = self._db.execute(
                 "SELECT seq, protocol, key FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
                 (position, CHANGES_LIMIT + 1),
             ).fetchall()
             if not rows:
                 return Changes([], position)
-            if len(rows) > CHANGES_LIMIT or (
-                rows[0][0] > position + 1
-                and self._db.execute("SELECT 1 FROM changes WHERE seq <= ? LIMIT 1", (position,)).fetchone() is None
-            ):
+            if len(rows) > CHANGES_LIMIT or rows[0][0] > position + 1:
                 # Too many to go through, or pruned before this process saw
-                # them (the first row is not the next one, and nothing at or
-                # before the position is left to say the gap is just rows
-                # that were rolled back).
+                # them (AUTOINCREMENT leaves no gap of its own: a rolled
+                # back insert gives its number back).
                 (last,) = self._db.execute("SELECT max(seq) FROM changes").fetchone()
                 return Changes(None, last)
         return Changes([(protocol, key) for _, protocol, key in rows], rows[-1][0])
 
     def prune_changes(self, before: float) -> int:
+        """
+        Forget the changes made before C{before}, oldest first by number
+        (a clock set back cannot open a gap in the middle).
+        """
         with self._transaction() as db:
-            return db.execute("DELETE FROM changes WHERE at < ?", (before,)).rowcount
+            return db.execute(
+                "DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes WHERE at < ?)", (before,)
+            ).rowcount
 
     @contextmanager
     def _transaction(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:

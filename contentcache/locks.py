@@ -47,6 +47,8 @@ FIRST_WAIT = 0.005
 LONGEST_WAIT = 0.1
 #: How often a process that does not lead tries to become the leader.
 LEADER_RETRY = 1.0
+#: How often the leader looks for word that another process is short of room.
+ASK_INTERVAL = 0.25
 
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 
@@ -188,7 +190,7 @@ class Leadership(MultiService):
             self._on_change(True)
         for service in self:
             service.startService()
-        self._asked.start(LEADER_RETRY, now=False)
+        self._asked.start(ASK_INTERVAL, now=False)
 
     def when_short(self, make_room: Callable[[], object]) -> None:
         """
@@ -199,7 +201,7 @@ class Leadership(MultiService):
     def short(self) -> None:
         """
         This process found the disk short of room: make room here if it
-        leads, else leave word for the leader (who looks every second).
+        leads, else leave word for the leader (who looks four times a second).
         """
         if self.leading:
             if self._room is not None:
@@ -208,7 +210,12 @@ class Leadership(MultiService):
             self._disk.run(_touch, self._wanted).addErrback(lambda f: None)
 
     async def _look_for_asks_async(self) -> None:
-        if await self._disk.run(_take_file, self._wanted) and self._room is not None:
+        try:
+            asked = await self._disk.run(_take_file, self._wanted)
+        except OSError as e:
+            log.warn("cannot read {path}: {error}", path=self._wanted, error=e)
+            return
+        if asked and self._room is not None:
             self._room()
 
     def _look_for_asks(self) -> Deferred[None]:
@@ -218,7 +225,11 @@ class Leadership(MultiService):
         return Deferred.fromCoroutine(self._try_again_async())
 
     async def _try_again_async(self) -> None:
-        fd = await self._disk.run(_try, self.path, 0)
+        try:
+            fd = await self._disk.run(_try, self.path, 0)
+        except OSError as e:
+            log.warn("cannot take the leader lock {path}: {error}", path=self.path, error=e)
+            return
         if fd is None or not self.running:
             if fd is not None:
                 os.close(fd)

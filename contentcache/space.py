@@ -135,6 +135,11 @@ class DiskSpace:
     _warned_at: float = float("-inf")
     _roomy_at: float = float("-inf")
     _listeners: list[Callable[[], object]] = field(factory=list)
+    #: A directory where the processes sharing this storage (workers) tell
+    #: each other that it is full, or has room again: the last mark wins.
+    shared: str | None = None
+    #: Runs the blocking marks from the reactor thread (the disk pool).
+    runner: Any = None
 
     def when_short(self, listener: Callable[[], object]) -> None:
         """
@@ -153,6 +158,8 @@ class DiskSpace:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         self.full = True
         self.reason = reason
+        if self.shared is not None and not isInIOThread():
+            self._mark(FULL_MARK)
         if self._reactor is not None and not isInIOThread():
             self._reactor.callFromThread(self._announce)
         else:
@@ -184,6 +191,8 @@ class DiskSpace:
         """
         if self.full:
             self.full = False
+            if self.shared is not None and self.runner is not None:
+                self.runner.run(self._mark, ROOM_MARK).addErrback(lambda f: None)
             now = self._clock()
             if now - self._roomy_at >= WARN_INTERVAL:
                 self._roomy_at = now
@@ -191,12 +200,55 @@ class DiskSpace:
         if self.room is not None and self.min_free.enabled and self.room.free < self.min_free.bytes_of(self.room.total):
             self._short()
 
+    def _mark(self, name: str) -> None:
+        """
+        Say so to the other processes (blocks): the mark's time is now. An
+        existing file's times change without a byte of room.
+        """
+        assert self.shared is not None
+        path = os.path.join(self.shared, name)
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            try:
+                os.makedirs(self.shared, exist_ok=True)
+                open(path, "a").close()
+            except OSError:
+                pass
+        except OSError:
+            pass
+
+    def prepare_marks(self) -> None:
+        """
+        Create the marks while there is room (blocks), the room mark last.
+        """
+        if self.shared is not None:
+            self._mark(FULL_MARK)
+            self._mark(ROOM_MARK)
+
+    def full_elsewhere(self) -> bool:
+        """
+        Whether another process sharing the storage found it full last (blocks).
+        """
+        if self.shared is None:
+            return False
+        try:
+            full = os.stat(os.path.join(self.shared, FULL_MARK)).st_mtime_ns
+            room = os.stat(os.path.join(self.shared, ROOM_MARK)).st_mtime_ns
+        except OSError:
+            return False
+        return full > room
+
     def measure(self) -> Room:
         """
         Look at the filesystem now (blocks: on the disk pool).
         """
         self.room = measure(self.path)
         return self.room
+
+
+FULL_MARK = "storage-full"
+ROOM_MARK = "storage-room"
 
 
 def guarded(space: DiskSpace, f: Callable[..., Any], *args: object) -> Any:

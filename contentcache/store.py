@@ -292,6 +292,8 @@ class Store:
         await self.backend.stat(BLOB_PREFIX)
         if self.space.full:
             raise StorageFull(f"the storage is full ({self.space.reason})")
+        if await self._disk.run(self.space.full_elsewhere):
+            raise StorageFull("the storage is full (as another worker found)")
 
     def _run_writing(self, f: Callable[..., T], *args: object) -> Deferred[T]:
         """
@@ -522,7 +524,7 @@ class Store:
         reads it, and deals with what it finds.
         """
         read = getattr(self.backend, "read_blocking", None)
-        if read is None or blob.size > limit or (blob.encoding != IDENTITY and blob.size > MAX_DECODED_READ):
+        if read is None or blob.size > limit:
             return None
         try:
             if blob.encoding == IDENTITY:

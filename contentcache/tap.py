@@ -242,7 +242,7 @@ class Options(usage.Options):
         try:
             if worker_slot() is None:  # a worker is given the supervisor's socket
                 serverFromString(_global_reactor, self["port"])
-        except (ValueError, KeyError, TypeError, IndexError) as e:
+        except Exception as e:  # any endpoint it cannot make: refused, in a sentence
             raise usage.UsageError(
                 f"--port {self['port']!r} is not an endpoint this daemon can listen on ({e})."
             )
@@ -254,6 +254,13 @@ class Options(usage.Options):
             raise usage.UsageError(f"--workers must be a whole number from 1 to {MAX_WORKERS}, not {workers!r}.")
         else:
             self["workers"] = int(str(workers))
+        if self["workers"] > 1 and not re.match(r"(tcp6?|unix|systemd):", self["port"]):
+            # Workers accept on the bare socket: a TLS endpoint would lose
+            # its TLS there.
+            raise usage.UsageError(
+                f"--port {self['port']!r}: with more than one worker the port must be tcp:, tcp6:, unix: "
+                "or systemd: (put TLS in front of the daemon, or use --workers 1)."
+            )
         try:
             self["memory-cache"] = parse_size(str(self["memory-cache"]))
         except ValueError as e:
@@ -384,10 +391,19 @@ class Preflight(Service):
     def __init__(self, options: Options) -> None:
         self._options = options
 
-    def privilegedStartService(self) -> None:
+    def startService(self) -> None:
+        # Not privilegedStartService: with twistd --uid, what is created
+        # here belongs to the user the daemon runs as.
         options = self._options
         storage: StorageConfig = options["storage"]
         prepare_index(storage.state_dir)
+        run = run_directory(storage.state_dir)
+        try:
+            os.makedirs(run, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"Cannot create the run directory {run}: {e.strerror}.") from None
+        # A disk full in one worker is full for /health in every one.
+        DiskSpace(storage.staging, shared=run).prepare_marks()
         try:
             storage.store(SynchronousRunner(), 1).backend.check()
         except StorageUnavailable as e:
@@ -404,7 +420,7 @@ class Preflight(Service):
                 parse_gosumdb(settings.get("GOSUMDB", ""))
             except InvalidSumDB as e:
                 raise SystemExit(f"{e}; pass --go-sumdb NAME=URL or --go-sumdb off.") from None
-        super().privilegedStartService()
+        super().startService()
 
 
 def _daemon(options: Options) -> IService:
@@ -428,7 +444,7 @@ def _daemon(options: Options) -> IService:
     # evicting frees nothing on the local disk: --min-free would empty the
     # cache for nothing, and only the full state is kept.
     min_free = options["min-free"] if isinstance(storage.blobs, str) else MinFree()
-    space = DiskSpace(storage.staging, reactor, min_free)
+    space = DiskSpace(storage.staging, reactor, min_free, shared=run if slot is not None else None, runner=disk)
     index = SQLiteIndex(storage.state_dir, disk, reactor, space=space)
     IndexService(index, reactor).setServiceParent(top)
 

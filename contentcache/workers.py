@@ -46,6 +46,8 @@ log = Logger()
 
 #: The environment variable that makes a process a worker: its slot.
 SLOT_VARIABLE = "CONTENTCACHE_WORKER_SLOT"
+#: The supervisor's pid, for a worker to see it is still its parent.
+SUPERVISOR_VARIABLE = "CONTENTCACHE_SUPERVISOR_PID"
 LISTEN_FD = 3
 PARENT_FD = 4
 READY_FD = 5
@@ -93,23 +95,24 @@ class _LineWriter:
     newline waits for the rest of its line.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, write: Callable[[str], None] = logs.write_lines) -> None:
         self._partial = b""
+        self._write = write
 
     def feed(self, data: bytes) -> None:
         data = self._partial + data
         end = data.rfind(b"\n") + 1
         self._partial = data[end:]
         if end:
-            logs.write_lines(data[:end].decode("utf-8", "replace"))
+            self._write(data[:end].decode("utf-8", "replace"))
         if len(self._partial) > 1 << 20:
             # A line this long is not a log line: out it goes, cut.
-            logs.write_lines(self._partial.decode("utf-8", "replace") + "\n")
+            self._write(self._partial.decode("utf-8", "replace") + "\n")
             self._partial = b""
 
     def close(self) -> None:
         if self._partial:
-            logs.write_lines(self._partial.decode("utf-8", "replace") + "\n")
+            self._write(self._partial.decode("utf-8", "replace") + "\n")
             self._partial = b""
 
 
@@ -122,7 +125,13 @@ class _Worker(ProcessProtocol):
         self.pid: int | None = None
         self.ended: Deferred[None] = Deferred()
         self._out = _LineWriter()
-        self._err = _LineWriter()
+        # What a worker writes to stderr is not in the log's form (a
+        # traceback as it dies, say): each line becomes an event of ours.
+        self._err = _LineWriter(self._stderr)
+
+    def _stderr(self, text: str) -> None:
+        for line in text.splitlines():
+            log.error("worker {slot} (pid {pid}): {line}", slot=self.slot, pid=self.pid, line=line)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == 1:
@@ -166,7 +175,10 @@ class Supervisor(Service):
         self.count = count
         self._argv = list(argv)
         self._run = run_directory
-        self.metrics = os.path.join(run_directory, METRICS_DIRECTORY)
+        # Each supervisor's own: a second daemon on the same state
+        # directory keeps its figures apart.
+        self._metrics_root = os.path.join(run_directory, METRICS_DIRECTORY)
+        self.metrics = os.path.join(self._metrics_root, str(os.getpid()))
         self.port: IListeningPort | None = None
         self.workers: dict[int, _Worker] = {}
         self._delays: dict[int, float] = {}
@@ -194,8 +206,11 @@ class Supervisor(Service):
     def startService(self) -> None:
         super().startService()
         self._extra = {name: find() for name, find in self._find.items()}
-        shutil.rmtree(self.metrics, ignore_errors=True)
-        os.makedirs(self.metrics, exist_ok=True)
+        try:
+            _remove_dead(self._metrics_root)
+            os.makedirs(self.metrics, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"Cannot create {self.metrics}: {e.strerror}.") from None
         for slot in range(self.count):
             self._spawn(slot)
 
@@ -209,6 +224,7 @@ class Supervisor(Service):
         env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
         env.update(self._extra)
         env[SLOT_VARIABLE] = str(slot)
+        env[SUPERVISOR_VARIABLE] = str(os.getpid())
         env[METRICS_VARIABLE] = self.metrics
         return env
 
@@ -299,6 +315,15 @@ def _signal(worker: _Worker, signum: int) -> None:
             worker.transport.signalProcess(signum)
     except twisted_error.ProcessExitedAlready:
         pass
+
+
+def _remove_dead(root: str) -> None:
+    """
+    Remove the metrics of supervisors that are gone (a restart).
+    """
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        if name.isdigit() and not os.path.exists(f"/proc/{name}"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def _exit_failed() -> None:
@@ -395,8 +420,8 @@ def _ask_for_sigterm_on_parent_death() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass  # the pipe is watched anyway
-    if os.getppid() == 1:
-        os._exit(0)  # the parent died before the request was made
+    if os.environ.get(SUPERVISOR_VARIABLE, str(os.getppid())) != str(os.getppid()):
+        os._exit(0)  # the supervisor died before the request was made
 
 
 def main(argv: Sequence[str] | None = None) -> None:

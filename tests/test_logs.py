@@ -51,7 +51,8 @@ def test_every_line_is_json_with_the_request_fields(tmp_path: Any) -> None:
     for e in served:
         assert e["path"].startswith("/goproxy/") and e["bytes"] > 0 and e["duration"] >= 0
         assert e["level"] == "info"
-    miss, hit, failed = served
+    [miss] = [e for e in served if e["cache_result"] == "miss"]
+    [hit] = [e for e in served if e["cache_result"] == "hit"]
     assert 0 < miss["upstream_time"] <= miss["duration"]
     assert hit["upstream_time"] == 0
     assert any(e["level"] == "warn" and "upstream" in e["message"] for e in events)
