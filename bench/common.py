@@ -869,3 +869,14 @@ def build_module(root: str, payload_size: int) -> GoModule:
         with open(file, "rb") as f:
             bodies[ext] = f.read()
     return GoModule(files, bodies, payload_size)
+
+
+def write_file(root: str, path: str, content: bytes) -> None:
+    """
+    Write C{content} at the URL path C{path} under C{root} (an upstream
+    fixture's tree).
+    """
+    file = os.path.join(root, *path.lstrip("/").split("/"))
+    os.makedirs(os.path.dirname(file), exist_ok=True)
+    with open(file, "wb") as f:
+        f.write(content)

@@ -69,7 +69,7 @@ from attrs import evolve, frozen
 from common import (
     LOOPBACK, PROXY_PATHS, REPOSITORY, START_TIMEOUT, WARM_UP_SECONDS, BenchError, DaemonLog,
     GoModule, KiB, MiB, ServerLog, Wrk, WrkResult, add_dir_option, build_module, check_dir,
-    get, goproxy_options, make_parser, parse_wrk, run_with_wrk, stop,
+    get, goproxy_options, make_parser, parse_wrk, run_with_wrk, stop, write_file,
 )
 from contentcache.units import parse_size
 from goproxy import LogDrain
@@ -165,13 +165,6 @@ def build_go(root: str) -> GoModule:
 
 def tarball_path(name: str, version: str) -> str:
     return f"/{name}/-/{name}-{version}.tgz"
-
-
-def write_file(root: str, path: str, content: bytes) -> None:
-    file = os.path.join(root, *path.lstrip("/").split("/"))
-    os.makedirs(os.path.dirname(file), exist_ok=True)
-    with open(file, "wb") as f:
-        f.write(content)
 
 
 def tgz(name: str, version: str, size: int) -> bytes:

@@ -47,7 +47,7 @@ from attrs import frozen
 from common import (
     BenchError, DaemonLog, KiB, MiB, Row, Wrk, WrkResult, add_dir_option, add_duration_option,
     check_dir, check_duration, describe, get, human, make_parser, measure, run_with_wrk,
-    start_daemon, wrk_settings,
+    start_daemon, wrk_settings, write_file,
 )
 from tests.upstream import UpstreamFixture
 
@@ -316,13 +316,6 @@ def small_tarball(version: str) -> bytes:
             info.mtime = int(FIRST_PUBLISHED.timestamp())
             archive.addfile(info, io.BytesIO(content))
     return out.getvalue()
-
-
-def write_file(root: str, path: str, content: bytes) -> None:
-    file = os.path.join(root, *path.lstrip("/").split("/"))
-    os.makedirs(os.path.dirname(file), exist_ok=True)
-    with open(file, "wb") as f:
-        f.write(content)
 
 
 def rendered(body: bytes, upstream: str, daemon: str) -> bytes:

@@ -20,24 +20,12 @@ from prometheus_client.mmap_dict import MmapedDict
 from contentcache.protocol.goproxy.paths import escape
 
 from .daemon import Daemon, concurrent_gets
-from .gomodules import GREET, build_tree, modules
-from .test_goproxy import request
+from .gomodules import GREET
+from .test_goproxy import request, tree, upstream  # noqa: F401  # the same fixtures
 from .upstream import UpstreamFixture
 
 ZIP = f"/{GREET}/@v/v1.2.0.zip"
 INFO = f"/{GREET}/@v/v1.2.0.info"
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return build_tree(str(tmp_path_factory.mktemp("proxy")), modules())
-
-
-@pytest.fixture
-def upstream(tree: str) -> Iterator[UpstreamFixture]:
-    fixture = UpstreamFixture(tree)
-    yield fixture
-    fixture.stop()
 
 
 @pytest.fixture
