@@ -136,7 +136,7 @@ _output: _Output | None = None
 ACCESS_NAMESPACE = "contentcache.access"
 ACCESS_FORMAT = "{method} {path} {status} {cache_result} {bytes} {duration:.4f} {upstream_time:.4f}{end}"
 #: How often the access log's lines are written, at the most.
-ACCESS_FLUSH_INTERVAL = 1.0
+ACCESS_FLUSH_INTERVAL = 0.25
 _access = Logger(namespace=ACCESS_NAMESPACE)
 _INFO_AND_BELOW = frozenset({LogLevel.debug, LogLevel.info})
 

@@ -107,7 +107,7 @@ storage_free_bytes = Gauge(
 )
 storage_full = Gauge(
     "contentcache_storage_full", "1 from a write that found the storage full until one succeeds again "
-    "(in any worker).", registry=REGISTRY, multiprocess_mode="livemax",
+    "(in any worker).", registry=REGISTRY, multiprocess_mode="mostrecent",
 )
 scrub_bytes = Counter(
     "contentcache_scrub_bytes", "Stored bytes the background scrub has read and checked.", registry=REGISTRY,

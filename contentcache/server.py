@@ -91,7 +91,10 @@ class Metrics(AsyncResource):
             self._stats_at = time.monotonic()
         room = await self._store.room()
         metrics.storage_free_bytes.set(room.free)
-        metrics.storage_full.set(1 if self._store.space.full else 0)
+        # The storage's state as every worker sees it (the last to write
+        # says whether it is full): set by whichever answers.
+        full = self._store.space.full or await Deferred.fromCoroutine(self._full_elsewhere())
+        metrics.storage_full.set(1 if full else 0)
         if self._gauges is not None:
             self._gauges()
         if metrics.MULTIPROCESS_DIRECTORY is not None and self._disk is not None:
@@ -103,6 +106,12 @@ class Metrics(AsyncResource):
         request.setHeader(b"content-length", b"%d" % len(body))
         request.write(body)
         request.finish()
+
+
+    async def _full_elsewhere(self) -> bool:
+        if self._disk is None:
+            return False
+        return bool(await self._disk.run(self._store.space.full_elsewhere))
 
 
 class CacheSite(Site):

@@ -471,7 +471,6 @@ def _daemon(options: Options) -> IService:
         metrics.disk_queue.set(disk.pending)
         metrics.hot_bytes.set(hot.size)
         metrics.hot_entries.set(len(hot))
-        metrics.storage_full.set(1 if space.full else 0)
 
     if metrics.MULTIPROCESS_DIRECTORY is not None:
         # Each worker's own figures, in its file, for whichever answers.

@@ -90,7 +90,7 @@ class Daemon:
         """
         Everything the daemon has written so far.
         """
-        time.sleep(0.2)  # let the last lines arrive
+        time.sleep(0.5)  # let the last lines arrive (workers write theirs 4 times a second)
         return self.output.decode(errors="replace")
 
     def wait_for(self, pattern: re.Pattern[bytes], timeout: float = 30) -> re.Match[bytes]:

@@ -220,7 +220,7 @@ def test_unreachable_default_sumdb_stores_unverified_and_warns_once(
         closed = s.getsockname()[1]
     # No --go-sumdb: the default comes from go env GOSUMDB.
     daemon = start(
-        storage, "--go-upstream", upstream.url,
+        storage, "--go-upstream", upstream.url, "--workers", "1",  # the warning is once per process
         env={"GOSUMDB": f"unreachable.test+00000000+AAAA http://127.0.0.1:{closed}"},
     )
     daemons.append(daemon)
@@ -340,7 +340,8 @@ def test_hostile_paths_are_404(
 def test_upstream_404_is_404_and_remembered(
     storage: str, upstream: UpstreamFixture, daemons: list[Daemon]
 ) -> None:
-    daemon = start(storage, "--go-upstream", upstream.url, "--go-sumdb", "off")
+    # A 404 is remembered by the process that saw it: one worker here.
+    daemon = start(storage, "--go-upstream", upstream.url, "--go-sumdb", "off", "--workers", "1")
     daemons.append(daemon)
     for _ in range(3):
         status, _, body = request(daemon.url, "/goproxy/example.com/@v/list")
