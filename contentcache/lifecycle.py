@@ -52,17 +52,22 @@ class StoreService(Service):
     """
 
 
-    def __init__(self, store: Store, sweep: bool = True) -> None:
+    def __init__(self, store: Store, sweep: bool = True, check: bool = True) -> None:
         self.store = store
         #: Whether this process sweeps (with workers, one of them does).
         self.sweep = sweep
+        #: Whether a storage out of reach stops startup. A worker does not
+        #: check: the supervisor did, once, and a worker started to replace
+        #: one that died must serve what it can while the bucket is away.
+        self.check = check
         self.swept: Deferred[None] | None = None
 
     def startService(self) -> None:
         # Before the reactor runs: a bucket that is missing or refuses the
         # credentials stops the daemon with one sentence.
         try:
-            self.store.backend.check()
+            if self.check:
+                self.store.backend.check()
             os.makedirs(self.store.staging, exist_ok=True)
         except StorageUnavailable as e:
             raise SystemExit(str(e)) from None

@@ -452,7 +452,7 @@ def _daemon(options: Options) -> IService:
         store = storage.store(disk, options["disk-threads"], space)
     except StorageUnavailable as e:
         raise SystemExit(str(e)) from None
-    StoreService(store, sweep=slot in (None, 0)).setServiceParent(top)
+    StoreService(store, sweep=slot in (None, 0), check=slot is None).setServiceParent(top)
 
     # The hot set: the daemon's --memory-cache, shared out among workers.
     hot = HotSet(options["memory-cache"] // options["workers"] if slot is not None else options["memory-cache"])

@@ -17,8 +17,26 @@ from typing import Any, Callable, Sequence
 
 from attrs import define
 
+from contentcache.tap import default_workers
+
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 _LISTENING = re.compile(rb"Site starting on (\d+)")
+# With workers, the supervisor's line once every one of them accepts.
+_WORKERS_LISTENING = re.compile(rb"\d+ workers serving on port (\d+)")
+
+
+def worker_count(extra: Sequence[str], env: dict[str, str]) -> int:
+    """
+    How many workers the daemon started with C{extra} and C{env} runs.
+    """
+    for i, arg in enumerate(extra):
+        if arg == "--workers" and i + 1 < len(extra):
+            return int(extra[i + 1])
+        if arg.startswith("--workers="):
+            return int(arg.split("=", 1)[1])
+    if "CONTENTCACHE_WORKERS" in env:
+        return int(env["CONTENTCACHE_WORKERS"])
+    return default_workers()
 
 
 class Daemon:
@@ -57,9 +75,14 @@ class Daemon:
         self._reader = threading.Thread(target=self._collect, daemon=True)
         self._reader.start()
         try:
-            self.port = port if port else int(self.wait_for(_LISTENING)[1])
-            if port:
-                self._wait_for_connection(port)
+            if worker_count(extra, {**os.environ, **(env or {})}) > 1:
+                # The supervisor holds the port from the start: a connection
+                # is accepted there before any worker serves it.
+                self.port = int(self.wait_for(_WORKERS_LISTENING)[1])
+            else:
+                self.port = port if port else int(self.wait_for(_LISTENING)[1])
+                if port:
+                    self._wait_for_connection(port)
         except BaseException:
             self.stop()
             raise

@@ -10,6 +10,7 @@ import http.client
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -33,6 +34,7 @@ from .conftest import files_under, resolve
 from .daemon import Daemon
 from .gomodules import GREET, build_tree, modules
 from .test_goproxy import request
+from .test_workers import children, wait_for_workers
 from .seaweed import SeaweedS3
 from .upstream import UpstreamFixture
 
@@ -367,7 +369,8 @@ def test_health_and_requests_follow_the_bucket(s3: SeaweedS3, tmp_path: Any) -> 
     proxy = FlakyProxy(s3.endpoint)
     upstream = UpstreamFixture(build_tree(str(tmp_path / "proxy"), modules()))
     daemon = Daemon(None, ["--storage", f"s3://{s3.bucket}/health", "--state-dir", str(tmp_path / "state"),
-                           "--s3-endpoint", proxy.endpoint, "--go-upstream", upstream.url, "--go-sumdb", "off"],
+                           "--s3-endpoint", proxy.endpoint, "--go-upstream", upstream.url, "--go-sumdb", "off",
+                           "--workers", "2"],
                     env=s3.env())
     zip_path = f"/goproxy/{GREET}/@v/v1.0.0.zip"
     try:
@@ -385,6 +388,17 @@ def test_health_and_requests_follow_the_bucket(s3: SeaweedS3, tmp_path: Any) -> 
         assert status == 503 and body == b"storage unavailable; try again\n"
         log = daemon.log()
         assert "storage unavailable for" in log and "Traceback" not in log
+
+        # A worker started while the bucket is away (to replace one that
+        # died) serves what it can instead of leaving at once.
+        workers = children(daemon.process.pid)
+        os.kill(min(workers), signal.SIGKILL)
+        (replacement,) = wait_for_workers(daemon, 1, other_than=workers, timeout=5)
+        time.sleep(2)
+        assert daemon.process.poll() is None and replacement in children(daemon.process.pid)
+        for _ in range(6):
+            status, _, body = request(daemon.url, "/health")
+            assert status == 503 and json.loads(body)["storage"].startswith("error")
     finally:
         daemon.stop()
         proxy.stop()
