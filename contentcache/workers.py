@@ -248,8 +248,8 @@ class Supervisor(Service):
     def worker_ready(self, worker: _Worker) -> None:
         log.debug("worker {slot} (pid {pid}) is serving", slot=worker.slot, pid=worker.pid)
         if not self._ready.called and all(w.ready for w in self.workers.values()) and len(self.workers) == self.count:
-            host = self.port.getHost() if self.port is not None else None
-            where = f"port {host.port}" if isinstance(getattr(host, "port", None), int) else self._description
+            number = getattr(self.port.getHost(), "port", None) if self.port is not None else None
+            where = f"port {number}" if isinstance(number, int) else self._description
             log.info("{count} workers serving on {where}", count=self.count, where=where)
             self._ready.callback(None)
 

@@ -25,6 +25,13 @@ _LISTENING = re.compile(rb"Site starting on (\d+)")
 _WORKERS_LISTENING = re.compile(rb"\d+ workers serving on port (\d+)")
 
 
+def _quiet(extra: Sequence[str]) -> bool:
+    """
+    Whether the daemon logs no info lines (so none says it serves).
+    """
+    return any(a == "--log-level" and b in ("warn", "error", "critical") for a, b in zip(extra, extra[1:]))
+
+
 def worker_count(extra: Sequence[str], env: dict[str, str]) -> int:
     """
     How many workers the daemon started with C{extra} and C{env} runs.
@@ -75,7 +82,7 @@ class Daemon:
         self._reader = threading.Thread(target=self._collect, daemon=True)
         self._reader.start()
         try:
-            if worker_count(extra, {**os.environ, **(env or {})}) > 1:
+            if worker_count(extra, {**os.environ, **(env or {})}) > 1 and not (port and _quiet(extra)):
                 # The supervisor holds the port from the start: a connection
                 # is accepted there before any worker serves it.
                 self.port = int(self.wait_for(_WORKERS_LISTENING)[1])
