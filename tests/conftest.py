@@ -23,6 +23,7 @@ from contentcache.store import Store
 
 from .daemon import Backing
 from .seaweed import seaweed  # noqa: F401  (a session fixture)
+from .postgres import pg_dsn, postgresql  # noqa: F401  (a session server, a database per test)
 
 T = TypeVar("T")
 
