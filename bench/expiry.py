@@ -260,7 +260,7 @@ def lru_releases(path: str, blobs: dict[str, int]) -> list[Release]:
     db = sqlite3.connect(path)
     try:
         last: dict[str, int] = {}
-        # The walk's own order (Database.least_recently_used).
+        # The walk's own order (the index's least_recently_used).
         query = "SELECT hash FROM entries ORDER BY accessed, created, protocol, key"
         for position, (h,) in enumerate(db.execute(query), start=1):
             last[h] = position
@@ -362,7 +362,7 @@ async def pool_pass(reactor: Reactor, directory: str, max_size: int) -> None:
     index.open()
     store = filesystem_store(directory, disk)
     # Start a pool thread before the baseline.
-    await index.call("stored_bytes")
+    await index.stored_bytes()
     try:
         result = await timed_pass(Expiry(index, store, reactor, Policy(ttl=None, max_size=max_size)))
     finally:

@@ -6,13 +6,14 @@ statistics, verifying every blob, and purging a package.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any, Callable
 
 from attrs import define, field
 
 from .expiry import DEFAULT_GRACE
 from .hash import Hash
-from .index import SQLiteIndex
+from .index import IIndex, Removed
 from .protocol.goproxy.paths import InvalidPath, Module, escape
 from .protocol.goproxy.resource import PROTOCOL as GO
 from .protocol.npm.names import InvalidName, PackageName
@@ -27,14 +28,22 @@ def _ratio(a: int, b: int) -> float | None:
     return round(a / b, 3) if b else None
 
 
-async def stats(index: SQLiteIndex) -> dict[str, Any]:
+async def stats(index: IIndex) -> dict[str, Any]:
     """
     What the store holds: entries per protocol, blobs, and bytes three
     ways: logical (what clients get, every entry counted), unique (each
     blob once) and stored (after compression), with the ratios between.
     """
-    found: dict[str, Any] = await index.call("stats")
-    logical, unique, stored = found["logical_bytes"], found["unique_bytes"], found["stored_bytes"]
+    figures = await index.stats()
+    found: dict[str, Any] = {
+        "entries": dict(figures.entries),
+        "blobs": figures.blobs,
+        "compressed_blobs": figures.compressed_blobs,
+        "logical_bytes": figures.logical_bytes,
+        "unique_bytes": figures.unique_bytes,
+        "stored_bytes": figures.stored_bytes,
+    }
+    logical, unique, stored = figures.logical_bytes, figures.unique_bytes, figures.stored_bytes
     found["dedup_ratio"] = _ratio(logical, unique)
     found["compression_ratio"] = _ratio(unique, stored)
     found["ratio"] = _ratio(logical, stored)
@@ -65,7 +74,7 @@ class Verification:
 
 
 async def verify(
-    index: SQLiteIndex,
+    index: IIndex,
     store: Store,
     repair: bool,
     progress: Progress | None = None,
@@ -99,7 +108,7 @@ async def verify(
     result.corrupt = sorted({hexhash for hexhash, _ in damaged})
     # A blob with no good copy at all is corrupt, not also missing.
     present = good | set(result.corrupt)
-    referenced: set[str] = await index.call("referenced_hashes")
+    referenced = await index.referenced_hashes()
     # A running daemon stores new blobs while the walk goes on: missing
     # means missing now, not only from the walk.
     result.missing = [h for h in sorted(referenced - present) if not await store.has(Hash.from_hex(h))]
@@ -114,19 +123,24 @@ async def verify(
         # Entries go only where no good copy is left; a damaged copy beside
         # a good one goes alone.
         for hexhash in [h for h in result.corrupt if h not in good] + result.missing:
-            await index.call("delete_where_hash", hexhash)
+            await index.delete_where_hash(hexhash)
         for hexhash, encoding in damaged:
             await store.delete(Hash.from_hex(hexhash), encoding)
         for hexhash in [h for h in result.corrupt if h in good]:
             # The index now points reads at the copy that is left.
             found = await store.find(Hash.from_hex(hexhash))
             if found is not None:
-                await index.call("set_blob_storage", hexhash, found[0], found[1].size)
+                await index.set_blob_storage(hexhash, found[0], found[1].size)
         for hexhash in result.orphans:
-            # Only if still nothing refers to it (a daemon may have since).
-            await index.call("forget_blob", hexhash)
-            if await index.references(Hash.from_hex(hexhash)) == 0:
-                await store.delete(Hash.from_hex(hexhash))
+            # Only if still nothing refers to it (a daemon may have since):
+            # decided with its row held, if the index has one.
+            h = Hash.from_hex(hexhash)
+            if not await index.delete_blob(hexhash, None, partial(store.delete_now, h)):
+                known = await index.blob_rows([hexhash])
+                if not known and await index.references(h) == 0:
+                    await store.delete(h)  # an orphan the index never knew
+        # What the counters drifted by (a worker of an older version), gone.
+        await index.recount()
         result.repaired = True
     return result
 
@@ -148,7 +162,7 @@ def purge_keys(protocol: str, name: str) -> tuple[list[str], list[str]]:
     raise ValueError(f"unknown protocol {protocol!r}: go or npm")
 
 
-async def purge(index: SQLiteIndex, store: Store, protocol: str, name: str) -> list[str]:
+async def purge(index: IIndex, store: Store, protocol: str, name: str) -> list[str]:
     """
     Remove a Go module or npm package: every entry, and the blobs nothing
     else references. Returns the removed keys.
@@ -158,12 +172,11 @@ async def purge(index: SQLiteIndex, store: Store, protocol: str, name: str) -> l
     except (InvalidPath, InvalidName) as e:
         raise ValueError(str(e)) from None
     proto = GO if protocol in ("go", "goproxy") else NPM
-    removed: list[tuple[str, str]] = await index.call("delete_prefixes", proto, prefixes)
+    removed = await index.delete_prefixes(proto, prefixes)
     for key in exact:
         entry = await index.get(proto, key)
         if entry is not None and await index.delete(proto, key):
-            removed.append((key, entry.hash.hex))
-    for hexhash in {h for _, h in removed}:
-        if await index.call("forget_blob", hexhash):
-            await store.delete(Hash.from_hex(hexhash))
-    return sorted(k for k, _ in removed)
+            removed.append(Removed(key, entry.hash.hex))
+    for hexhash in {r.hash for r in removed}:
+        await index.delete_blob(hexhash, None, partial(store.delete_now, Hash.from_hex(hexhash)))
+    return sorted(r.key for r in removed)

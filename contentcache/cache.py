@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from .hash import Hash
 from .hot import Found, HotSet
-from .index import Entry, SQLiteIndex
+from .index import Entry, IIndex
 from .locks import KeyLocks
 from .store import MAX_WHOLE_READ, Blob, Spool, Store
 from .upstream import Coalescer, Fetched, NegativeCache, UpstreamError
@@ -126,7 +126,7 @@ class ProtocolCache:
     """
 
     protocol: str
-    index: SQLiteIndex
+    index: IIndex
     store: Store
     _clock: IReactorTime
     negative: NegativeCache[str]

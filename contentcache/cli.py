@@ -19,7 +19,7 @@ from . import __version__, admin
 from .backend import StorageUnavailable
 from .backend.s3 import DEFAULT_PART_SIZE
 from .expiry import DEFAULT_GRACE, DEFAULT_TTL, Expiry, Policy
-from .index import INDEX_FILENAME, IndexTooNew, SQLiteIndex
+from .index import INDEX_FILENAME, IIndex, IndexTooNew, SQLiteIndex
 from .pool import SynchronousRunner
 from .space import MinFree
 from .storage import StorageConfig
@@ -88,7 +88,7 @@ def _config(args: argparse.Namespace) -> StorageConfig:
         raise SystemExit(f"contentcache: {e}") from None
 
 
-def _open(args: argparse.Namespace) -> tuple[SQLiteIndex, Store]:
+def _open(args: argparse.Namespace) -> tuple[IIndex, Store]:
     config = _config(args)
     if not os.path.isfile(os.path.join(config.state_dir, INDEX_FILENAME)):
         what = "storage" if isinstance(config.blobs, str) else "state"

@@ -11,9 +11,10 @@ trip to the disk pool, so the daemon keeps serving while it runs.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any, Callable
 
-from attrs import define, frozen
+from attrs import define, field, frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -22,7 +23,7 @@ from twisted.logger import Logger
 
 from . import metrics
 from .hash import Hash
-from .index import SQLiteIndex
+from .index import BlobRow, IIndex, Used
 from .space import MinFree
 from .store import Store
 from .units import DAY, MINUTE, SECOND
@@ -69,6 +70,8 @@ class Report:
     free_before: int | None = None
     free_after: int | None = None
     seconds: float = 0.0
+    #: The blobs this pass tried to delete: each once, even if it failed.
+    tried: set[str] = field(factory=set, repr=False, eq=False)
 
     def summary(self) -> str:
         verb = "would remove" if self.dry_run else "removed"
@@ -106,7 +109,7 @@ class Expiry:
         them).
     """
 
-    index: SQLiteIndex
+    index: IIndex
     store: Store
     clock: IReactorTime
     policy: Policy
@@ -123,7 +126,7 @@ class Expiry:
         started = time.monotonic()
         now = self.clock.seconds()
         report = Report(dry_run=dry_run)
-        stored = await self.index.call("stored_bytes")
+        stored = await self.index.stored_bytes()
         report.stored_before = stored
         ttl_cutoff = now - self.policy.ttl if self.policy.ttl is not None else None
         # Bytes whose last reference must go: to get under --max-size (down
@@ -149,25 +152,26 @@ class Expiry:
         done = False
         walked = 0
         while not done:
-            rows = await self.index.call("least_recently_used", self.batch, after)
+            rows: list[Used] = await self.index.least_recently_used(self.batch, after)
             if not rows:
                 break
             walked += len(rows)
             if self.progress is not None:
                 self.progress(walked, None)
-            hashes = list({row[4] for row in rows})
-            counts = await self.index.call("reference_counts", hashes)
-            blobs = await self.index.call("blob_rows_for", hashes)
+            hashes = list({row.hash for row in rows})
+            counts = await self.index.reference_counts(hashes)
+            blobs = await self.index.blob_rows(hashes)
             if not dry_run:
                 removed_refs = {}
             chosen: list[tuple[str, str, str]] = []
-            for accessed, created, protocol, key, hexhash in rows:
-                expired = ttl_cutoff is not None and accessed < ttl_cutoff
+            for row in rows:
+                protocol, key, hexhash = row.protocol, row.key, row.hash
+                expired = ttl_cutoff is not None and row.accessed < ttl_cutoff
                 needed = freed < to_free
                 if not expired and not needed:
                     done = True
                     break
-                after = (accessed, created, protocol, key)
+                after = row.position
                 chosen.append((protocol, key, hexhash))
                 if expired:
                     report.expired += 1
@@ -175,7 +179,8 @@ class Expiry:
                     report.evicted += 1
                 self._note(protocol, key)
                 removed_refs[hexhash] = removed_refs.get(hexhash, 0) + 1
-                size, blob_created = blobs.get(hexhash, (0, now))
+                blob = blobs.get(hexhash)
+                size, blob_created = (blob.stored, blob.created) if blob is not None else (0, now)
                 if removed_refs[hexhash] == counts.get(hexhash, 0):
                     # Its last reference goes: it counts as freed now, even
                     # if grace keeps its file a while longer; otherwise a
@@ -194,14 +199,12 @@ class Expiry:
             # looked at in bounded steps so hits never wait long for the index.
             position: tuple[float, str] | None = None
             while True:
-                leftovers, position = await self.index.call(
-                    "unreferenced_blobs", blob_cutoff, self.batch * 10, position
-                )
+                leftovers, position = await self.index.unreferenced_blobs(blob_cutoff, self.batch * 10, position)
                 if leftovers:
-                    await self._delete_blobs(leftovers, report)
+                    await self._delete_blobs(leftovers, blob_cutoff, report)
                 if position is None:
                     break
-            stored = await self.index.call("stored_bytes")
+            stored = await self.index.stored_bytes()
             if report.free_before is not None:
                 report.free_after = (await self.store.room()).free
         report.stored_after = stored
@@ -211,42 +214,41 @@ class Expiry:
     async def _evict(
         self,
         chosen: list[tuple[str, str, str]],
-        blobs: dict[str, tuple[int, float]],
+        blobs: dict[str, BlobRow],
         blob_cutoff: float,
         report: Report,
     ) -> int:
         try:
-            freed = await self.index.call("evict", chosen)
+            freed = await self.index.evict(chosen)
         except Exception:
             log.failure("evicting {count} entries failed; skipped", count=len(chosen))
             report.skipped += len(chosen)
             return 0
-        old = [(h, size) for h, size in freed if blobs.get(h, (0, blob_cutoff))[1] < blob_cutoff]
-        return await self._delete_blobs(old, report)
+        return await self._delete_blobs([b for b in freed if b.created < blob_cutoff], blob_cutoff, report)
 
-    async def _delete_blobs(self, blobs: list[tuple[str, int]], report: Report) -> int:
-        # The rows first, in one transaction: a blob without a row is an
-        # orphan that verify finds; a row without a blob would be served.
-        try:
-            dropped = set(await self.index.call("forget_blobs", [h for h, _ in blobs]))
-        except Exception:
-            log.failure("dropping {count} blobs from the index failed; skipped", count=len(blobs))
-            report.skipped += len(blobs)
-            return 0
+    async def _delete_blobs(self, blobs: list[BlobRow], blob_cutoff: float, report: Report) -> int:
+        blobs = [b for b in blobs if b.hash not in report.tried]
+        report.tried.update(b.hash for b in blobs)
+        # Each in one transaction of the index that holds the blob's row: the
+        # check that nothing references it and is about to (a put that
+        # reuses it claims it first), the removal from the store, and the
+        # row. A blob without a row is an orphan that verify finds; a row
+        # without a blob would be served.
         freed = 0
-        for hexhash, size in blobs:
-            if hexhash not in dropped:
-                continue
+        for blob in blobs:
+            h = Hash.from_hex(blob.hash)
             try:
-                await self.store.delete(Hash.from_hex(hexhash))
+                deleted = await self.index.delete_blob(blob.hash, blob_cutoff, partial(self.store.delete_now, h))
             except Exception:
-                log.failure("deleting blob {hash} failed; skipped", hash=hexhash)
+                log.failure("deleting blob {hash} failed; skipped", hash=blob.hash)
                 report.skipped += 1
                 continue
+            if not deleted:
+                continue
             report.blobs_deleted += 1
-            report.bytes_freed += size
-            freed += size
-            self._note("blob", hexhash)
+            report.bytes_freed += blob.stored
+            freed += blob.stored
+            self._note("blob", blob.hash)
         return freed
 
 

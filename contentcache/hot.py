@@ -21,7 +21,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .hash import Hash
-from .index import CHANGES_KEPT, Entry, SQLiteIndex
+from .index import CHANGES_KEPT, Entry, IIndex
 
 log = Logger()
 
@@ -142,7 +142,7 @@ class Invalidations(Service):
     the index; the process that runs expiry also prunes the log of changes.
     """
 
-    def __init__(self, hot: HotSet, index: SQLiteIndex, clock: IReactorTime, prune: bool = True) -> None:
+    def __init__(self, hot: HotSet, index: IIndex, clock: IReactorTime, prune: bool = True) -> None:
         self.hot = hot
         self.index = index
         self.prune = prune
@@ -185,7 +185,7 @@ class Invalidations(Service):
         if self.prune and now - self._pruned_at > CHANGES_KEPT / 2:
             self._pruned_at = now
             try:
-                await self.index.call("prune_changes", now - CHANGES_KEPT)
+                await self.index.prune_changes(now - CHANGES_KEPT)
             except Exception as e:
                 # A longer log costs a little disk, nothing else.
                 log.debug("pruning the index's changes failed: {error}", error=e)

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from . import metrics, tempfiles
 from .backend import StorageUnavailable
-from .index import SQLiteIndex
+from .index import IIndex
 from .pool import Runner
 from .store import BlobNotFound, Store, blob_key
 from .units import DAY, MINUTE
@@ -62,7 +62,7 @@ class Scrub:
     """
 
     store: Store
-    index: SQLiteIndex
+    index: IIndex
     clock: IReactorTime
     disk: Runner
     state_dir: str
@@ -109,7 +109,7 @@ class Scrub:
         """
         report = PassReport()
         resume = await self.disk.run(self._load)
-        total = await self.index.call("stored_bytes")
+        total = await self.index.stored_bytes()
         # Bytes a second, and never faster than MAX_RATE (the index may
         # undercount what the backend holds); the service waits out what
         # is left of the interval after the pass.

@@ -19,7 +19,7 @@ from twisted.web.server import Request, Site
 from . import __version__, metrics
 from .channel import CacheChannel, CacheRequest, Deadlines, Watch, peer
 from .logs import AccessLog
-from .index import SQLiteIndex
+from .index import IIndex
 from .space import StorageFull
 from .pool import Runner
 from .store import Store
@@ -35,7 +35,7 @@ class Health(AsyncResource):
     C{"storage": "full"}: hits are still served, misses are not stored.
     """
 
-    def __init__(self, store: Store, index: SQLiteIndex) -> None:
+    def __init__(self, store: Store, index: IIndex) -> None:
         super().__init__()
         self._store = store
         self._index = index
@@ -73,7 +73,7 @@ class Metrics(AsyncResource):
     C{GET /metrics}: the Prometheus text format.
     """
 
-    def __init__(self, index: SQLiteIndex, store: Store, disk: Runner | None = None,
+    def __init__(self, index: IIndex, store: Store, disk: Runner | None = None,
                  gauges: Callable[[], None] | None = None) -> None:
         super().__init__()
         self._index = index
@@ -84,10 +84,10 @@ class Metrics(AsyncResource):
 
     async def render_async(self, request: Request) -> None:
         if time.monotonic() - self._stats_at > metrics.STORE_STATS_MAX_AGE:
-            found = await self._index.call("stats")
-            metrics.store_blobs.set(found["blobs"])
-            metrics.store_logical_bytes.set(found["logical_bytes"])
-            metrics.store_bytes.set(found["stored_bytes"])
+            found = await self._index.stats()
+            metrics.store_blobs.set(found.blobs)
+            metrics.store_logical_bytes.set(found.logical_bytes)
+            metrics.store_bytes.set(found.stored_bytes)
             self._stats_at = time.monotonic()
         room = await self._store.room()
         metrics.storage_free_bytes.set(room.free)
@@ -200,7 +200,7 @@ class Root(Resource):
     def __init__(
         self,
         store: Store,
-        index: SQLiteIndex,
+        index: IIndex,
         protocols: Mapping[bytes, IResource] | None = None,
         disk: Runner | None = None,
         gauges: Callable[[], None] | None = None,

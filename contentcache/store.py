@@ -217,6 +217,8 @@ class Spool:
             h = await self.close()
             if expected is not None and h != expected:
                 raise HashMismatch(expected, h)
+            if self._store.claim is not None:
+                await self._store.claim(h)
             existing = await self._store.find(h)
             if existing is not None:
                 encoding, stat = existing
@@ -271,6 +273,11 @@ class Store:
     #: copy is left, once the damaged object is deleted: the cache forgets
     #: every entry that points at it, so the next request fetches it again.
     damaged: Callable[[Hash], Awaitable[object]] | None = None
+    #: Called with a blob's hash before a put looks for it in the store:
+    #: the index makes it young again (after any deletion of it under way),
+    #: so that expiry leaves it alone until the entry that reuses it is
+    #: written, on any worker or node.
+    claim: Callable[[Hash], Awaitable[object]] | None = None
     #: Reads that failed with a LOST error since the last that did not.
     lost_in_a_row: int = field(default=0, init=False)
 
@@ -617,6 +624,16 @@ class Store:
         deleted = False
         for encoding in SUFFIXES if encoding is None else [encoding]:
             deleted = await self.backend.delete(blob_key(h, encoding)) or deleted
+        return deleted
+
+    def delete_now(self, h: Hash) -> bool:
+        """
+        Remove the blob in every encoding it is stored in, blocking: on
+        the index's thread, inside the transaction that decided it goes.
+        """
+        deleted = False
+        for encoding in SUFFIXES:
+            deleted = self.backend.delete_now(blob_key(h, encoding)) or deleted
         return deleted
 
     async def stored(self) -> AsyncIterator[tuple[Hash, str]]:

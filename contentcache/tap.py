@@ -466,6 +466,7 @@ def _daemon(options: Options) -> IService:
         await index.forget_entries(h)
 
     store.damaged = damaged
+    store.claim = index.claim_blob
 
     def gauges() -> None:
         metrics.disk_queue.set(disk.pending)

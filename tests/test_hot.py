@@ -9,7 +9,7 @@ from typing import Any
 
 from contentcache.hash import Hash
 from contentcache.hot import ENTRY_OVERHEAD, Found, HotSet
-from contentcache.index import Database, Entry
+from contentcache.index import Entry, SQLiteDatabase
 from contentcache.store import Blob
 
 
@@ -57,7 +57,7 @@ def test_off_holds_nothing() -> None:
 
 
 def test_changes_are_logged_for_every_write_but_a_touch(tmp_path: Any) -> None:
-    db = Database(os.path.join(str(tmp_path), "index.sqlite"))
+    db = SQLiteDatabase(os.path.join(str(tmp_path), "index.sqlite"))
     start = db.changes_since(None)
     assert start.keys == []
     blob = Blob(Hash.of(b"x"), 1)
@@ -72,7 +72,7 @@ def test_changes_are_logged_for_every_write_but_a_touch(tmp_path: Any) -> None:
 
 
 def test_changes_pruned_unseen_drop_everything(tmp_path: Any) -> None:
-    db = Database(os.path.join(str(tmp_path), "index.sqlite"))
+    db = SQLiteDatabase(os.path.join(str(tmp_path), "index.sqlite"))
     blob = Blob(Hash.of(b"x"), 1)
     db.put("go", "a", blob, {}, 1.0)
     seen = db.changes_since(None)

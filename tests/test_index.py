@@ -13,12 +13,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from contentcache import index as index_module
+from contentcache.index import sqlite as index_module
 from contentcache.hash import Hash
 from contentcache.index import (
     INDEX_FILENAME,
     SCHEMA_VERSION,
     IndexService,
+    BlobRow,
     IndexTooNew,
     SQLiteIndex,
 )
@@ -213,7 +214,7 @@ def test_a_version_2_index_gains_encodings(storage: str, clock: Clock) -> None:
     index.open()
     entry = resolve(index.get("go", "k"))
     assert entry.blob == Blob(A, 100, "identity")
-    assert resolve(index.call("stats"))["stored_bytes"] == 100
+    assert resolve(index.stats()).stored_bytes == 100
     resolve(index.close())
 
 
@@ -225,10 +226,9 @@ def test_rows_a_previous_worker_writes_count_their_size(index: SQLiteIndex, cloc
     db.execute("INSERT INTO entries VALUES ('go', 'old', ?, 100, '{}', 1.0, 1.0)", (B.hex,))
     db.execute("INSERT INTO blobs (hash, size, created) VALUES (?, 100, 1.0)", (B.hex,))
     db.close()
-    assert resolve(index.call("stored_bytes")) == 104
-    assert resolve(index.call("stats"))["stored_bytes"] == 104
-    assert resolve(index.call("blob_rows"))[B.hex] == (100, 1.0)
-    assert resolve(index.call("evict", [("go", "old", B.hex)])) == [(B.hex, 100)]
+    assert resolve(index.stored_bytes()) == 104
+    assert resolve(index.blob_rows([B.hex]))[B.hex] == BlobRow(B.hex, 100, 1.0)
+    assert resolve(index.evict([("go", "old", B.hex)])) == [BlobRow(B.hex, 100, 1.0)]
 
 
 def test_the_index_records_how_blobs_are_stored(index: SQLiteIndex) -> None:
@@ -237,12 +237,12 @@ def test_the_index_records_how_blobs_are_stored(index: SQLiteIndex) -> None:
     assert entry.encoding == "zstd" and entry.blob == Blob(A, 1000, "zstd")
     # Renewing an entry (a 304) knows nothing new of the blob: kept as is.
     resolve(index.put("npm", "packument", entry.blob, {"etag": "2"}))
-    stats = resolve(index.call("stats"))
-    assert (stats["unique_bytes"], stats["stored_bytes"], stats["compressed_blobs"]) == (1000, 90, 1)
+    stats = resolve(index.stats())
+    assert (stats.unique_bytes, stats.stored_bytes, stats.compressed_blobs) == (1000, 90, 1)
     # The store wrote it again otherwise (another worker's settings).
     resolve(index.put("npm", "other", Blob(A, 1000, "identity", 1000), {}))
     assert resolve(index.get("npm", "packument")).encoding == "identity"
-    assert resolve(index.call("stats"))["stored_bytes"] == 1000
+    assert resolve(index.stats()).stored_bytes == 1000
 
 
 def test_newer_index_is_refused(index: SQLiteIndex, storage: str, clock: Clock) -> None:
@@ -264,13 +264,13 @@ def test_newer_index_is_refused(index: SQLiteIndex, storage: str, clock: Clock) 
 @pytest_twisted.ensureDeferred
 async def test_calls_run_on_the_disk_pool(storage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     threads: list[str] = []
-    original = index_module.Database.get
+    original = index_module.SQLiteDatabase.get
 
     def get(self: Any, protocol: str, key: str) -> Any:
         threads.append(threading.current_thread().name)
         return original(self, protocol, key)
 
-    monkeypatch.setattr(index_module.Database, "get", get)
+    monkeypatch.setattr(index_module.SQLiteDatabase, "get", get)
     pool = DiskPool(reactor, 2)
     pool.startService()
     try:

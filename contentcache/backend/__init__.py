@@ -177,6 +177,12 @@ class IBackend(Interface):
         Remove C{key}; fire with whether there was an object to remove.
         """
 
+    def delete_now(key: str) -> bool:
+        """
+        L{delete}, blocking: for a caller already off the reactor thread
+        (the index, deciding in one transaction that a blob goes).
+        """
+
     def keys(prefix: str = "") -> AsyncIterator[str]:
         """
         Iterate over every stored key under C{prefix}, in batches read off

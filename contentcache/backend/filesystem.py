@@ -167,6 +167,9 @@ class FilesystemBackend:
     def delete(self, key: str) -> Deferred[bool]:
         return self._disk.run(self._delete, key)
 
+    def delete_now(self, key: str) -> bool:
+        return self._delete(key)
+
     def _walk(self, prefix: str) -> Iterable[str]:
         start = self.path(prefix) if prefix else self.root
         for directory, dirs, files in os.walk(start):

@@ -433,6 +433,9 @@ class S3Backend:
     def delete(self, key: str) -> Deferred[bool]:
         return self._run(self._delete, key)
 
+    def delete_now(self, key: str) -> bool:
+        return self._guarded(self._delete, key)
+
     def _list(self, prefix: str, token: str | None) -> tuple[list[str], str | None]:
         arguments: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         if token:

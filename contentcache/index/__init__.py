@@ -1,0 +1,142 @@
+"""
+The metadata index: which blob answers C{(protocol, key)}, with what the
+protocol needs to serve it, and when each entry was created and last used.
+
+L{IIndex} is all the daemon knows of it; L{sqlite} (the default, a file in
+the state directory) and L{postgresql} (shared by several nodes) hold the
+SQL of each engine.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from contextlib import contextmanager
+from typing import Iterator
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from ..space import StorageFull
+from .interface import (
+    CHANGES_KEPT,
+    BlobRow,
+    Changes,
+    Entry,
+    IDatabase,
+    IIndex,
+    IndexTooNew,
+    IndexUnavailable,
+    Removed,
+    StoreStats,
+    Used,
+)
+from .pooled import PooledIndex
+from .sqlite import INDEX_FILENAME, MIGRATIONS, SCHEMA_VERSION, SQLiteDatabase, SQLiteIndex
+
+__all__ = [
+    "CHANGES_KEPT",
+    "INDEX_FILENAME",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "BlobRow",
+    "Changes",
+    "Entry",
+    "IDatabase",
+    "IIndex",
+    "IndexService",
+    "IndexTooNew",
+    "IndexUnavailable",
+    "PooledIndex",
+    "Removed",
+    "SQLiteDatabase",
+    "SQLiteIndex",
+    "StoreStats",
+    "Used",
+    "prepare",
+    "startup_errors",
+]
+
+#: How long a recorded access may wait in memory before it is written.
+DEFAULT_FLUSH_INTERVAL = 5.0
+
+
+@contextmanager
+def startup_errors(description: str) -> Iterator[None]:
+    """
+    An index that cannot be opened stops startup in one sentence.
+    """
+    try:
+        yield
+    except (IndexTooNew, IndexUnavailable) as e:
+        raise SystemExit(str(e)) from None
+    except (OSError, sqlite3.Error) as e:
+        raise SystemExit(f"Cannot open the index ({description}): {e}.") from None
+
+
+def prepare(directory: str) -> None:
+    """
+    Create or migrate the SQLite index in C{directory} and close it again
+    (the supervisor of workers, before it starts them: one migration, and
+    a sentence rather than N failing workers).
+    """
+    from .sqlite import prepare as prepare_sqlite
+
+    with startup_errors(os.path.join(directory, INDEX_FILENAME)):
+        prepare_sqlite(directory)
+
+
+class IndexService(Service):
+    """
+    Opens the index at start, writes recorded accesses every
+    C{flush_interval} seconds, and at stop writes the last batch and closes
+    the index.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        index: IIndex,
+        clock: IReactorTime,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+    ) -> None:
+        self.index = index
+        self._loop = LoopingCall(self._flush)
+        self._loop.clock = clock
+        self._flush_interval = flush_interval
+
+    def startService(self) -> None:
+        with startup_errors(self.index.description):
+            self.index.open()
+        super().startService()
+        self._loop.start(self._flush_interval, now=False)
+
+    async def _flush_async(self) -> None:
+        try:
+            await self.index.flush()
+        except StorageFull:
+            # Said already (once a minute); the accesses are lost, which
+            # costs only LRU precision.
+            pass
+        except IndexUnavailable as e:
+            self.log.warn("writing access times to the index failed: {error}", error=e)
+        except Exception:
+            # A lost batch only costs LRU precision; the timer must go on.
+            self.log.failure("writing access times to the index failed")
+
+    def _flush(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._flush_async())
+
+    async def _stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+        await self._flush_async()
+        await self.index.close()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
