@@ -37,6 +37,7 @@ from zope.interface import implementer
 from . import metrics
 from .tracing import child_span, tracer
 from .backend import IReader, StorageUnavailable
+from .index.interface import IndexUnavailable
 from .cache import OUTCOME_HEADER, STALE, IntegrityError, Missing, ProtocolCache
 from .hash import Hash
 from .space import is_full
@@ -139,6 +140,9 @@ def _known(failure: Failure, request: Request) -> tuple[int, str] | None:
     if failure.check(StorageUnavailable):
         log.warn("storage unavailable for {uri}: {error}", uri=_uri(request), error=e)
         return SERVICE_UNAVAILABLE, "storage unavailable; try again"
+    if failure.check(IndexUnavailable):
+        log.warn("index unavailable for {uri}: {error}", uri=_uri(request), error=e)
+        return SERVICE_UNAVAILABLE, "index unavailable; try again"
     if failure.check(BlobNotFound):
         # Damage was logged where it was found.
         if not failure.check(BlobCorrupt):

@@ -5,7 +5,8 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Iterator
 
 import pytest
 import pytest_twisted
@@ -23,6 +24,8 @@ from contentcache.index import (
     IndexTooNew,
     SQLiteIndex,
 )
+from contentcache.index import PooledIndex
+from contentcache.index.postgresql import PostgreSQLIndex
 from contentcache.pool import DiskPool, SynchronousRunner
 from contentcache.store import Blob
 
@@ -30,6 +33,22 @@ from .conftest import resolve
 
 A = Hash.of(b"a")
 B = Hash.of(b"b")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_index(request: pytest.FixtureRequest, storage: str, disk: SynchronousRunner, clock: Clock) -> Iterator[PooledIndex]:
+    """
+    The index on each engine: SQLite in the storage directory, and an
+    empty database on the tests' own PostgreSQL.
+    """
+    idx: PooledIndex
+    if request.param == "sqlite":
+        idx = SQLiteIndex(storage, disk, clock)
+    else:
+        idx = PostgreSQLIndex(request.getfixturevalue("pg_dsn"), disk, clock)
+    idx.open()
+    yield idx
+    resolve(idx.close())
 
 
 class CountingRunner(SynchronousRunner):
@@ -41,7 +60,8 @@ class CountingRunner(SynchronousRunner):
         return super().run(f, *args)
 
 
-def test_put_get_delete(index: SQLiteIndex, clock: Clock) -> None:
+def test_put_get_delete(any_index: PooledIndex, clock: Clock) -> None:
+    index = any_index
     clock.advance(1000.25)
     entry = resolve(index.put("go", "example.com/m/@v/v1.0.0.zip", Blob(A, 123), {"h1": "h1:xyz"}))
     assert entry.created == entry.accessed == 1000.25
@@ -55,7 +75,8 @@ def test_put_get_delete(index: SQLiteIndex, clock: Clock) -> None:
     assert resolve(index.delete("go", "example.com/m/@v/v1.0.0.zip")) is False
 
 
-def test_put_replaces(index: SQLiteIndex, clock: Clock) -> None:
+def test_put_replaces(any_index: PooledIndex, clock: Clock) -> None:
+    index = any_index
     resolve(index.put("npm", "left-pad", Blob(A, 1), {"etag": "1"}))
     clock.advance(5)
     resolve(index.put("npm", "left-pad", Blob(B, 2), {"etag": "2"}))
@@ -63,7 +84,8 @@ def test_put_replaces(index: SQLiteIndex, clock: Clock) -> None:
     assert (got.hash, got.size, got.attrs, got.created) == (B, 2, {"etag": "2"}, 5)
 
 
-def test_reference_counts(index: SQLiteIndex) -> None:
+def test_reference_counts(any_index: PooledIndex) -> None:
+    index = any_index
     assert resolve(index.references(A)) == 0
     resolve(index.put("go", "one", Blob(A, 1), {}))
     resolve(index.put("npm", "two", Blob(A, 1), {}))
@@ -116,7 +138,8 @@ def test_flush_early_past_threshold(storage: str, clock: Clock) -> None:
     resolve(index.close())
 
 
-def test_access_never_moves_backwards(index: SQLiteIndex, clock: Clock) -> None:
+def test_access_never_moves_backwards(any_index: PooledIndex, clock: Clock) -> None:
+    index = any_index
     clock.advance(10)
     resolve(index.put("go", "k", Blob(A, 1), {}))
     index._pending[("go", "k")] = 5.0  # a stale access from before the put
@@ -231,7 +254,8 @@ def test_rows_a_previous_worker_writes_count_their_size(index: SQLiteIndex, cloc
     assert resolve(index.evict([("go", "old", B.hex)])) == [BlobRow(B.hex, 100, 1.0)]
 
 
-def test_the_index_records_how_blobs_are_stored(index: SQLiteIndex) -> None:
+def test_the_index_records_how_blobs_are_stored(any_index: PooledIndex) -> None:
+    index = any_index
     resolve(index.put("npm", "packument", Blob(A, 1000, "zstd", 90), {}))
     entry = resolve(index.get("npm", "packument"))
     assert entry.encoding == "zstd" and entry.blob == Blob(A, 1000, "zstd")
@@ -286,7 +310,8 @@ async def test_calls_run_on_the_disk_pool(storage: str, monkeypatch: pytest.Monk
     assert threading.main_thread().name not in threads
 
 
-def test_keys_by_prefix(index: SQLiteIndex) -> None:
+def test_keys_by_prefix(any_index: PooledIndex) -> None:
+    index = any_index
     for key in ["example.com/a/@v/v1.0.0.info", "example.com/a/@v/v1.1.0.zip",
                 "example.com/a/@v/list", "example.com/ab/@v/v1.0.0.info", "example.com/a/@latest"]:
         resolve(index.put("go", key, Blob(A, 1), {}))
@@ -321,3 +346,230 @@ async def test_daemon_stop_writes_the_last_batch_through_the_pool(storage: str) 
     reopened.open()
     assert resolve(reopened.get("go", "k")).accessed > before
     resolve(reopened.close())
+
+
+# What every engine must do alike (and what several nodes rely on).
+
+C = Hash.of(b"c")
+
+
+def test_statistics_are_counted_as_entries_and_blobs_change(any_index: PooledIndex) -> None:
+    index = any_index
+    resolve(index.put("go", "a", Blob(A, 100, "zstd", 40), {}))
+    resolve(index.put("go", "b", Blob(A, 100, "zstd", 40), {}))  # the same blob again
+    resolve(index.put("npm", "c", Blob(B, 10), {}))
+    resolve(index.put("npm", "c", Blob(C, 30), {}))  # replaced: its old blob stays, unreferenced
+    resolve(index.delete("go", "b"))
+    stats = resolve(index.stats())
+    assert dict(stats.entries) == {"go": 1, "npm": 1}
+    assert (stats.logical_bytes, stats.blobs, stats.unique_bytes, stats.stored_bytes, stats.compressed_blobs) == (
+        130, 3, 140, 80, 1)
+    freed = resolve(index.evict([("go", "a", A.hex), ("npm", "c", C.hex)]))
+    assert sorted(b.hash for b in freed) == sorted([A.hex, C.hex])
+    for blob in [A, B, C]:
+        assert resolve(index.delete_blob(blob.hex, None, lambda: None))
+    assert resolve(index.stats()) == resolve(index.recount())
+    assert resolve(index.stats()).blobs == 0 and resolve(index.stored_bytes()) == 0
+
+
+def test_a_blob_goes_only_when_nothing_references_it_and_it_is_old(any_index: PooledIndex, clock: Clock) -> None:
+    index = any_index
+    removed: list[str] = []
+    clock.advance(100)
+    resolve(index.put("go", "a", Blob(A, 1), {}))
+    assert not resolve(index.delete_blob(A.hex, None, lambda: removed.append("a")))  # referenced
+    resolve(index.delete("go", "a"))
+    assert not resolve(index.delete_blob(A.hex, 50.0, lambda: removed.append("a")))  # too young
+    clock.advance(100)
+    assert resolve(index.claim_blob(A))  # about to be used again: young now
+    assert not resolve(index.delete_blob(A.hex, 150.0, lambda: removed.append("a")))
+    assert resolve(index.delete_blob(A.hex, 250.0, lambda: removed.append("a")))
+    assert removed == ["a"]
+    assert not resolve(index.claim_blob(A))  # gone: the claimant stores it again
+    assert resolve(index.blob_rows([A.hex])) == {}
+
+
+def test_a_failed_removal_keeps_the_blobs_row(any_index: PooledIndex) -> None:
+    index = any_index
+    resolve(index.put("go", "a", Blob(A, 1), {}))
+    resolve(index.delete("go", "a"))
+
+    def fail() -> None:
+        raise OSError("the disk said no")
+
+    with pytest.raises(OSError):
+        resolve(index.delete_blob(A.hex, None, fail))
+    assert A.hex in resolve(index.blob_rows([A.hex]))
+
+
+def test_a_claim_waits_for_a_deletion_under_way(any_index: PooledIndex) -> None:
+    # The race several workers or nodes run: expiry has decided a blob goes
+    # and is removing its bytes while a miss finds the same blob in the
+    # store. The claim must wait, then learn the blob is gone (so the miss
+    # stores it again), never go first and then lose its bytes.
+    index = any_index
+    resolve(index.put("go", "a", Blob(A, 1), {}))
+    resolve(index.delete("go", "a"))
+    db = index.database
+    removing, release = threading.Event(), threading.Event()
+    claimed: list[bool] = []
+
+    def remove() -> None:
+        removing.set()
+        assert release.wait(10)
+
+    deleter = threading.Thread(target=db.delete_blob, args=(A.hex, None, remove))
+    deleter.start()
+    try:
+        assert removing.wait(10)
+        claimant = threading.Thread(target=lambda: claimed.append(db.claim_blob(A.hex, 1e9)))
+        claimant.start()
+        claimant.join(0.5)
+        assert claimed == []  # waiting on the deletion
+        # Reads do not wait behind it.
+        reader: list[Any] = []
+        threading.Thread(target=lambda: reader.append(db.get("go", "a"))).start()
+        deadline = time.monotonic() + 5
+        while not reader and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reader == [None]
+    finally:
+        release.set()
+        deleter.join(10)
+    claimant.join(10)
+    assert claimed == [False]
+
+
+def test_the_log_of_changes_follows_every_write_but_a_touch(any_index: PooledIndex) -> None:
+    db = any_index.database
+    start = db.changes_since(None)
+    assert start.keys == []
+    blob = Blob(A, 1)
+    db.put("go", "a", blob, {}, 1.0)
+    db.put("go", "a", blob, {"etag": "2"}, 2.0)  # replaced
+    db.touch({("go", "a"): 3.0})  # an access changes nothing held
+    db.put("npm", "b", blob, {}, 1.0)
+    db.delete("npm", "b")
+    changes = db.changes_since(start.position)
+    assert changes.keys == [("go", "a"), ("go", "a"), ("npm", "b"), ("npm", "b")]
+    assert db.changes_since(changes.position).keys == []
+    db.delete_prefixes("go", ["a"])
+    assert db.changes_since(changes.position).keys == [("go", "a")]
+
+
+def test_changes_pruned_unseen_mean_everything_may_have_changed(any_index: PooledIndex) -> None:
+    db = any_index.database
+    db.put("go", "a", Blob(A, 1), {}, 1.0)
+    seen = db.changes_since(None)
+    db.put("go", "b", Blob(A, 1), {}, 1.0)
+    db.prune_changes(before=float("inf"))  # b unseen
+    db.put("go", "c", Blob(A, 1), {}, 1.0)
+    changes = db.changes_since(seen.position)
+    assert changes.keys is None
+    assert db.changes_since(changes.position).keys == []
+    fresh = db.changes_since(None)
+    db.put("go", "d", Blob(A, 1), {}, 1.0)
+    assert db.changes_since(fresh.position).keys == [("go", "d")]
+
+
+def test_purging_by_prefix_and_walking_unreferenced_blobs(any_index: PooledIndex, clock: Clock) -> None:
+    index = any_index
+    for i, key in enumerate(["m/@v/v1.0.0.zip", "m/@v/v1.0.0.mod", "m/@v/list", "mx/@v/list"]):
+        clock.advance(1)
+        resolve(index.put("go", key, Blob(Hash.of(key.encode()), 10 + i), {}))
+    removed = resolve(index.delete_prefixes("go", ["m/@v/"]))
+    assert sorted(r.key for r in removed) == ["m/@v/list", "m/@v/v1.0.0.mod", "m/@v/v1.0.0.zip"]
+    assert resolve(index.keys("go", "")) == ["mx/@v/list"]
+    found: list[str] = []
+    position = None
+    while True:
+        blobs, position = resolve(index.unreferenced_blobs(1e9, 2, position))
+        found += [b.hash for b in blobs]
+        if position is None:
+            break
+    assert sorted(found) == sorted(r.hash for r in removed)
+    assert set(resolve(index.reference_counts([r.hash for r in removed] + [Hash.of(b"mx/@v/list").hex]))) == {
+        Hash.of(b"mx/@v/list").hex}
+
+
+def test_least_recently_used_walks_in_order(any_index: PooledIndex, clock: Clock) -> None:
+    index = any_index
+    for key in ["c", "a", "b"]:
+        clock.advance(1)
+        resolve(index.put("go", key, Blob(A, 1), {}))
+    index.database.touch({("go", "c"): 100.0})
+    first = resolve(index.least_recently_used(2, None))
+    assert [u.key for u in first] == ["a", "b"]
+    assert [u.key for u in resolve(index.least_recently_used(2, first[-1].position))] == ["c"]
+
+
+# PostgreSQL's own.
+
+def test_a_password_in_the_address_is_refused() -> None:
+    from contentcache.index.postgresql import check_address
+
+    with pytest.raises(ValueError) as e:
+        check_address("postgresql://ci:hunter2@db.example/cache")
+    assert "hunter2" not in str(e.value) and "PGPASSWORD" in str(e.value)
+    with pytest.raises(ValueError):
+        check_address("postgresql://db.example/cache?password=hunter2")
+    assert check_address("postgresql://ci@db.example:5433/cache")
+
+
+def test_several_nodes_starting_together_migrate_once(pg_dsn: str) -> None:
+    from contentcache.index.postgresql import SCHEMA_VERSION as PG_SCHEMA, PostgreSQLDatabase
+
+    errors: list[BaseException] = []
+    opened: list[Any] = []
+
+    def start() -> None:
+        try:
+            opened.append(PostgreSQLDatabase(pg_dsn, 1))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and len(opened) == 4
+    for db in opened:
+        db.close()
+    import psycopg
+
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT version FROM contentcache_schema").fetchall() == [(PG_SCHEMA,)]
+
+
+def test_a_lost_database_fails_in_one_line_and_comes_back(postgresql: Any, pg_dsn: str, clock: Clock) -> None:
+    from contentcache.index import IndexUnavailable
+
+    index = PostgreSQLIndex(pg_dsn, SynchronousRunner(), clock)
+    index.open()
+    try:
+        resolve(index.put("go", "a", Blob(A, 1), {}))
+        postgresql.stop()
+        started = time.monotonic()
+        with pytest.raises(IndexUnavailable) as e:
+            resolve(index.get("go", "a"))
+        assert "\n" not in str(e.value) and "PostgreSQL" in str(e.value)
+        assert time.monotonic() - started < 10
+        # Once it said so, calls fail at once for a moment rather than wait.
+        started = time.monotonic()
+        with pytest.raises(IndexUnavailable):
+            resolve(index.writable())
+        assert time.monotonic() - started < 0.5
+        postgresql.start()
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                entry = resolve(index.get("go", "a"))
+                break
+            except IndexUnavailable:
+                assert time.monotonic() < deadline, "the pool never reconnected"
+                time.sleep(0.2)
+        assert entry is not None and entry.hash == A
+    finally:
+        postgresql.start()
+        resolve(index.close())
