@@ -19,7 +19,8 @@ from . import __version__, admin
 from .backend import StorageUnavailable
 from .backend.s3 import DEFAULT_PART_SIZE
 from .expiry import DEFAULT_GRACE, DEFAULT_TTL, Expiry, Policy
-from .index import INDEX_FILENAME, IIndex, IndexTooNew, SQLiteIndex
+from .index import INDEX_FILENAME, IIndex, IndexTooNew, IndexUnavailable, make_index
+from .index.postgresql import check_address
 from .pool import SynchronousRunner
 from .space import MinFree
 from .storage import StorageConfig
@@ -90,19 +91,25 @@ def _config(args: argparse.Namespace) -> StorageConfig:
 
 def _open(args: argparse.Namespace) -> tuple[IIndex, Store]:
     config = _config(args)
-    if not os.path.isfile(os.path.join(config.state_dir, INDEX_FILENAME)):
+    address = args.index
+    if address is None and not os.path.isfile(os.path.join(config.state_dir, INDEX_FILENAME)):
         what = "storage" if isinstance(config.blobs, str) else "state"
         raise SystemExit(f"contentcache: {config.state_dir} is not a {what} directory (it has no {INDEX_FILENAME}).")
+    if address is not None:
+        try:
+            check_address(address)
+        except ValueError as e:
+            raise SystemExit(f"contentcache: {e}.") from None
     disk = SynchronousRunner()
     try:
         store = config.store(disk, 1)
         store.backend.check()
     except StorageUnavailable as e:
         raise SystemExit(f"contentcache: {e}") from None
-    index = SQLiteIndex(config.state_dir, disk, _clock())
+    index = make_index(address, config.state_dir, disk, _clock())
     try:
         index.open()
-    except IndexTooNew as e:
+    except (IndexTooNew, IndexUnavailable) as e:
         raise SystemExit(f"contentcache: {e}") from None
     return index, store
 
@@ -245,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_argument("--s3-endpoint", default=env("s3-endpoint"),
                          help="the S3-compatible server's URL; credentials come from the AWS chain")
         sub.add_argument("--s3-region", default=env("s3-region"), help="the S3 region")
+        sub.add_argument("--index", default=env("index"),
+                         help="the shared index: postgresql://[user@]host[:port]/dbname (default: SQLite "
+                              "in the state directory)")
         sub.add_argument("--json", action="store_true", help="print one JSON document")
         return sub
 

@@ -1,16 +1,21 @@
 """
-Locks between the processes that share one storage: the workers of a
-daemon (and a second daemon on the same directory, by mistake or during a
-restart).
+Locks between the processes that make one cache: the workers of a daemon
+(and a second daemon on the same directory, by mistake or during a
+restart), and with a shared index, the nodes on other machines.
 
 L{KeyLocks} gives each cache key a lock, so that concurrent misses for it
-make one upstream request whichever process they land on. They are
-open-file-description locks (Linux's C{F_OFD_SETLK}) on one byte each of a
-single file under C{<state-dir>/run/}, at an offset derived from the key:
-no file per key to create or clean up, and the kernel releases every lock a
-process holds when it dies, even by C{SIGKILL}. L{Leadership} is one such
-lock on a file of its own, held for as long as a process runs the
-daemon's single-instance work (expiry, the scrub).
+make one upstream request whichever process they land on. L{Leadership}
+holds one lock for as long as a process runs the cache's single-instance
+work (expiry, the scrub). Both take their locks from an L{ILockSpace}:
+
+- L{FileLocks}, on one machine: open-file-description locks (Linux's
+  C{F_OFD_SETLK}) on one byte each of a single file under
+  C{<state-dir>/run/}, at an offset derived from the key: no file per key
+  to create or clean up, and the kernel releases every lock a process
+  holds when it dies, even by C{SIGKILL};
+- PostgreSQL's advisory locks (L{contentcache.index.postgresql.AdvisoryLocks}),
+  across machines: the server releases them when the process's connection
+  ends.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import AsyncIterator, Callable
 
 from attrs import define
 from blake3 import blake3
+from zope.interface import Interface, implementer
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -112,19 +118,72 @@ def _take_file(path: str) -> bool:
     return True
 
 
-@define
-class KeyLocks:
+LEADER = "leader"
+
+
+def key_number(name: str) -> int:
     """
-    A lock per key, shared by every process with the same run directory.
+    A lock's name as 64 bits (of which a lock space uses what it can).
+    """
+    return int.from_bytes(blake3(name.encode("utf-8")).digest(8), "big")
+
+
+class ILockSpace(Interface):
+    """
+    Named locks shared by the processes of one cache. Every method blocks:
+    call it on the disk pool (or before the reactor runs).
+    """
+
+    def try_lock(name: str) -> object | None:
+        """
+        Take the lock C{name} without waiting: a token that holds it, or
+        L{None} if another process holds it.
+        """
+
+    def unlock(token: object) -> None:
+        """
+        Let go of the lock C{token} holds.
+        """
+
+    def held(token: object) -> bool:
+        """
+        Whether C{token} still holds its lock (a lock that lives on a
+        connection is lost with it).
+        """
+
+
+@implementer(ILockSpace)
+@define
+class FileLocks:
+    """
+    Locks on files in a run directory, for the processes of one machine.
     """
 
     directory: str
+
+    def try_lock(self, name: str) -> int | None:
+        if name == LEADER:
+            return _try(os.path.join(self.directory, LEADER_LOCK), 0)
+        return _try(os.path.join(self.directory, KEY_LOCKS), key_number(name) & _OFFSETS)
+
+    def unlock(self, token: object) -> None:
+        # Closing the descriptor releases the lock.
+        assert isinstance(token, int)
+        os.close(token)
+
+    def held(self, token: object) -> bool:
+        return True
+
+
+@define
+class KeyLocks:
+    """
+    A lock per key, shared by every process of the cache.
+    """
+
+    space: ILockSpace
     _disk: Runner
     _clock: IReactorTime
-
-    @property
-    def path(self) -> str:
-        return os.path.join(self.directory, KEY_LOCKS)
 
     @asynccontextmanager
     async def hold(self, key: str) -> AsyncIterator[None]:
@@ -133,56 +192,56 @@ class KeyLocks:
         the reactor thread, a poll that backs off) while another process
         holds it.
         """
-        offset = int.from_bytes(blake3(key.encode("utf-8")).digest(8), "big") & _OFFSETS
         wait = FIRST_WAIT
-        while (fd := await self._disk.run(_try, self.path, offset)) is None:
+        while (token := await self._disk.run(self.space.try_lock, key)) is None:
             await deferLater(self._clock, wait)
             wait = min(wait * 2, LONGEST_WAIT)
         try:
             yield
         finally:
-            # Closing the descriptor releases the lock.
-            await self._disk.run(os.close, fd)
+            await self._disk.run(self.space.unlock, token)
 
 
 class Leadership(MultiService):
     """
     Runs its child services (expiry, the scrub) only while this process
-    holds the leader lock: in one process of those that share the run
-    directory at a time. One that does not lead tries again every second,
-    so when the leader dies another takes over.
+    holds the leader lock: in one process of the cache at a time. One that
+    does not lead tries again every second, so when the leader dies another
+    takes over; the leader looks as often whether it still holds the lock
+    (a lock on a database connection is lost with it) and stops its
+    services if not.
     """
 
-    def __init__(self, directory: str, disk: Runner, clock: IReactorTime,
+    def __init__(self, space: ILockSpace, directory: str, disk: Runner, clock: IReactorTime,
                  on_change: Callable[[bool], None] | None = None) -> None:
         super().__init__()
-        self.path = os.path.join(directory, LEADER_LOCK)
+        self.space = space
         self._disk = disk
-        self._fd: int | None = None
+        self._token: object | None = None
         self._on_change = on_change
-        self._loop = LoopingCall(self._try_again)
+        self._loop = LoopingCall(self._every_second)
         self._loop.clock = clock
         self._wanted = os.path.join(directory, ROOM_WANTED)
         self._room: Callable[[], object] | None = None
         self._asked = LoopingCall(self._look_for_asks)
         self._asked.clock = clock
+        self._busy = False
 
     @property
     def leading(self) -> bool:
-        return self._fd is not None
-
-    def _take(self) -> bool:
-        self._fd = _try(self.path, 0)
-        return self._fd is not None
+        return self._token is not None
 
     def startService(self) -> None:
         # At startup, before the reactor runs, blocking is allowed (as
         # opening the index is): the leader starts its services at once.
         self.running = 1
-        if self._take():
+        try:
+            self._token = self.space.try_lock(LEADER)
+        except Exception as e:
+            log.warn("cannot take the leader lock: {error}", error=e)
+        if self._token is not None:
             self._lead()
-        else:
-            self._loop.start(LEADER_RETRY, now=False)
+        self._loop.start(LEADER_RETRY, now=False)
 
     def _lead(self) -> None:
         log.debug("this process runs expiry and the scrub")
@@ -191,6 +250,12 @@ class Leadership(MultiService):
         for service in self:
             service.startService()
         self._asked.start(ASK_INTERVAL, now=False)
+
+    async def _follow(self) -> None:
+        self._asked.stop()
+        if self._on_change is not None:
+            self._on_change(False)
+        await self._stop_children()
 
     def when_short(self, make_room: Callable[[], object]) -> None:
         """
@@ -221,36 +286,57 @@ class Leadership(MultiService):
     def _look_for_asks(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._look_for_asks_async())
 
-    def _try_again(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._try_again_async())
+    def _every_second(self) -> Deferred[None] | None:
+        if self._busy:
+            return None  # the last look has not finished (a database slow to answer)
+        return Deferred.fromCoroutine(self._look())
 
-    async def _try_again_async(self) -> None:
+    async def _look(self) -> None:
+        self._busy = True
         try:
-            fd = await self._disk.run(_try, self.path, 0)
-        except OSError as e:
-            log.warn("cannot take the leader lock {path}: {error}", path=self.path, error=e)
-            return
-        if fd is None or not self.running:
-            if fd is not None:
-                os.close(fd)
-            return
-        self._fd = fd
-        self._loop.stop()
-        log.info("taking over expiry and the scrub (pid {pid})", pid=os.getpid())
-        self._lead()
+            if self._token is not None:
+                if await self._disk.run(self.space.held, self._token) or not self.running:
+                    return
+                log.warn("lost the leader lock (its connection to the index went): "
+                         "expiry and the scrub stop here until this process leads again")
+                self._token = None
+                await self._follow()
+                return
+            try:
+                token = await self._disk.run(self.space.try_lock, LEADER)
+            except Exception as e:
+                log.warn("cannot take the leader lock: {error}", error=e)
+                return
+            if token is None:
+                return
+            if not self.running:
+                await self._disk.run(self.space.unlock, token)
+                return
+            self._token = token
+            log.info("taking over expiry and the scrub (pid {pid})", pid=os.getpid())
+            self._lead()
+        finally:
+            self._busy = False
+
+    async def _stop_children(self) -> None:
+        for service in reversed(list(self)):
+            if service.running:
+                try:
+                    await maybeDeferred(service.stopService)
+                except Exception:
+                    log.failure("stopping {service} failed", service=service)
 
     async def _stop(self) -> None:
         for loop in (self._loop, self._asked):
             if loop.running:
                 loop.stop()
-        if self._fd is not None:
-            for service in reversed(list(self)):
-                try:
-                    await maybeDeferred(service.stopService)
-                except Exception:
-                    log.failure("stopping {service} failed", service=service)
-            os.close(self._fd)
-            self._fd = None
+        if self._token is not None:
+            await self._stop_children()
+            token, self._token = self._token, None
+            try:
+                self.space.unlock(token)
+            except Exception as e:
+                log.debug("letting go of the leader lock failed: {error}", error=e)
 
     def stopService(self) -> Deferred[None]:
         self.running = 0

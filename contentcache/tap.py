@@ -27,7 +27,7 @@ from .discover import (
 )
 from .hash import Hash
 from .hot import HotSet, Invalidations
-from .index import IndexService, SQLiteIndex, prepare as prepare_index
+from .index import IndexService, make_index, make_locks, prepare as prepare_index
 from .locks import KeyLocks, Leadership, run_directory
 from .protocol.goproxy.resource import PROTOCOL as GO
 from .protocol.goproxy.resource import SUMDB_PROTOCOL as GOSUMDB
@@ -116,6 +116,9 @@ class Options(usage.Options):
          "index goes there too), or s3://BUCKET/PREFIX."],
         ["state-dir", None, None, "The local directory of the index (and, with S3, of spool "
          "files); needed with s3:// storage. Default: the storage directory."],
+        ["index", None, None, "The index: postgresql://[user@]host[:port]/dbname, one database for "
+         "several nodes (the password from PGPASSWORD, ~/.pgpass or a service file); default: SQLite "
+         "in the state directory."],
         ["s3-endpoint", None, None, "The S3-compatible server's URL (MinIO, Ceph, ...); default: "
          "AWS S3. Credentials come from the AWS chain: environment, ~/.aws files, instance role."],
         ["s3-region", None, None, "The S3 region (default: the AWS configuration's)."],
@@ -280,6 +283,13 @@ class Options(usage.Options):
         level = str(self["compression-level"]).strip()
         if not level.lstrip("-").isdigit():
             raise usage.UsageError(f"--compression-level must be a whole number, not {level!r}.")
+        if self["index"] is not None:
+            from .index.postgresql import check_address
+
+            try:
+                check_address(str(self["index"]))
+            except ValueError as e:
+                raise usage.UsageError(f"{e}.") from None
         try:
             self["storage"] = StorageConfig.parse(
                 str(self["storage"]), self["state-dir"], self["s3-endpoint"], self["s3-region"],
@@ -396,7 +406,7 @@ class Preflight(Service):
         # here belongs to the user the daemon runs as.
         options = self._options
         storage: StorageConfig = options["storage"]
-        prepare_index(storage.state_dir)
+        prepare_index(options["index"], storage.state_dir)
         run = run_directory(storage.state_dir)
         try:
             os.makedirs(run, exist_ok=True)
@@ -445,8 +455,11 @@ def _daemon(options: Options) -> IService:
     # cache for nothing, and only the full state is kept.
     min_free = options["min-free"] if isinstance(storage.blobs, str) else MinFree()
     space = DiskSpace(storage.staging, reactor, min_free, shared=run if slot is not None else None, runner=disk)
-    index = SQLiteIndex(storage.state_dir, disk, reactor, space=space)
+    index = make_index(options["index"], storage.state_dir, disk, reactor, space, options["disk-threads"])
     IndexService(index, reactor).setServiceParent(top)
+    # Per-key locks and the leader's: files on this machine, or advisory
+    # locks on the shared index's server for every node.
+    lock_space = make_locks(options["index"], run)
 
     try:
         store = storage.store(disk, options["disk-threads"], space)
@@ -458,7 +471,7 @@ def _daemon(options: Options) -> IService:
     hot = HotSet(options["memory-cache"] // options["workers"] if slot is not None else options["memory-cache"])
     invalidations = Invalidations(hot, index, reactor, prune=False)
     invalidations.setServiceParent(top)
-    locks = KeyLocks(run, disk, reactor)
+    locks = KeyLocks(lock_space, disk, reactor)
 
     async def damaged(h: Hash) -> None:
         # Damage found in a blob: every entry that points at it goes with it.
@@ -479,7 +492,7 @@ def _daemon(options: Options) -> IService:
 
     # Expiry and the scrub run in one process of those sharing the run
     # directory (one worker; one daemon beside a second by mistake).
-    leadership = Leadership(run, disk, reactor, on_change=lambda leading: setattr(invalidations, "prune", leading))
+    leadership = Leadership(lock_space, run, disk, reactor, on_change=lambda leading: setattr(invalidations, "prune", leading))
     policy = Policy(
         ttl=options["ttl"] or None, max_size=options["max-size"], grace=options["grace"],
         min_free=min_free,

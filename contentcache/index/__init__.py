@@ -20,7 +20,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from ..space import StorageFull
+from ..locks import FileLocks, ILockSpace
+from ..pool import Runner
+from ..space import DiskSpace, StorageFull
 from .interface import (
     CHANGES_KEPT,
     BlobRow,
@@ -56,6 +58,8 @@ __all__ = [
     "SQLiteIndex",
     "StoreStats",
     "Used",
+    "make_index",
+    "make_locks",
     "prepare",
     "startup_errors",
 ]
@@ -77,16 +81,54 @@ def startup_errors(description: str) -> Iterator[None]:
         raise SystemExit(f"Cannot open the index ({description}): {e}.") from None
 
 
-def prepare(directory: str) -> None:
+def prepare(address: str | None, state_dir: str) -> None:
     """
-    Create or migrate the SQLite index in C{directory} and close it again
-    (the supervisor of workers, before it starts them: one migration, and
-    a sentence rather than N failing workers).
+    Create or migrate the index (C{address}, or SQLite in C{state_dir})
+    and close it again: the supervisor of workers, before it starts them
+    (one migration, and a sentence rather than N failing workers).
     """
+    if address is not None:
+        from .postgresql import describe, prepare as prepare_postgresql
+
+        with startup_errors(describe(address)):
+            prepare_postgresql(address)
+        return
     from .sqlite import prepare as prepare_sqlite
 
-    with startup_errors(os.path.join(directory, INDEX_FILENAME)):
-        prepare_sqlite(directory)
+    with startup_errors(os.path.join(state_dir, INDEX_FILENAME)):
+        prepare_sqlite(state_dir)
+
+
+def make_index(
+    address: str | None,
+    state_dir: str,
+    disk: Runner,
+    clock: IReactorTime,
+    space: DiskSpace | None = None,
+    threads: int = 1,
+) -> PooledIndex:
+    """
+    The index at C{address} (a C{postgresql://} URL), or SQLite in
+    C{state_dir}; not opened yet. C{space} guards a local index's writes
+    against a full disk; C{threads} bounds a server's connections.
+    """
+    if address is not None:
+        from .postgresql import MAX_CONNECTIONS, PostgreSQLIndex
+
+        return PostgreSQLIndex(address, disk, clock, max_connections=min(threads, MAX_CONNECTIONS))
+    return SQLiteIndex(state_dir, disk, clock, space=space)
+
+
+def make_locks(address: str | None, run_directory: str) -> ILockSpace:
+    """
+    The locks of the processes of one cache: advisory locks on the shared
+    index's server, else files in the run directory.
+    """
+    if address is not None:
+        from .postgresql import AdvisoryLocks
+
+        return AdvisoryLocks(address)
+    return FileLocks(run_directory)
 
 
 class IndexService(Service):

@@ -32,6 +32,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from ..hash import Hash
+from ..locks import ILockSpace, key_number
 from ..pool import Runner
 from ..store import Blob
 from .interface import (
@@ -650,3 +651,84 @@ def prepare(address: str) -> None:
     them), then close again.
     """
     PostgreSQLDatabase(address, 1).close()
+
+
+@implementer(ILockSpace)
+class AdvisoryLocks:
+    """
+    The cache's locks as PostgreSQL advisory locks, for every node that
+    shares the index: session locks on one connection of this process's
+    own (many locks, one connection; the server lets go of them all when
+    the connection ends, as the kernel does for a dead process's file
+    locks). Calls are short and one at a time on that connection.
+    """
+
+    def __init__(self, address: str) -> None:
+        self.address = check_address(address)
+        self.description = describe(address)
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        #: Which connection a token's lock lives on: a new connection
+        #: holds none of the old one's.
+        self._generation = 0
+
+    def _connection(self) -> Any:
+        import psycopg
+
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._generation += 1
+            self._conn = psycopg.connect(
+                self.address, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name="contentcache-locks"
+            )
+        return self._conn
+
+    def _lost(self, e: BaseException) -> IndexUnavailable:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        return IndexUnavailable(f"{self.description}: {_one_line(e)}")
+
+    def try_lock(self, name: str) -> tuple[int, int] | None:
+        import psycopg
+
+        # Advisory lock keys are signed 64-bit numbers.
+        key = key_number(name) - (1 << 63)
+        with self._lock:
+            try:
+                (taken,) = self._connection().execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+            except psycopg.OperationalError as e:
+                raise self._lost(e) from None
+            return (self._generation, key) if taken else None
+
+    def unlock(self, token: object) -> None:
+        import psycopg
+
+        assert isinstance(token, tuple)
+        generation, key = token
+        with self._lock:
+            if generation != self._generation or self._conn is None:
+                return  # its connection is gone, and the lock with it
+            try:
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            except psycopg.OperationalError as e:
+                raise self._lost(e) from None
+
+    def held(self, token: object) -> bool:
+        import psycopg
+
+        assert isinstance(token, tuple)
+        with self._lock:
+            if token[0] != self._generation or self._conn is None:
+                return False
+            try:
+                self._conn.execute("SELECT 1")
+            except psycopg.OperationalError as e:
+                self._lost(e)
+                return False
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
