@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from .hash import Hash
 from .hot import Found, HotSet
-from .index import Entry, IIndex
+from .index import Entry, IIndex, IndexUnavailable
 from .locks import KeyLocks
 from .store import MAX_WHOLE_READ, Blob, Spool, Store
 from .upstream import Coalescer, Fetched, NegativeCache, UpstreamError
@@ -155,6 +155,8 @@ class ProtocolCache:
         hot = self.hot
         found: list[Found | None] = []
         missing = []
+        #: Entries held without the bytes wanted with them.
+        bare: dict[int, Found] = {}
         for i, (key, body) in enumerate(wanted):
             held = hot.get((self.protocol, key))
             if held is not None and (not body or held.body is not None or held.entry.size > hot.item_limit):
@@ -162,12 +164,20 @@ class ProtocolCache:
             else:
                 found.append(None)
                 missing.append(i)
+                if held is not None:
+                    bare[i] = held
         if missing:
             since = hot.generation
             read = self._read_now if any(wanted[i][1] for i in missing) else None
-            rows = await self.index.lookup(
-                self.protocol, [(wanted[i][0], read if wanted[i][1] else None) for i in missing]
-            )
+            try:
+                rows = await self.index.lookup(
+                    self.protocol, [(wanted[i][0], read if wanted[i][1] else None) for i in missing]
+                )
+            except IndexUnavailable:
+                if len(bare) < len(missing):
+                    raise
+                # The entries are known: their bytes come from the store.
+                rows = [(bare[i].entry, None) for i in missing]
             for i, row in zip(missing, rows):
                 if row is not None:
                     found[i] = Found(*row)

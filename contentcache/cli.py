@@ -19,8 +19,9 @@ from . import __version__, admin
 from .backend import StorageUnavailable
 from .backend.s3 import DEFAULT_PART_SIZE
 from .expiry import DEFAULT_GRACE, DEFAULT_TTL, Expiry, Policy
-from .index import INDEX_FILENAME, IIndex, IndexTooNew, IndexUnavailable, make_index
+from .index import INDEX_FILENAME, IIndex, IndexTooNew, IndexUnavailable, make_index, make_locks
 from .index.postgresql import check_address
+from .locks import EXPIRY_PASS, held_blocking, run_directory
 from .pool import SynchronousRunner
 from .space import MinFree
 from .storage import StorageConfig
@@ -153,7 +154,10 @@ def _gc(args: argparse.Namespace) -> int:
             print(f"{'would remove' if args.dry_run else 'removed'} {kind} {name}")
 
     progress = Progress("entries examined", every=100_000)
-    expiry = Expiry(index, store, _clock(), policy, removed=removed, progress=progress)
+    # One pass at a time in the whole cache: a daemon's, or another gc's.
+    space = make_locks(args.index, run_directory(_config(args).state_dir))
+    expiry = Expiry(index, store, _clock(), policy, removed=removed, progress=progress,
+                    exclusive=lambda: held_blocking(space, EXPIRY_PASS))
     try:
         report = _wait(expiry.run(dry_run=args.dry_run))
     finally:

@@ -11,6 +11,7 @@ trip to the disk pool, so the daemon keeps serving while it runs.
 from __future__ import annotations
 
 import time
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any, Callable
 
@@ -117,12 +118,22 @@ class Expiry:
     removed: Callable[[str, str], None] | None = None
     #: Called with how many entries the pass has looked at so far.
     progress: Callable[[int, int | None], None] | None = None
+    #: Held for the whole of a pass that changes anything: one pass at a
+    #: time in the whole cache (the leader's, and gc commands run on any
+    #: machine meanwhile).
+    exclusive: Callable[[], AbstractAsyncContextManager[None]] | None = None
 
     def _note(self, kind: str, name: str) -> None:
         if self.removed is not None:
             self.removed(kind, name)
 
     async def run(self, dry_run: bool = False) -> Report:
+        if dry_run or self.exclusive is None:
+            return await self._run(dry_run)
+        async with self.exclusive():
+            return await self._run(dry_run)
+
+    async def _run(self, dry_run: bool) -> Report:
         started = time.monotonic()
         now = self.clock.seconds()
         report = Report(dry_run=dry_run)

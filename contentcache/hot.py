@@ -21,7 +21,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .hash import Hash
-from .index import CHANGES_KEPT, Entry, IIndex
+from .index import CHANGES_KEPT, Entry, IIndex, IndexUnavailable
 
 log = Logger()
 
@@ -161,6 +161,17 @@ class Invalidations(Service):
     async def _poll_async(self) -> None:
         try:
             changes = await self.index.changes_since(self._position)
+        except IndexUnavailable as e:
+            # The database is out of reach: hits from memory go on. What
+            # changed in it before is read once it answers (from where
+            # this process got to; all of it, if pruned meanwhile), and
+            # nobody changes an index nobody reaches... except a node on
+            # the other side of a network split, which is the price of
+            # serving through the outage.
+            if not self._failing:
+                log.warn("cannot read the index's changes ({error}); serving what is held in memory", error=e)
+            self._failing = True
+            return
         except Exception as e:
             # Nothing seen, nothing dropped: hold nothing until it answers.
             self.hot.clear()

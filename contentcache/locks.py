@@ -24,6 +24,7 @@ import errno
 import fcntl
 import os
 import struct
+import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
@@ -119,6 +120,9 @@ def _take_file(path: str) -> bool:
 
 
 LEADER = "leader"
+#: Held by an expiry pass that changes anything, in the daemon or in a gc
+#: command (not a cache key: those are protocol NUL key).
+EXPIRY_PASS = "expiry pass"
 
 
 def key_number(name: str) -> int:
@@ -200,6 +204,20 @@ class KeyLocks:
             yield
         finally:
             await self._disk.run(self.space.unlock, token)
+
+
+@asynccontextmanager
+async def held_blocking(space: ILockSpace, name: str, poll: float = 0.1) -> AsyncIterator[None]:
+    """
+    Hold the lock C{name}, waiting for it in this thread: for the admin
+    command, which runs no reactor.
+    """
+    while (token := space.try_lock(name)) is None:
+        time.sleep(poll)
+    try:
+        yield
+    finally:
+        space.unlock(token)
 
 
 class Leadership(MultiService):

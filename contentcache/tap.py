@@ -28,7 +28,7 @@ from .discover import (
 from .hash import Hash
 from .hot import HotSet, Invalidations
 from .index import IndexService, make_index, make_locks, prepare as prepare_index
-from .locks import KeyLocks, Leadership, run_directory
+from .locks import EXPIRY_PASS, KeyLocks, Leadership, run_directory
 from .protocol.goproxy.resource import PROTOCOL as GO
 from .protocol.goproxy.resource import SUMDB_PROTOCOL as GOSUMDB
 from .protocol.goproxy.resource import GoProxy, GoProxyResource
@@ -497,7 +497,10 @@ def _daemon(options: Options) -> IService:
         ttl=options["ttl"] or None, max_size=options["max-size"], grace=options["grace"],
         min_free=min_free,
     )
-    expiry = ExpiryService(Expiry(index, store, reactor, policy), reactor, options["expiry-interval"])
+    expiry = ExpiryService(
+        Expiry(index, store, reactor, policy, exclusive=lambda: locks.hold(EXPIRY_PASS)),
+        reactor, options["expiry-interval"],
+    )
     expiry.setServiceParent(leadership)
     leadership.when_short(expiry.make_room)
     space.when_short(leadership.short)

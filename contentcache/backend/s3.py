@@ -409,6 +409,14 @@ class S3Backend:
     def read(self, key: str, offset: int, length: int, then: Callable[[bytes], bytes] | None = None) -> Deferred[bytes]:
         return self._run(self._read, key, offset, length, then)
 
+    def read_blocking(self, key: str, offset: int, length: int) -> bytes:
+        """
+        L{read} on the calling thread, for a caller already on the disk
+        pool (a cold hit reads its entry and its small blob in one trip,
+        so the hot set holds S3 blobs' bytes too).
+        """
+        return self._guarded(self._read, key, offset, length, None)
+
     def _stat(self, key: str) -> Stat | None:
         from botocore.exceptions import ClientError
 

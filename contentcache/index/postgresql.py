@@ -378,18 +378,17 @@ class PostgreSQLDatabase:
     def lookup(
         self, protocol: str, wanted: Sequence[tuple[str, Callable[[Entry], T] | None]]
     ) -> list[tuple[Entry, T | None] | None]:
-        def work(conn: Any) -> list[tuple[Entry, T | None] | None]:
-            found: list[tuple[Entry, T | None] | None] = []
-            for key, then in wanted:
-                row = conn.execute(self._SELECT_ENTRY, (protocol, key)).fetchone()
-                if row is None:
-                    found.append(None)
-                else:
-                    entry = _entry(row)
-                    found.append((entry, None if then is None else then(entry)))
-            return found
+        def work(conn: Any) -> list[Entry | None]:
+            rows = [conn.execute(self._SELECT_ENTRY, (protocol, key)).fetchone() for key, _ in wanted]
+            return [None if row is None else _entry(row) for row in rows]
 
-        return self._call(work)
+        # The functions (reads of small blobs, from S3 perhaps) run with the
+        # connection back in the pool.
+        entries = self._call(work)
+        return [
+            None if entry is None else (entry, None if then is None else then(entry))
+            for entry, (_, then) in zip(entries, wanted)
+        ]
 
     def put(self, protocol: str, key: str, blob: Blob, attrs: Mapping[str, Any], now: float) -> Entry:
         encoded = json.dumps(attrs, sort_keys=True, separators=(",", ":"))
