@@ -13,7 +13,7 @@ from attrs import define, field
 
 from .expiry import DEFAULT_GRACE
 from .hash import Hash
-from .index import IIndex, Removed
+from .index import IDatabase, IIndex, Removed
 from .protocol.goproxy.paths import InvalidPath, Module, escape
 from .protocol.goproxy.resource import PROTOCOL as GO
 from .protocol.npm.names import InvalidName, PackageName
@@ -180,3 +180,33 @@ async def purge(index: IIndex, store: Store, protocol: str, name: str) -> list[s
     for hexhash in {r.hash for r in removed}:
         await index.delete_blob(hexhash, None, partial(store.delete_now, Hash.from_hex(hexhash)))
     return sorted(r.key for r in removed)
+
+
+#: Rows copied at once by migrate-index.
+MIGRATE_BATCH = 5000
+
+
+def migrate_index(source: IDatabase, target: IDatabase, progress: Progress | None = None) -> tuple[int, int]:
+    """
+    Copy every blob's row and every entry of C{source} into C{target},
+    which must be empty (L{ValueError} otherwise); how many blobs and
+    entries were copied. Blocking: the admin command runs no reactor.
+    """
+    if not target.empty():
+        raise ValueError("the target index is not empty: give an empty database")
+    blobs = entries = 0
+    after_blob: str | None = None
+    while batch := source.blob_records(after_blob, MIGRATE_BATCH):
+        target.load(batch, [])
+        blobs += len(batch)
+        after_blob = batch[-1].hash
+        if progress is not None:
+            progress(blobs + entries, None)
+    after_entry: tuple[str, str] | None = None
+    while rows := source.entry_rows(after_entry, MIGRATE_BATCH):
+        target.load([], rows)
+        entries += len(rows)
+        after_entry = (rows[-1].protocol, rows[-1].key)
+        if progress is not None:
+            progress(blobs + entries, None)
+    return blobs, entries

@@ -20,7 +20,8 @@ from .backend import StorageUnavailable
 from .backend.s3 import DEFAULT_PART_SIZE
 from .expiry import DEFAULT_GRACE, DEFAULT_TTL, Expiry, Policy
 from .index import INDEX_FILENAME, IIndex, IndexTooNew, IndexUnavailable, make_index, make_locks
-from .index.postgresql import check_address
+from .index.postgresql import PostgreSQLDatabase, check_address, describe
+from .index.sqlite import SQLiteDatabase
 from .locks import EXPIRY_PASS, held_blocking, run_directory
 from .pool import SynchronousRunner
 from .space import MinFree
@@ -203,6 +204,37 @@ def _purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate_index(args: argparse.Namespace) -> int:
+    source_path = args.source.removeprefix("sqlite:")
+    if not args.source.startswith("sqlite:"):
+        raise SystemExit("contentcache: --from takes sqlite:PATH (a state directory or its index.sqlite).")
+    if os.path.isdir(source_path):
+        source_path = os.path.join(source_path, INDEX_FILENAME)
+    if not os.path.isfile(source_path):
+        raise SystemExit(f"contentcache: there is no index at {source_path}.")
+    try:
+        check_address(args.target)
+    except ValueError as e:
+        raise SystemExit(f"contentcache: {e}.") from None
+    progress = Progress("rows copied", every=100_000)
+    try:
+        source = SQLiteDatabase(source_path)
+        target = PostgreSQLDatabase(args.target, 1)
+        try:
+            blobs, entries = admin.migrate_index(source, target, progress)
+        finally:
+            source.close()
+            target.close()
+    except (IndexTooNew, IndexUnavailable) as e:
+        raise SystemExit(f"contentcache: {e}") from None
+    except ValueError as e:
+        raise SystemExit(f"contentcache: {e}.") from None
+    finally:
+        progress.close()
+    print(f"copied {blobs} blobs and {entries} entries from {source_path} to {describe(args.target)}")
+    return 0
+
+
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
     # twistd is the one way the daemon runs; this saves typing "-n".
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -288,6 +320,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     purge.add_argument("protocol", choices=["go", "npm"])
     purge.add_argument("name", help="a module path (example.com/m) or package name (@scope/name)")
     purge.set_defaults(run=_purge)
+
+    migrate = commands.add_parser(
+        "migrate-index", help="copy a single node's SQLite index into an empty PostgreSQL database",
+        description="Copy a single node's SQLite index into an empty PostgreSQL database, so that several "
+                    "nodes share what one fetched (the blobs stay where they are: give every node the same "
+                    "--storage). Refuses a target that holds anything.")
+    migrate.add_argument("--from", dest="source", required=True, metavar="sqlite:PATH",
+                         help="the index to copy: a state directory, or its index.sqlite")
+    migrate.add_argument("--to", dest="target", required=True, metavar="postgresql://...",
+                         help="the empty database (the password from PGPASSWORD, ~/.pgpass or a service file)")
+    migrate.set_defaults(run=_migrate_index)
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "serve":

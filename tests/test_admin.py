@@ -238,3 +238,61 @@ def test_verify_repair_on_a_live_daemon_then_refetch(live: dict[str, Any]) -> No
         status, headers, body = request(daemon.url, "/goproxy" + path)
         assert status == 200 and headers["x-cache"] == "MISS" and body == bodies[path]
         assert go.count(path) == 2
+
+
+def test_migrate_index_copies_a_node_into_postgresql(
+    filled: dict[str, Hash], storage: str, pg_dsn: str, clock: Clock
+) -> None:
+    from contentcache.index.postgresql import PostgreSQLIndex
+    from contentcache.pool import SynchronousRunner
+
+    before = json.loads(admin("stats", "--storage", storage, "--json").stdout)
+    result = admin("migrate-index", "--from", f"sqlite:{storage}", "--to", pg_dsn)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("copied 4 blobs and 5 entries from ")
+    assert json.loads(admin("stats", "--storage", storage, "--index", pg_dsn, "--json").stdout) == before
+
+    copied = PostgreSQLIndex(pg_dsn, SynchronousRunner(), clock)
+    copied.open()
+    original = SQLiteIndex(storage, SynchronousRunner(), clock)
+    original.open()
+    try:
+        for key in filled:
+            protocol = "npm" if key.startswith(("tarball:", "packument:")) else "go"
+            assert resolve(copied.get(protocol, key)) == resolve(original.get(protocol, key))
+    finally:
+        resolve(copied.close())
+        resolve(original.close())
+
+    # Never over what a cache already holds.
+    again = admin("migrate-index", "--from", f"sqlite:{storage}", "--to", pg_dsn)
+    assert again.returncode != 0 and again.stdout == ""
+    assert again.stderr.strip().splitlines() == [
+        "contentcache: the target index is not empty: give an empty database."]
+    missing = admin("migrate-index", "--from", f"sqlite:{storage}/nowhere", "--to", pg_dsn)
+    assert missing.returncode != 0 and "there is no index at" in missing.stderr
+    secret = admin("migrate-index", "--from", f"sqlite:{storage}", "--to", "postgresql://ci:hunter2@db/cache")
+    assert secret.returncode != 0 and "hunter2" not in secret.stderr + secret.stdout
+
+
+def test_a_migrated_cache_is_served_without_fetching_again(tmp_path: Any, pg_dsn: str) -> None:
+    upstream = UpstreamFixture(build_tree(str(tmp_path / "proxy"), modules()))
+    storage = str(tmp_path / "storage")
+    zip_path = f"/goproxy/{GREET}/@v/v1.2.0.zip"
+    try:
+        daemon = Daemon(storage, ["--go-upstream", upstream.url, "--go-sumdb", "off"])
+        try:
+            assert request(daemon.url, zip_path)[1]["x-cache"] == "MISS"
+            assert daemon.terminate() == 0
+        finally:
+            daemon.stop()
+        assert admin("migrate-index", "--from", f"sqlite:{storage}", "--to", pg_dsn).returncode == 0
+        daemon = Daemon(storage, ["--index", pg_dsn, "--go-upstream", upstream.url, "--go-sumdb", "off"])
+        try:
+            status, headers, _ = request(daemon.url, zip_path)
+            assert (status, headers["x-cache"]) == (200, "HIT")
+        finally:
+            daemon.stop()
+        assert upstream.count(f"/{GREET}/@v/v1.2.0.zip") == 1
+    finally:
+        upstream.stop()

@@ -125,6 +125,19 @@ class Removed:
 
 
 @frozen
+class StoredBlob:
+    """
+    A blob's whole row, as migrate-index copies it.
+    """
+
+    hash: str
+    size: int
+    created: float
+    encoding: str
+    stored: int | None
+
+
+@frozen
 class StoreStats:
     """
     What the store holds, from counters the index keeps as entries and
@@ -273,6 +286,27 @@ class IDatabase(Interface):
     def referenced_hashes() -> set[str]:
         """
         Every blob some entry points at.
+        """
+
+    def empty() -> bool:
+        """
+        Whether the index holds no entry and no blob.
+        """
+
+    def entry_rows(after: tuple[str, str] | None, limit: int) -> list[Entry]:
+        """
+        Up to C{limit} entries in key order after C{after} (protocol, key).
+        """
+
+    def blob_records(after: str | None, limit: int) -> list[StoredBlob]:
+        """
+        Up to C{limit} blobs' rows in hash order after C{after}.
+        """
+
+    def load(blobs: Sequence[StoredBlob], entries: Sequence[Entry]) -> None:
+        """
+        Insert rows copied from another index, as they are (access times
+        included), in one transaction.
         """
 
     def changes_since(position: int | None) -> Changes:

@@ -44,6 +44,7 @@ from .interface import (
     IndexTooNew,
     IndexUnavailable,
     Removed,
+    StoredBlob,
     StoreStats,
     Used,
 )
@@ -568,6 +569,44 @@ class PostgreSQLDatabase:
 
     def referenced_hashes(self) -> set[str]:
         return {h for (h,) in self._query("SELECT DISTINCT hash FROM entries")}
+
+    # Copying an index (migrate-index).
+
+    def empty(self) -> bool:
+        rows = self._query("SELECT EXISTS (SELECT 1 FROM entries) OR EXISTS (SELECT 1 FROM blobs)")
+        return not rows[0][0]
+
+    def entry_rows(self, after: tuple[str, str] | None, limit: int) -> list[Entry]:
+        start = after or ("", "")
+        rows = self._query(
+            "SELECT e.protocol, e.key, e.hash, e.size, e.attrs, e.created, e.accessed, "
+            "coalesce(b.encoding, 'identity') FROM entries AS e LEFT JOIN blobs AS b ON b.hash = e.hash "
+            "WHERE (e.protocol, e.key) > (%s, %s) ORDER BY e.protocol, e.key LIMIT %s", (*start, limit)
+        )
+        return [_entry(row) for row in rows]
+
+    def blob_records(self, after: str | None, limit: int) -> list[StoredBlob]:
+        rows = self._query(
+            "SELECT hash, size, created, encoding, stored FROM blobs WHERE hash > %s ORDER BY hash LIMIT %s",
+            (after or "", limit),
+        )
+        return [StoredBlob(*row) for row in rows]
+
+    def load(self, blobs: Sequence[StoredBlob], entries: Sequence[Entry]) -> None:
+        def work(conn: Any) -> None:
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO blobs (hash, size, created, encoding, stored) VALUES (%s, %s, %s, %s, %s)",
+                    [(b.hash, b.size, b.created, b.encoding, b.stored) for b in blobs],
+                )
+                cursor.executemany(
+                    f"INSERT INTO entries ({_ENTRY_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                    [(e.protocol, e.key, e.hash.hex, e.size,
+                      json.dumps(e.attrs, sort_keys=True, separators=(",", ":")), e.created, e.accessed)
+                     for e in entries],
+                )
+
+        self._transaction(work)
 
     # The log of changes the hot sets follow, by transaction: read up to
     # the oldest transaction still running, whose changes may yet commit.

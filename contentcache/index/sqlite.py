@@ -32,6 +32,7 @@ from .interface import (
     IDatabase,
     IndexTooNew,
     Removed,
+    StoredBlob,
     StoreStats,
     Used,
 )
@@ -495,6 +496,39 @@ class SQLiteDatabase:
 
     def referenced_hashes(self) -> set[str]:
         return {h for (h,) in self._connection().execute("SELECT DISTINCT hash FROM entries")}
+
+    # Copying an index (migrate-index).
+
+    def empty(self) -> bool:
+        db = self._connection()
+        return not db.execute("SELECT 1 FROM entries LIMIT 1").fetchone() and not db.execute(
+            "SELECT 1 FROM blobs LIMIT 1").fetchone()
+
+    def entry_rows(self, after: tuple[str, str] | None, limit: int) -> list[Entry]:
+        start = after or ("", "")
+        rows = self._connection().execute(
+            _ENTRY + "WHERE (e.protocol, e.key) > (?, ?) ORDER BY e.protocol, e.key LIMIT ?", (*start, limit)
+        ).fetchall()
+        return [_row_to_entry(row) for row in rows]
+
+    def blob_records(self, after: str | None, limit: int) -> list[StoredBlob]:
+        rows = self._connection().execute(
+            "SELECT hash, size, created, encoding, stored FROM blobs WHERE hash > ? ORDER BY hash LIMIT ?",
+            (after or "", limit),
+        ).fetchall()
+        return [StoredBlob(*row) for row in rows]
+
+    def load(self, blobs: Sequence[StoredBlob], entries: Sequence[Entry]) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO blobs (hash, size, created, encoding, stored) VALUES (?, ?, ?, ?, ?)",
+                [(b.hash, b.size, b.created, b.encoding, b.stored) for b in blobs],
+            )
+            db.executemany(
+                f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(e.protocol, e.key, e.hash.hex, e.size, json.dumps(e.attrs, sort_keys=True, separators=(",", ":")),
+                  e.created, e.accessed) for e in entries],
+            )
 
     # The log of changes the hot sets follow.
 
