@@ -50,6 +50,9 @@ class UpstreamFixture:
 
             def setup(self) -> None:
                 super().setup()
+                # Headers and body are two writes: without this, the body
+                # waits for the client's delayed ACK (40 ms a response).
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 with fixture._lock:
                     fixture._connections.append(self.connection)
 
