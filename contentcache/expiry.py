@@ -71,6 +71,9 @@ class Report:
     free_before: int | None = None
     free_after: int | None = None
     seconds: float = 0.0
+    #: The bytes the pass set out to free (to get under --max-size, or to
+    #: leave --min-free).
+    to_free: int = 0
     #: The blobs this pass tried to delete: each once, even if it failed.
     tried: set[str] = field(factory=set, repr=False, eq=False)
 
@@ -153,6 +156,7 @@ class Expiry:
             wanted = self.policy.min_free.bytes_of(room.total)
             if room.free < wanted:
                 to_free = max(to_free, int(wanted / LOW_WATER) - room.free)
+        report.to_free = to_free
         freed = 0
         blob_cutoff = now - self.policy.grace
 
@@ -289,7 +293,9 @@ class ExpiryService(Service):
         finally:
             self.passes += 1
             metrics.expiry_passes.inc()
-        self._freed = report.bytes_freed > 0
+        # A pass that had nothing to free (another made the room first) is
+        # not one that could not: the next shortage starts a pass at once.
+        self._freed = report.bytes_freed > 0 or report.to_free == 0
         metrics.expiry_evicted_entries.inc(report.expired + report.evicted)
         metrics.expiry_deleted_blobs.inc(report.blobs_deleted)
         metrics.expiry_duration.observe(report.seconds)

@@ -93,7 +93,7 @@ class Metrics(AsyncResource):
         metrics.storage_free_bytes.set(room.free)
         # The storage's state as every worker sees it (the last to write
         # says whether it is full): set by whichever answers.
-        full = self._store.space.full or await Deferred.fromCoroutine(self._full_elsewhere())
+        full = await Deferred.fromCoroutine(self._full_now())
         metrics.storage_full.set(1 if full else 0)
         if self._gauges is not None:
             self._gauges()
@@ -108,10 +108,10 @@ class Metrics(AsyncResource):
         request.finish()
 
 
-    async def _full_elsewhere(self) -> bool:
+    async def _full_now(self) -> bool:
         if self._disk is None:
-            return False
-        return bool(await self._disk.run(self._store.space.full_elsewhere))
+            return self._store.space.full
+        return bool(await self._disk.run(self._store.space.full_now))
 
 
 class CacheSite(Site):

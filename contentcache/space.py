@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable
 
 from attrs import define, field, frozen
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.threadable import isInIOThread
 
@@ -158,8 +159,11 @@ class DiskSpace:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         self.full = True
         self.reason = reason
-        if self.shared is not None and not isInIOThread():
-            self._mark(FULL_MARK)
+        if self.shared is not None:
+            if not isInIOThread():
+                self._mark(FULL_MARK)
+            elif self.runner is not None:
+                self.runner.run(self._mark, FULL_MARK).addErrback(lambda f: None)
         if self._reactor is not None and not isInIOThread():
             self._reactor.callFromThread(self._announce)
         else:
@@ -184,39 +188,82 @@ class DiskSpace:
             except Exception:
                 log.failure("a listener for the storage's room failed")
 
-    def wrote(self) -> None:
+    def wrote(self) -> Deferred[None] | None:
         """
         A write succeeded (on the reactor thread): there is room again, if
-        perhaps less than C{min_free} (as last measured).
+        perhaps less than C{min_free} (as last measured). With workers, a
+        Deferred that fires once the others can know it: the caller waits
+        for it before it answers, so that no worker says "full" to a
+        client after a write has succeeded.
         """
-        if self.full:
-            self.full = False
-            if self.shared is not None and self.runner is not None:
-                self.runner.run(self._mark, ROOM_MARK).addErrback(lambda f: None)
-            now = self._clock()
-            if now - self._roomy_at >= WARN_INTERVAL:
-                self._roomy_at = now
-                log.info("storage has room again; misses are stored")
+        marked: Deferred[None] | None = None
+        was_full, self.full = self.full, False
+        if self.shared is not None and self.runner is not None:
+            # Another worker may have found it full: room is news to it.
+            marked = self.runner.run(self._room_again).addCallback(
+                lambda flipped: self._roomy() if flipped or was_full else None
+            ).addErrback(lambda f: None)
+        elif was_full:
+            self._roomy()
         if self.room is not None and self.min_free.enabled and self.room.free < self.min_free.bytes_of(self.room.total):
             self._short()
+        return marked
 
     def _mark(self, name: str) -> None:
         """
-        Say so to the other processes (blocks): the mark's time is now. An
-        existing file's times change without a byte of room.
+        Say so to the other processes (blocks): the mark's time is now, and
+        later than the other mark's (the clock's ticks are coarser than a
+        nanosecond: two marks in one tick would tie). An existing file's
+        times change without a byte of room.
         """
         assert self.shared is not None
         path = os.path.join(self.shared, name)
+        other = os.path.join(self.shared, ROOM_MARK if name == FULL_MARK else FULL_MARK)
         try:
-            os.utime(path)
+            later = os.stat(other).st_mtime_ns + 1
+        except OSError:
+            later = 0
+        when = max(time.time_ns(), later)
+        try:
+            os.utime(path, ns=(when, when))
         except FileNotFoundError:
             try:
                 os.makedirs(self.shared, exist_ok=True)
                 open(path, "a").close()
+                os.utime(path, ns=(when, when))
             except OSError:
                 pass
         except OSError:
             pass
+
+    def _roomy(self) -> None:
+        now = self._clock()
+        if now - self._roomy_at >= WARN_INTERVAL:
+            self._roomy_at = now
+            log.info("storage has room again; misses are stored")
+
+    def _room_again(self) -> bool:
+        """
+        Mark room again if the last mark said full (blocks); whether it did.
+        """
+        if self.full_elsewhere():
+            self._mark(ROOM_MARK)
+            return True
+        return False
+
+    def full_now(self) -> bool:
+        """
+        Whether the storage is full now (blocks): with workers, as the last
+        of them to find out said (full, or room again), else as this
+        process last found.
+        """
+        if self.shared is None:
+            return self.full
+        full = self.full_elsewhere()
+        if not full:
+            # Another worker wrote since: this one's last failure is old news.
+            self.full = False
+        return full
 
     def prepare_marks(self) -> None:
         """

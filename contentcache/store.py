@@ -223,7 +223,8 @@ class Spool:
             if existing is not None:
                 encoding, stat = existing
                 await self.abort()
-                self._store.space.wrote()
+                if (marked := self._store.space.wrote()) is not None:
+                    await marked
                 return PutResult(Blob(h, self.size, encoding, stat.size), created=False)
             disk = self._store._disk
             encoding, path, handle, stored = await self._store._run_writing(
@@ -244,7 +245,8 @@ class Spool:
         except BaseException:
             await self.abort()
             raise
-        self._store.space.wrote()
+        if (marked := self._store.space.wrote()) is not None:
+            await marked
         return PutResult(Blob(h, self.size, encoding, stored), created=True)
 
     def abort(self) -> Deferred[None]:
@@ -297,10 +299,8 @@ class Store:
         # One trip: a client that leaves between two would leave the file.
         await self._run_writing(_probe_directory, self.staging)
         await self.backend.stat(BLOB_PREFIX)
-        if self.space.full:
-            raise StorageFull(f"the storage is full ({self.space.reason})")
-        if await self._disk.run(self.space.full_elsewhere):
-            raise StorageFull("the storage is full (as another worker found)")
+        if await self._disk.run(self.space.full_now):
+            raise StorageFull(f"the storage is full ({self.space.reason or 'as another worker found'})")
 
     def _run_writing(self, f: Callable[..., T], *args: object) -> Deferred[T]:
         """
