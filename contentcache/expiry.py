@@ -293,9 +293,13 @@ class ExpiryService(Service):
         finally:
             self.passes += 1
             metrics.expiry_passes.inc()
-        # A pass that had nothing to free (another made the room first) is
-        # not one that could not: the next shortage starts a pass at once.
-        self._freed = report.bytes_freed > 0 or report.to_free == 0
+        # A pass that found nothing to free (another had made the room by
+        # then) is not one that could not free it: the next shortage starts
+        # a pass at once. (Without a size rule it cannot tell: a pass that
+        # freed nothing could not.)
+        policy = self.expiry.policy
+        sized = policy.max_size is not None or policy.min_free.enabled
+        self._freed = report.bytes_freed > 0 or (sized and report.to_free == 0)
         metrics.expiry_evicted_entries.inc(report.expired + report.evicted)
         metrics.expiry_deleted_blobs.inc(report.blobs_deleted)
         metrics.expiry_duration.observe(report.seconds)
