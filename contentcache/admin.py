@@ -13,7 +13,7 @@ from attrs import define, field
 
 from .expiry import DEFAULT_GRACE
 from .hash import Hash
-from .index import IDatabase, IIndex, Removed
+from .index import IDatabase, IIndex, Removed, StoredBlob
 from .protocol.goproxy.paths import InvalidPath, Module, escape
 from .protocol.goproxy.resource import PROTOCOL as GO
 from .protocol.npm.names import InvalidName, PackageName
@@ -132,13 +132,16 @@ async def verify(
             if found is not None:
                 await index.set_blob_storage(hexhash, found[0], found[1].size)
         for hexhash in result.orphans:
-            # Only if still nothing refers to it (a daemon may have since):
-            # decided with its row held, if the index has one.
+            # Only if still nothing refers to it and no miss is about to (a
+            # daemon may have since): decided with its row held, as expiry
+            # decides, the index told of it first if it never knew it.
             h = Hash.from_hex(hexhash)
-            if not await index.delete_blob(hexhash, None, partial(store.delete_now, h)):
-                known = await index.blob_rows([hexhash])
-                if not known and await index.references(h) == 0:
-                    await store.delete(h)  # an orphan the index never knew
+            found = await store.find(h)
+            if found is None:
+                continue
+            encoding, stat = found
+            await index.adopt_blob(StoredBlob(hexhash, stat.size, stat.mtime, encoding, stat.size))
+            await index.delete_blob(hexhash, young_from, partial(store.delete_now, h))
         # What the counters drifted by (a worker of an older version), gone.
         await index.recount()
         result.repaired = True
@@ -172,13 +175,16 @@ async def purge(index: IIndex, store: Store, protocol: str, name: str) -> list[s
     except (InvalidPath, InvalidName) as e:
         raise ValueError(str(e)) from None
     proto = GO if protocol in ("go", "goproxy") else NPM
+    started = time.time()
     removed = await index.delete_prefixes(proto, prefixes)
     for key in exact:
         entry = await index.get(proto, key)
         if entry is not None and await index.delete(proto, key):
             removed.append(Removed(key, entry.hash.hex))
     for hexhash in {r.hash for r in removed}:
-        await index.delete_blob(hexhash, None, partial(store.delete_now, Hash.from_hex(hexhash)))
+        # Not one a miss has claimed since the purge began (made young
+        # again, its entry about to be written).
+        await index.delete_blob(hexhash, started, partial(store.delete_now, Hash.from_hex(hexhash)))
     return sorted(r.key for r in removed)
 
 

@@ -291,7 +291,15 @@ class ProtocolCache:
             return Served(found.entry, HIT, body=found.body)
         if revalidate is None or (entry is None and key in self.negative):
             raise Missing(key)
-        return await self._coalescer.run(key, lambda: self._refresh(key, entry, ttl, revalidate))
+        try:
+            return await self._coalescer.run(key, lambda: self._refresh(key, entry, ttl, revalidate))
+        except IndexUnavailable as e:
+            if found is None:
+                raise
+            # What is held in memory, past its TTL, rather than a 503: as
+            # when upstream fails (stale-if-error).
+            log.warn("serving stale {protocol} {key}: {error}", protocol=self.protocol, key=key, error=e)
+            return Served(found.entry, STALE, str(e), body=found.body)
 
     async def _refresh(self, key: str, entry: Entry | None, ttl: float, revalidate: Revalidate) -> Served:
         async with self._held(key):
@@ -324,8 +332,15 @@ class ProtocolCache:
             return Served(entry, STALE, str(e))
         if isinstance(result, _NotModified):
             assert entry is not None
-            renewed = await self.put(key, entry.blob, entry.attrs)
-            return Served(renewed, REVALIDATED)
+            # The blob is about to be referenced again: claimed first, as a
+            # miss claims what it finds in the store. If expiry deleted it
+            # meanwhile, what upstream says has not changed is gone here.
+            if await self.index.claim_blob(entry.hash):
+                renewed = await self.put(key, entry.blob, entry.attrs)
+                return Served(renewed, REVALIDATED)
+            result = await revalidate(None)
+            if isinstance(result, _NotModified):
+                raise UpstreamError(f"{key}: upstream answered 304 to an unconditional request")
         return Served(await self._commit(key, result), MISS)
 
     async def forget(self, h: Hash) -> None:

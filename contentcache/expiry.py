@@ -24,7 +24,8 @@ from twisted.logger import Logger
 
 from . import metrics
 from .hash import Hash
-from .index import BlobRow, IIndex, Used
+from .backend import StorageUnavailable
+from .index import BlobRow, IIndex, IndexUnavailable, Used
 from .space import MinFree
 from .store import Store
 from .units import DAY, MINUTE, SECOND
@@ -103,6 +104,12 @@ class Report:
         }
 
 
+class _PassStopped(Exception):
+    """
+    The index or the storage went away mid-pass: the pass ends there.
+    """
+
+
 @define
 class Expiry:
     """
@@ -132,14 +139,20 @@ class Expiry:
 
     async def run(self, dry_run: bool = False) -> Report:
         if dry_run or self.exclusive is None:
-            return await self._run(dry_run)
+            return await self._run_or_stop(dry_run)
         async with self.exclusive():
-            return await self._run(dry_run)
+            return await self._run_or_stop(dry_run)
 
-    async def _run(self, dry_run: bool) -> Report:
+    async def _run_or_stop(self, dry_run: bool) -> Report:
+        report = Report(dry_run=dry_run)
+        try:
+            return await self._run(dry_run, report)
+        except _PassStopped:
+            return report
+
+    async def _run(self, dry_run: bool, report: Report) -> Report:
         started = time.monotonic()
         now = self.clock.seconds()
-        report = Report(dry_run=dry_run)
         stored = await self.index.stored_bytes()
         report.stored_before = stored
         ttl_cutoff = now - self.policy.ttl if self.policy.ttl is not None else None
@@ -235,6 +248,10 @@ class Expiry:
     ) -> int:
         try:
             freed = await self.index.evict(chosen)
+        except IndexUnavailable as e:
+            log.warn("evicting entries stopped: {error}", error=e)
+            report.skipped += len(chosen)
+            raise _PassStopped() from None
         except Exception:
             log.failure("evicting {count} entries failed; skipped", count=len(chosen))
             report.skipped += len(chosen)
@@ -254,6 +271,11 @@ class Expiry:
             h = Hash.from_hex(blob.hash)
             try:
                 deleted = await self.index.delete_blob(blob.hash, blob_cutoff, partial(self.store.delete_now, h))
+            except (IndexUnavailable, StorageUnavailable) as e:
+                # Every other would fail alike: the next pass goes on.
+                log.warn("deleting blobs stopped: {error}", error=e)
+                report.skipped += len(blobs) - (blobs.index(blob))
+                raise _PassStopped() from None
             except Exception:
                 log.failure("deleting blob {hash} failed; skipped", hash=blob.hash)
                 report.skipped += 1

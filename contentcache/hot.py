@@ -196,7 +196,7 @@ class Invalidations(Service):
         if self.prune and now - self._pruned_at > CHANGES_KEPT / 2:
             self._pruned_at = now
             try:
-                await self.index.prune_changes(now - CHANGES_KEPT)
+                await self.index.prune_changes(CHANGES_KEPT)
             except Exception as e:
                 # A longer log costs a little disk, nothing else.
                 log.debug("pruning the index's changes failed: {error}", error=e)

@@ -52,6 +52,9 @@ _OFFSETS = (1 << 62) - 1
 #: another worker is storing should not wait long), longer as it waits.
 FIRST_WAIT = 0.005
 LONGEST_WAIT = 0.1
+#: How long a miss waits for another process's fill of the same key before
+#: fetching it itself: longer than a large download takes.
+PATIENCE = 300.0
 #: How often a process that does not lead tries to become the leader.
 LEADER_RETRY = 1.0
 #: How often the leader looks for word that another process is short of room.
@@ -188,6 +191,8 @@ class KeyLocks:
     space: ILockSpace
     _disk: Runner
     _clock: IReactorTime
+    #: How long to wait for a lock before going on without it.
+    patience: float = PATIENCE
 
     @asynccontextmanager
     async def hold(self, key: str) -> AsyncIterator[None]:
@@ -197,13 +202,26 @@ class KeyLocks:
         holds it.
         """
         wait = FIRST_WAIT
+        deadline = self._clock.seconds() + self.patience
         while (token := await self._disk.run(self.space.try_lock, key)) is None:
+            if self._clock.seconds() > deadline:
+                # The holder may be a node that vanished without a word
+                # (the server lets go of its locks once keepalives tell):
+                # a second fetch costs less than a build that waits.
+                log.warn("waited {seconds:.0f} s for the lock of {key!r}; going on without it",
+                         seconds=self.patience, key=key)
+                break
             await deferLater(self._clock, wait)
             wait = min(wait * 2, LONGEST_WAIT)
         try:
             yield
         finally:
-            await self._disk.run(self.space.unlock, token)
+            if token is not None:
+                try:
+                    await self._disk.run(self.space.unlock, token)
+                except Exception as e:
+                    # Its connection went, and the lock with it.
+                    log.debug("letting go of the lock of {key!r} failed: {error}", key=key, error=e)
 
 
 @asynccontextmanager
@@ -352,7 +370,7 @@ class Leadership(MultiService):
             await self._stop_children()
             token, self._token = self._token, None
             try:
-                self.space.unlock(token)
+                await self._disk.run(self.space.unlock, token)
             except Exception as e:
                 log.debug("letting go of the leader lock failed: {error}", error=e)
 

@@ -19,7 +19,7 @@ from twisted.web.server import Request, Site
 from . import __version__, metrics
 from .channel import CacheChannel, CacheRequest, Deadlines, Watch, peer
 from .logs import AccessLog
-from .index import IIndex
+from .index import IIndex, IndexUnavailable
 from .space import StorageFull
 from .pool import Runner
 from .store import Store
@@ -84,11 +84,17 @@ class Metrics(AsyncResource):
 
     async def render_async(self, request: Request) -> None:
         if time.monotonic() - self._stats_at > metrics.STORE_STATS_MAX_AGE:
-            found = await self._index.stats()
-            metrics.store_blobs.set(found.blobs)
-            metrics.store_logical_bytes.set(found.logical_bytes)
-            metrics.store_bytes.set(found.stored_bytes)
-            self._stats_at = time.monotonic()
+            try:
+                found = await self._index.stats()
+            except IndexUnavailable as e:
+                # The last figures stay: a node's own counts matter most
+                # when its index is away.
+                log.warn("store figures for /metrics: {error}", error=e)
+            else:
+                metrics.store_blobs.set(found.blobs)
+                metrics.store_logical_bytes.set(found.logical_bytes)
+                metrics.store_bytes.set(found.stored_bytes)
+                self._stats_at = time.monotonic()
         room = await self._store.room()
         metrics.storage_free_bytes.set(room.free)
         # The storage's state as every worker sees it (the last to write

@@ -28,6 +28,7 @@ from .discover import (
 from .hash import Hash
 from .hot import HotSet, Invalidations
 from .index import IndexService, make_index, make_locks, prepare as prepare_index
+from .index.postgresql import STATEMENT_TIMEOUT
 from .locks import EXPIRY_PASS, KeyLocks, Leadership, run_directory
 from .protocol.goproxy.resource import PROTOCOL as GO
 from .protocol.goproxy.resource import SUMDB_PROTOCOL as GOSUMDB
@@ -455,7 +456,8 @@ def _daemon(options: Options) -> IService:
     # cache for nothing, and only the full state is kept.
     min_free = options["min-free"] if isinstance(storage.blobs, str) else MinFree()
     space = DiskSpace(storage.staging, reactor, min_free, shared=run if slot is not None else None, runner=disk)
-    index = make_index(options["index"], storage.state_dir, disk, reactor, space, options["disk-threads"])
+    index = make_index(options["index"], storage.state_dir, disk, reactor, space, options["disk-threads"],
+                       STATEMENT_TIMEOUT)
     IndexService(index, reactor).setServiceParent(top)
     # Per-key locks and the leader's: files on this machine, or advisory
     # locks on the shared index's server for every node.
@@ -490,9 +492,10 @@ def _daemon(options: Options) -> IService:
         # Each worker's own figures, in its file, for whichever answers.
         Every(reactor, 1.0, gauges).setServiceParent(top)
 
-    # Expiry and the scrub run in one process of those sharing the run
-    # directory (one worker; one daemon beside a second by mistake).
-    leadership = Leadership(lock_space, run, disk, reactor, on_change=lambda leading: setattr(invalidations, "prune", leading))
+    # Expiry and the scrub run in one process of the cache at a time (one
+    # worker; one node of several; one daemon beside a second by mistake).
+    leadership = Leadership(lock_space, run, disk, reactor,
+                            on_change=lambda leading: setattr(invalidations, "prune", leading))
     policy = Policy(
         ttl=options["ttl"] or None, max_size=options["max-size"], grace=options["grace"],
         min_free=min_free,

@@ -78,13 +78,13 @@ def test_changes_pruned_unseen_drop_everything(tmp_path: Any) -> None:
     seen = db.changes_since(None)
     db.put("go", "b", blob, {}, 1.0)
     db.put("go", "c", blob, {}, 1.0)
-    db.prune_changes(before=float("inf"))  # all of it, b and c unseen
+    db.prune_changes(keep=float("-inf"))  # all of it, b and c unseen
     db.put("go", "d", blob, {}, 1.0)
     changes = db.changes_since(seen.position)
     assert changes.keys is None  # cannot tell what changed: drop it all
     assert db.changes_since(changes.position).keys == []
     # A process starting now starts where the log is, even when pruned empty.
-    db.prune_changes(before=float("inf"))
+    db.prune_changes(keep=float("-inf"))
     fresh = db.changes_since(None)
     db.put("go", "e", blob, {}, 1.0)
     assert db.changes_since(fresh.position).keys == [("go", "e")]

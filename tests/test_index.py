@@ -462,7 +462,8 @@ def test_changes_pruned_unseen_mean_everything_may_have_changed(any_index: Poole
     db.put("go", "a", Blob(A, 1), {}, 1.0)
     seen = db.changes_since(None)
     db.put("go", "b", Blob(A, 1), {}, 1.0)
-    db.prune_changes(before=float("inf"))  # b unseen
+    db.prune_changes(keep=float("-inf"))  # b unseen
+    assert db.changes_since(seen.position).keys is None  # even with nothing newer left
     db.put("go", "c", Blob(A, 1), {}, 1.0)
     changes = db.changes_since(seen.position)
     assert changes.keys is None
@@ -573,3 +574,35 @@ def test_a_lost_database_fails_in_one_line_and_comes_back(postgresql: Any, pg_ds
     finally:
         postgresql.start()
         resolve(index.close())
+
+
+def test_advisory_locks_exclude_across_processes_and_go_with_their_connection(pg_dsn: str) -> None:
+    import psycopg
+
+    from contentcache.index.postgresql import AdvisoryLocks
+    from contentcache.locks import LEADER
+
+    ours, theirs = AdvisoryLocks(pg_dsn), AdvisoryLocks(pg_dsn)
+    try:
+        token = ours.try_lock(LEADER)
+        assert token is not None and ours.held(token)
+        assert theirs.try_lock(LEADER) is None
+        key = theirs.try_lock("go\0example.com/m/@v/v1.0.0.zip")
+        assert key is not None and ours.try_lock("go\0example.com/m/@v/v1.0.0.zip") is None
+        theirs.unlock(key)
+        assert ours.try_lock("go\0example.com/m/@v/v1.0.0.zip") is not None
+        # The server ends our connection (a node that vanished, as the
+        # keepalives find it): the lock is gone, and we know it.
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE application_name = 'contentcache-locks' AND pid <> pg_backend_pid() "
+                          "AND pid = (SELECT pid FROM pg_locks WHERE locktype = 'advisory' LIMIT 1)")
+        deadline = time.monotonic() + 5
+        while theirs.try_lock(LEADER) is None:
+            assert time.monotonic() < deadline, "the leader lock outlived its connection"
+            time.sleep(0.1)
+        assert not ours.held(token)
+        assert ours.try_lock(LEADER) is None  # a new connection, and the other leads now
+    finally:
+        ours.close()
+        theirs.close()

@@ -132,7 +132,9 @@ def test_npm_ci_through_one_node_then_another(cluster: Cluster, tmp_path: Any) -
         home = str(tmp_path / "home")
         npmrc(home, f"{a.url}/npm/")
         app = project(str(tmp_path / "app"), {TOP: "^1.0.0"})
-        result = run(["npm", "install"], app, home)
+        # A project's lockfile, then a CI job's npm ci through node A.
+        assert run(["npm", "install", "--package-lock-only"], app, home).returncode == 0
+        result = run(["npm", "ci"], app, home)
         assert result.returncode == 0, result.stderr
         check_installed(os.path.join(app, "node_modules"), packed, EXPECTED)
     finally:

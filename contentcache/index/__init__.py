@@ -33,6 +33,7 @@ from .interface import (
     IndexTooNew,
     IndexUnavailable,
     Removed,
+    StoredBlob,
     StoreStats,
     Used,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "SQLiteDatabase",
     "SQLiteIndex",
     "StoreStats",
+    "StoredBlob",
     "Used",
     "make_index",
     "make_locks",
@@ -106,16 +108,19 @@ def make_index(
     clock: IReactorTime,
     space: DiskSpace | None = None,
     threads: int = 1,
+    statement_timeout: float | None = None,
 ) -> PooledIndex:
     """
     The index at C{address} (a C{postgresql://} URL), or SQLite in
     C{state_dir}; not opened yet. C{space} guards a local index's writes
-    against a full disk; C{threads} bounds a server's connections.
+    against a full disk; C{threads} bounds a server's connections, and
+    C{statement_timeout} its statements.
     """
     if address is not None:
         from .postgresql import MAX_CONNECTIONS, PostgreSQLIndex
 
-        return PostgreSQLIndex(address, disk, clock, max_connections=min(threads, MAX_CONNECTIONS))
+        return PostgreSQLIndex(address, disk, clock, max_connections=min(threads, MAX_CONNECTIONS),
+                               statement_timeout=statement_timeout)
     return SQLiteIndex(state_dir, disk, clock, space=space)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 from ..compress import IDENTITY
 from ..hash import Hash
@@ -288,6 +288,13 @@ class IDatabase(Interface):
         Every blob some entry points at.
         """
 
+    def adopt_blob(blob: StoredBlob) -> bool:
+        """
+        Record a blob the store holds and the index does not know (an
+        orphan verify found), so that deleting it is decided with its row
+        held, as any other; whether it was unknown.
+        """
+
     def empty() -> bool:
         """
         Whether the index holds no entry and no blob.
@@ -315,9 +322,11 @@ class IDatabase(Interface):
         now).
         """
 
-    def prune_changes(before: float) -> int:
+    def prune_changes(keep: float) -> int:
         """
-        Forget the changes made before C{before}.
+        Forget the changes older than C{keep} seconds (by the database's
+        clock), and tidy what else the engine keeps as it goes (PostgreSQL:
+        fold the counters' deltas in).
         """
 
     def writable() -> bool:
@@ -338,10 +347,7 @@ class IIndex(Interface):
     database out of reach fails it with L{IndexUnavailable}.
     """
 
-    description: str
-    """
-    Where the index is, for a log line and C{/health} (no password).
-    """
+    description = Attribute("Where the index is, for a log line and C{/health} (no password).")
 
     def open() -> None:
         """
@@ -466,6 +472,11 @@ class IIndex(Interface):
         See L{IDatabase.recount}.
         """
 
+    def adopt_blob(blob: StoredBlob) -> Deferred[bool]:
+        """
+        See L{IDatabase.adopt_blob}.
+        """
+
     def referenced_hashes() -> Deferred[set[str]]:
         """
         See L{IDatabase.referenced_hashes}.
@@ -476,7 +487,7 @@ class IIndex(Interface):
         See L{IDatabase.changes_since}.
         """
 
-    def prune_changes(before: float) -> Deferred[int]:
+    def prune_changes(keep: float) -> Deferred[int]:
         """
         See L{IDatabase.prune_changes}.
         """

@@ -27,6 +27,7 @@ from .interface import (
     IIndex,
     IndexUnavailable,
     Removed,
+    StoredBlob,
     StoreStats,
     Used,
 )
@@ -124,8 +125,12 @@ class PooledIndex:
             self.flush().addErrback(self._flush_failed)
 
     def _flush_failed(self, failure: Failure) -> None:
-        if not failure.check(StorageFull):  # said already, once a minute
-            self.log.failure("writing access times to the index failed", failure)
+        if failure.check(StorageFull):  # said already, once a minute
+            return
+        if failure.check(IndexUnavailable):
+            self.log.warn("writing access times to the index failed: {error}", error=failure.value)
+            return
+        self.log.failure("writing access times to the index failed", failure)
 
     def flush(self) -> Deferred[int]:
         batch, self._pending = self._pending, {}
@@ -177,14 +182,17 @@ class PooledIndex:
     def recount(self) -> Deferred[StoreStats]:
         return self._write("recount", self.database.recount)
 
+    def adopt_blob(self, blob: StoredBlob) -> Deferred[bool]:
+        return self._write("adopt blob", self.database.adopt_blob, blob)
+
     def referenced_hashes(self) -> Deferred[set[str]]:
         return self._read(self.database.referenced_hashes)
 
     def changes_since(self, position: int | None) -> Deferred[Changes]:
         return self._read(self.database.changes_since, position)
 
-    def prune_changes(self, before: float) -> Deferred[int]:
-        return self._write("prune changes", self.database.prune_changes, before)
+    def prune_changes(self, keep: float) -> Deferred[int]:
+        return self._write("prune changes", self.database.prune_changes, keep)
 
     def writable(self) -> Deferred[bool]:
         return self._write("writable", self.database.writable)

@@ -62,9 +62,13 @@ CONNECT_TIMEOUT = 2
 #: After the server failed to answer: how long calls fail at once, rather
 #: than each waiting for a connection that will not come.
 DOWN_FOR = 1.0
-#: Connections per process, at most: several workers on several nodes
-#: share the server's max_connections (100 by default).
-MAX_CONNECTIONS = 4
+#: Connections in a process's pool, at most (one per disk thread that may
+#: call it): several workers on several nodes share the server's
+#: max_connections (100 by default), and the pool closes idle ones.
+MAX_CONNECTIONS = 8
+#: How long a statement of the daemon's may run (the admin command's may
+#: take as long as they take).
+STATEMENT_TIMEOUT = 60.0
 
 _ENTRY_COLUMNS = "protocol, key, hash, size, attrs, created, accessed"
 
@@ -129,16 +133,19 @@ MIGRATIONS: dict[int, list[str]] = {
         CREATE TRIGGER entries_changed AFTER INSERT OR UPDATE OR DELETE ON entries
         FOR EACH ROW EXECUTE FUNCTION contentcache_entry_changed()
         """,
+        # The counters, and what changed them since the leader last folded
+        # it in: a write appends its deltas and locks no counter, so writers
+        # on every node neither queue on one row nor deadlock on two.
         """
         CREATE TABLE counters (
             name text COLLATE "C" PRIMARY KEY,
             value bigint NOT NULL
         )
         """,
+        "CREATE TABLE counter_deltas (name text COLLATE \"C\" NOT NULL, value bigint NOT NULL)",
         """
         CREATE FUNCTION contentcache_count(deltas text[], amounts bigint[]) RETURNS void LANGUAGE sql AS $$
-            INSERT INTO counters (name, value) SELECT * FROM unnest(deltas, amounts)
-            ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value
+            INSERT INTO counter_deltas (name, value) SELECT * FROM unnest(deltas, amounts)
         $$
         """,
         """
@@ -188,6 +195,9 @@ SCHEMA_VERSION = max(MIGRATIONS)
 
 #: What verify --repair counts again from the tables.
 _RECOUNT = [
+    # No write counts meanwhile: they wait.
+    "LOCK TABLE counters, counter_deltas IN EXCLUSIVE MODE",
+    "DELETE FROM counter_deltas",
     "DELETE FROM counters",
     """
     INSERT INTO counters (name, value)
@@ -221,7 +231,7 @@ def check_address(address: str) -> str:
         parts = conninfo_to_dict(address)
     except Exception:
         raise ValueError("--index is not a valid postgresql:// address") from None
-    if "password" in parts:
+    if "password" in parts or "sslpassword" in parts:
         raise ValueError(
             "--index must not hold a password: give it in PGPASSWORD, ~/.pgpass or a service file"
         )
@@ -241,6 +251,33 @@ def describe(address: str) -> str:
     return f"PostgreSQL {user}{host}:{port}/{parts.get('dbname', '')}"
 
 
+def connection_settings(address: str, name: str, statement_timeout: float | None = None) -> dict[str, Any]:
+    """
+    What every connection of ours asks for, beside C{address}'s own: a
+    bounded wait to connect, and keepalives both ways, so that a node or
+    a server that vanishes from the network is noticed within half a
+    minute (the server then lets go of that node's advisory locks). With
+    C{statement_timeout} (the daemon's), no statement runs longer.
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    server = ["-c tcp_keepalives_idle=10", "-c tcp_keepalives_interval=5", "-c tcp_keepalives_count=3"]
+    if statement_timeout is not None:
+        server.append(f"-c statement_timeout={int(statement_timeout * 1000)}")
+    own = conninfo_to_dict(address).get("options")
+    return {
+        "autocommit": True,
+        "connect_timeout": CONNECT_TIMEOUT,
+        "application_name": name,
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 30_000,
+        "options": " ".join([*([str(own)] if own else []), *server]),
+    }
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -258,11 +295,21 @@ class PostgreSQLDatabase:
     call it through the disk pool.
     """
 
-    def __init__(self, address: str, max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(
+        self, address: str, max_connections: int = MAX_CONNECTIONS, statement_timeout: float | None = None
+    ) -> None:
+        import psycopg
         from psycopg_pool import ConnectionPool
 
         self.address = check_address(address)
         self.description = describe(address)
+        settings = self._settings = connection_settings(address, "contentcache", statement_timeout)
+        # One connection first, for libpq's own reason when it fails (the
+        # pool's is only that it timed out).
+        try:
+            psycopg.connect(address, **settings).close()
+        except psycopg.Error as e:
+            raise IndexUnavailable(f"Cannot use the index ({self.description}): {_one_line(e)}.") from None
         # The pool's own warnings are several lines each, per attempt: a
         # request that needs the index says it in one line instead.
         logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
@@ -272,7 +319,7 @@ class PostgreSQLDatabase:
             address,
             min_size=1,
             max_size=max(1, max_connections),
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "application_name": "contentcache"},
+            kwargs=settings,
             open=False,
             timeout=CONNECTION_TIMEOUT,
             # Given up reconnecting after this: the next call asks again.
@@ -286,22 +333,40 @@ class PostgreSQLDatabase:
             raise IndexUnavailable(f"Cannot reach the index ({self.description}): {_one_line(e)}.") from None
         try:
             self._migrate()
+        except IndexUnavailable as e:
+            self._pool.close()
+            raise IndexUnavailable(f"Cannot set up the index ({self.description}): {e}.") from None
         except BaseException:
             self._pool.close()
             raise
 
     # Connections, and what a lost server does.
 
-    def _unavailable(self, e: BaseException) -> IndexUnavailable:
-        with self._down_lock:
-            self._down_until = time.monotonic() + DOWN_FOR
+    def _unavailable(self, e: BaseException, down: bool) -> IndexUnavailable:
+        if down:
+            with self._down_lock:
+                self._down_until = time.monotonic() + DOWN_FOR
         return IndexUnavailable(f"{self.description}: {_one_line(e)}")
+
+    def _reachable(self) -> bool:
+        import psycopg
+
+        try:
+            psycopg.connect(self.address, **self._settings).close()
+        except psycopg.Error:
+            return False
+        return True
 
     def _call(self, work: Callable[[Any], T]) -> T:
         """
         C{work} with a connection of the pool; once more on another if the
         first one had died (a restarted server leaves every pooled
-        connection broken). The work is idempotent where it matters.
+        connection broken), or if the server chose it to break a deadlock.
+        The work is idempotent where it matters.
+
+        Every database error becomes L{IndexUnavailable} (one line, a 503
+        for a request). Only a server out of reach makes the calls of the
+        next second fail at once, rather than each wait for a connection.
         """
         import psycopg
         from psycopg_pool import PoolTimeout
@@ -309,20 +374,30 @@ class PostgreSQLDatabase:
         for attempt in (1, 2):
             if time.monotonic() < self._down_until:
                 raise IndexUnavailable(f"{self.description} did not answer a moment ago")
+            broken = False
             try:
                 with self._pool.connection() as conn:
                     try:
                         return work(conn)
+                    except psycopg.errors.TransactionRollback:
+                        if attempt == 1:
+                            raise _Retry() from None
+                        raise
                     except psycopg.OperationalError:
-                        if attempt == 1 and conn.broken:
+                        broken = conn.broken
+                        if attempt == 1 and broken:
                             raise _Retry() from None
                         raise
             except _Retry:
                 continue
             except PoolTimeout as e:
-                raise self._unavailable(e) from None
+                # Every connection busy, or the server gone: one try of our
+                # own tells which.
+                raise self._unavailable(e, down=not self._reachable()) from None
             except psycopg.OperationalError as e:
-                raise self._unavailable(e) from None
+                raise self._unavailable(e, down=broken) from None
+            except psycopg.DatabaseError as e:
+                raise self._unavailable(e, down=False) from None
         raise AssertionError("unreachable")
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -435,7 +510,7 @@ class PostgreSQLDatabase:
         return self._count(
             "UPDATE entries AS e SET accessed = greatest(e.accessed, t.at) "
             "FROM unnest(%s::text[], %s::text[], %s::float8[]) AS t(protocol, key, at) "
-            "WHERE e.protocol = t.protocol AND e.key = t.key",
+            "WHERE e.protocol = t.protocol AND e.key = t.key AND e.accessed < t.at",
             ([p for (p, _), _ in items], [k for (_, k), _ in items], [at for _, at in items]),
         )
 
@@ -496,7 +571,10 @@ class PostgreSQLDatabase:
     # Expiry, the scrub, metrics and the admin command.
 
     def stats(self) -> StoreStats:
-        counters = {name: int(value) for name, value in self._query("SELECT name, value FROM counters")}
+        counters = {name: int(value) for name, value in self._query(
+            "SELECT name, sum(value) FROM (SELECT name, value FROM counters "
+            "UNION ALL SELECT name, value FROM counter_deltas) AS c GROUP BY name"
+        )}
         return StoreStats(
             entries={name[8:]: value for name, value in counters.items() if name.startswith("entries:") and value},
             blobs=counters.get("blobs", 0),
@@ -508,8 +586,6 @@ class PostgreSQLDatabase:
 
     def recount(self) -> StoreStats:
         def work(conn: Any) -> None:
-            # One recount at a time, against writes that count meanwhile.
-            conn.execute("LOCK TABLE counters IN EXCLUSIVE MODE")
             for statement in _RECOUNT:
                 conn.execute(statement)
 
@@ -541,7 +617,8 @@ class PostgreSQLDatabase:
 
     def evict(self, entries: Sequence[tuple[str, str, str]]) -> list[BlobRow]:
         def work(conn: Any) -> list[BlobRow]:
-            for protocol, key, hexhash in entries:
+            # In key order, as touch takes them: two never wait in a circle.
+            for protocol, key, hexhash in sorted(entries):
                 conn.execute(
                     "DELETE FROM entries WHERE protocol = %s AND key = %s AND hash = %s", (protocol, key, hexhash)
                 )
@@ -571,6 +648,12 @@ class PostgreSQLDatabase:
         return {h for (h,) in self._query("SELECT DISTINCT hash FROM entries")}
 
     # Copying an index (migrate-index).
+
+    def adopt_blob(self, blob: StoredBlob) -> bool:
+        return self._count(
+            "INSERT INTO blobs (hash, size, created, encoding, stored) VALUES (%s, %s, %s, %s, %s) "
+            "ON CONFLICT (hash) DO NOTHING", (blob.hash, blob.size, blob.created, blob.encoding, blob.stored),
+        ) > 0
 
     def empty(self) -> bool:
         rows = self._query("SELECT EXISTS (SELECT 1 FROM entries) OR EXISTS (SELECT 1 FROM blobs)")
@@ -619,7 +702,9 @@ class PostgreSQLDatabase:
             ).fetchone()
             if position is None:
                 return Changes([], int(horizon))
-            if pruned >= position:
+            if pruned >= position or horizon < position:
+                # Pruned unseen; or transaction numbers went back (the
+                # database was restored elsewhere): anything may have changed.
                 return Changes(None, int(horizon))
             rows = conn.execute(
                 "SELECT protocol, key FROM changes WHERE xid >= %s::text::xid8 AND xid < %s::text::xid8 "
@@ -632,10 +717,22 @@ class PostgreSQLDatabase:
 
         return self._call(work)
 
-    def prune_changes(self, before: float) -> int:
+    def prune_changes(self, keep: float) -> int:
         def work(conn: Any) -> int:
+            # The counters' deltas, folded in (in name order: one folder at
+            # a time, the leader, and nothing else locks counters).
+            conn.execute(
+                "WITH d AS (DELETE FROM counter_deltas RETURNING name, value) "
+                "INSERT INTO counters (name, value) SELECT name, sum(value) FROM d GROUP BY name ORDER BY name "
+                "ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value"
+            )
+            # By the server's clock, and never what a reader may not have
+            # seen yet: the changes of transactions at or past the oldest
+            # one still running (a long transaction holds readers back, not
+            # into dropping everything).
             row = conn.execute(
-                "SELECT xid::text FROM changes WHERE at < %s ORDER BY xid DESC LIMIT 1", (before,)
+                "SELECT xid::text FROM changes WHERE at < extract(epoch FROM now())::float8 - %s::float8 "
+                "AND xid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY xid DESC LIMIT 1", (keep,)
             ).fetchone()
             if row is None:
                 return 0
@@ -675,10 +772,12 @@ class PostgreSQLIndex(PooledIndex):
         clock: IReactorTime,
         flush_threshold: int = DEFAULT_FLUSH_THRESHOLD,
         max_connections: int = MAX_CONNECTIONS,
+        statement_timeout: float | None = None,
     ) -> None:
         check_address(address)
         super().__init__(
-            describe(address), lambda: PostgreSQLDatabase(address, max_connections), disk, clock, flush_threshold
+            describe(address), lambda: PostgreSQLDatabase(address, max_connections, statement_timeout),
+            disk, clock, flush_threshold,
         )
         self.address = address
 
@@ -715,9 +814,7 @@ class AdvisoryLocks:
 
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._generation += 1
-            self._conn = psycopg.connect(
-                self.address, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name="contentcache-locks"
-            )
+            self._conn = psycopg.connect(self.address, **connection_settings(self.address, "contentcache-locks"))
         return self._conn
 
     def _lost(self, e: BaseException) -> IndexUnavailable:
@@ -732,11 +829,17 @@ class AdvisoryLocks:
         # Advisory lock keys are signed 64-bit numbers.
         key = key_number(name) - (1 << 63)
         with self._lock:
-            try:
-                (taken,) = self._connection().execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
-            except psycopg.OperationalError as e:
-                raise self._lost(e) from None
-            return (self._generation, key) if taken else None
+            for attempt in (1, 2):
+                try:
+                    (taken,) = self._connection().execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+                    return (self._generation, key) if taken else None
+                except psycopg.OperationalError as e:
+                    # Once more on a new connection: a restarted server
+                    # leaves the old one dead (and its locks gone with it).
+                    lost = self._lost(e)
+                    if attempt == 2:
+                        raise lost from None
+        raise AssertionError("unreachable")
 
     def unlock(self, token: object) -> None:
         import psycopg

@@ -31,6 +31,7 @@ from .interface import (
     Entry,
     IDatabase,
     IndexTooNew,
+    IndexUnavailable,
     Removed,
     StoredBlob,
     StoreStats,
@@ -238,11 +239,11 @@ class SQLiteDatabase:
         self._migrate(self._connection())
 
     def _connection(self) -> sqlite3.Connection:
+        if self._closed:
+            raise IndexUnavailable("the index is closed")
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is not None:
             return db
-        if self._closed:
-            raise RuntimeError("the index is closed")
         db = sqlite3.connect(
             self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
         )
@@ -360,8 +361,8 @@ class SQLiteDatabase:
     def touch(self, accesses: Mapping[tuple[str, str], float]) -> int:
         with self._transaction() as db:
             cursor = db.executemany(
-                "UPDATE entries SET accessed = max(accessed, ?) WHERE protocol = ? AND key = ?",
-                [(when, protocol, key) for (protocol, key), when in accesses.items()],
+                "UPDATE entries SET accessed = ? WHERE protocol = ? AND key = ? AND accessed < ?",
+                [(when, protocol, key, when) for (protocol, key), when in accesses.items()],
             )
         return cursor.rowcount
 
@@ -499,6 +500,13 @@ class SQLiteDatabase:
 
     # Copying an index (migrate-index).
 
+    def adopt_blob(self, blob: StoredBlob) -> bool:
+        cursor = self._connection().execute(
+            "INSERT INTO blobs (hash, size, created, encoding, stored) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (hash) DO NOTHING", (blob.hash, blob.size, blob.created, blob.encoding, blob.stored),
+        )
+        return cursor.rowcount > 0
+
     def empty(self) -> bool:
         db = self._connection()
         return not db.execute("SELECT 1 FROM entries LIMIT 1").fetchone() and not db.execute(
@@ -546,7 +554,10 @@ class SQLiteDatabase:
                 (position, CHANGES_LIMIT + 1),
             ).fetchall()
             if not rows:
-                return Changes([], position)
+                # None left past it; but were there, pruned unseen?
+                row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+                last = row[0] if row else 0
+                return Changes([], position) if last <= position else Changes(None, last)
             if len(rows) > CHANGES_LIMIT or rows[0][0] > position + 1:
                 # Too many to go through, or pruned before this process saw
                 # them (AUTOINCREMENT leaves no gap of its own: a rolled
@@ -557,12 +568,13 @@ class SQLiteDatabase:
             db.execute("COMMIT")
         return Changes([(protocol, key) for _, protocol, key in rows], rows[-1][0])
 
-    def prune_changes(self, before: float) -> int:
+    def prune_changes(self, keep: float) -> int:
         # Oldest first by number: a clock set back cannot open a gap in the
         # middle.
         with self._transaction() as db:
             return db.execute(
-                "DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes WHERE at < ?)", (before,)
+                "DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes "
+                "WHERE at < (julianday('now') - 2440587.5) * 86400.0 - ?)", (keep,)
             ).rowcount
 
     def writable(self) -> bool:
