@@ -606,3 +606,24 @@ def test_advisory_locks_exclude_across_processes_and_go_with_their_connection(pg
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_sqlite_index_locked_too_long_is_unavailable_not_an_error(
+    storage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from contentcache.index import IndexUnavailable
+
+    monkeypatch.setattr(index_module, "BUSY_TIMEOUT_MS", 100)
+    os.makedirs(storage)
+    db = index_module.SQLiteDatabase(os.path.join(storage, INDEX_FILENAME))
+    other = sqlite3.connect(os.path.join(storage, INDEX_FILENAME), isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        with pytest.raises(IndexUnavailable, match="database is locked"):
+            db.put("go", "k", Blob(A, 1), {}, 1.0)
+        assert db.get("go", "k") is None  # reads go on
+        other.execute("ROLLBACK")
+        db.put("go", "k", Blob(A, 1), {}, 1.0)
+    finally:
+        other.close()
+        db.close()

@@ -10,6 +10,7 @@ This module holds all of SQLite's SQL.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -223,7 +224,34 @@ def _placeholders(chunk: Sequence[object]) -> str:
     return ",".join("?" * len(chunk))
 
 
+def _busy_is_unavailable(cls: type[T]) -> type[T]:
+    """
+    Every public method of C{cls}: SQLite's own errors (locked past the
+    busy timeout, an I/O error) become L{IndexUnavailable}, one line and a
+    503; a full disk stays itself, for the storage's full state.
+    """
+    from ..space import is_full
+
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.OperationalError as e:
+                if is_full(e):
+                    raise
+                raise IndexUnavailable(f"the index {self.path}: {e}") from None
+
+        return call
+
+    for name, value in list(vars(cls).items()):
+        if callable(value) and not name.startswith("_"):
+            setattr(cls, name, wrap(value))
+    return cls
+
+
 @implementer(IDatabase)
+@_busy_is_unavailable
 class SQLiteDatabase:
     """
     The index file, a connection per thread that uses it. Every method
