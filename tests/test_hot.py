@@ -1,16 +1,13 @@
 """
-The in-memory hot set and the index's log of changes that keeps it true.
+The in-memory hot set. (The index's log of changes that keeps it true is
+tested with each engine in test_index.py.)
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
 from contentcache.hash import Hash
 from contentcache.hot import ENTRY_OVERHEAD, Found, HotSet
-from contentcache.index import Entry, SQLiteDatabase
-from contentcache.store import Blob
+from contentcache.index import Entry
 
 
 def entry(key: str, body: bytes = b"x") -> Entry:
@@ -55,36 +52,3 @@ def test_off_holds_nothing() -> None:
     hot.put(("go", "k"), Found(entry("k")), hot.generation)
     assert hot.get(("go", "k")) is None and len(hot) == 0
 
-
-def test_changes_are_logged_for_every_write_but_a_touch(tmp_path: Any) -> None:
-    db = SQLiteDatabase(os.path.join(str(tmp_path), "index.sqlite"))
-    start = db.changes_since(None)
-    assert start.keys == []
-    blob = Blob(Hash.of(b"x"), 1)
-    db.put("go", "a", blob, {}, 1.0)
-    db.put("go", "a", blob, {"etag": "2"}, 2.0)  # replaced
-    db.touch({("go", "a"): 3.0})  # an access changes nothing held
-    db.put("npm", "b", blob, {}, 1.0)
-    db.delete("npm", "b")
-    changes = db.changes_since(start.position)
-    assert changes.keys == [("go", "a"), ("go", "a"), ("npm", "b"), ("npm", "b")]
-    assert db.changes_since(changes.position).keys == []
-
-
-def test_changes_pruned_unseen_drop_everything(tmp_path: Any) -> None:
-    db = SQLiteDatabase(os.path.join(str(tmp_path), "index.sqlite"))
-    blob = Blob(Hash.of(b"x"), 1)
-    db.put("go", "a", blob, {}, 1.0)
-    seen = db.changes_since(None)
-    db.put("go", "b", blob, {}, 1.0)
-    db.put("go", "c", blob, {}, 1.0)
-    db.prune_changes(keep=float("-inf"))  # all of it, b and c unseen
-    db.put("go", "d", blob, {}, 1.0)
-    changes = db.changes_since(seen.position)
-    assert changes.keys is None  # cannot tell what changed: drop it all
-    assert db.changes_since(changes.position).keys == []
-    # A process starting now starts where the log is, even when pruned empty.
-    db.prune_changes(keep=float("-inf"))
-    fresh = db.changes_since(None)
-    db.put("go", "e", blob, {}, 1.0)
-    assert db.changes_since(fresh.position).keys == [("go", "e")]

@@ -155,6 +155,21 @@ class StoreStats:
     #: After compression.
     stored_bytes: int
 
+    @classmethod
+    def from_counters(cls, counters: Mapping[str, int]) -> StoreStats:
+        """
+        The figures from an engine's counters by name (C{entries:<protocol>}
+        for each protocol's entries).
+        """
+        return cls(
+            entries={name[8:]: value for name, value in counters.items() if name.startswith("entries:") and value},
+            blobs=counters.get("blobs", 0),
+            compressed_blobs=counters.get("compressed_blobs", 0),
+            logical_bytes=counters.get("logical_bytes", 0),
+            unique_bytes=counters.get("unique_bytes", 0),
+            stored_bytes=counters.get("stored_bytes", 0),
+        )
+
 
 class IDatabase(Interface):
     """

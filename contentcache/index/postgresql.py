@@ -575,14 +575,7 @@ class PostgreSQLDatabase:
             "SELECT name, sum(value) FROM (SELECT name, value FROM counters "
             "UNION ALL SELECT name, value FROM counter_deltas) AS c GROUP BY name"
         )}
-        return StoreStats(
-            entries={name[8:]: value for name, value in counters.items() if name.startswith("entries:") and value},
-            blobs=counters.get("blobs", 0),
-            compressed_blobs=counters.get("compressed_blobs", 0),
-            logical_bytes=counters.get("logical_bytes", 0),
-            unique_bytes=counters.get("unique_bytes", 0),
-            stored_bytes=counters.get("stored_bytes", 0),
-        )
+        return StoreStats.from_counters(counters)
 
     def recount(self) -> StoreStats:
         def work(conn: Any) -> None:

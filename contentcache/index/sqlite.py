@@ -448,14 +448,7 @@ class SQLiteDatabase:
 
     def stats(self) -> StoreStats:
         counters = dict(self._connection().execute("SELECT name, value FROM counters").fetchall())
-        return StoreStats(
-            entries={name[8:]: value for name, value in counters.items() if name.startswith("entries:") and value},
-            blobs=counters.get("blobs", 0),
-            compressed_blobs=counters.get("compressed_blobs", 0),
-            logical_bytes=counters.get("logical_bytes", 0),
-            unique_bytes=counters.get("unique_bytes", 0),
-            stored_bytes=counters.get("stored_bytes", 0),
-        )
+        return StoreStats.from_counters(counters)
 
     def least_recently_used(self, limit: int, after: tuple[float, float, str, str] | None) -> list[Used]:
         db = self._connection()
