@@ -27,6 +27,7 @@ from .discover import (
 )
 from .hash import Hash
 from .hot import HotSet, Invalidations
+from .config import ConfigError, ConfigFile, load as load_config
 from .index import IndexService, make_index, make_locks, prepare as prepare_index
 from .index.postgresql import STATEMENT_TIMEOUT
 from .locks import EXPIRY_PASS, KeyLocks, Leadership, run_directory
@@ -92,6 +93,20 @@ def normalise_port(description: str) -> str:
     return description
 
 
+def _config_path(argv: Sequence[str]) -> str | None:
+    """
+    The --config the command line gives, if any.
+    """
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 class Options(usage.Options):
     """
     Options for C{twistd contentcache}. Each can also be set in the
@@ -111,6 +126,8 @@ class Options(usage.Options):
     ]
 
     optParameters: list[list[object]] = [
+        ["config", None, None, "A TOML file of settings: any option by its long name, [npm] and [go] "
+         "tables for theirs (a flag or environment variable wins over the file)."],
         ["port", "p", "8080", "Where to listen: a port number or an endpoint description "
          "(tcp:8080:interface=127.0.0.1, systemd:domain=INET6:name=contentcache)."],
         ["storage", "s", "./cache", "Where blobs are kept: a directory (created if missing; the "
@@ -231,15 +248,40 @@ class Options(usage.Options):
             values = value.split() if name in self.repeatable else [value]
             from_environment += [f"--{name}={v}" for v in values]
             given.add(name)
-        #: The options set on the command line or in the environment.
-        self.explicit = given
-        #: As given, for the workers (which see the same environment).
-        self.argv = argv
         for flag in (str(f[0]) for f in self.optFlags):
             value = self._environ.get(environment_name(flag), "")
             if flag not in given and value.lower() in ("1", "true", "yes", "on"):
                 from_environment.append(f"--{flag}")
-        super().parseOptions(from_environment + argv)
+                given.add(flag)
+        # The file, for what neither the command line nor the environment says.
+        from_file: list[str] = []
+        filed: set[str] = set()
+        self.config: ConfigFile | None = None
+        path = _config_path(argv) or self._environ.get(environment_name("config"))
+        if path:
+            try:
+                self.config = load_config(path, [n for n in self._long_names() if n != "config"],
+                                          self.repeatable, [str(f[0]) for f in self.optFlags])
+            except ConfigError as e:
+                raise usage.UsageError(str(e)) from None
+            for setting in self.config.settings:
+                if setting.option not in given:
+                    from_file += [f"--{setting.option}={v}" for v in setting.values] or [f"--{setting.option}"]
+                    given.add(setting.option)
+                    filed.add(setting.option)
+        #: The options set on the command line, in the environment or in the
+        #: configuration file.
+        self.explicit = given
+        #: As given, for the workers (which see the same environment and file).
+        self.argv = argv
+        try:
+            super().parseOptions(from_file + from_environment + argv)
+        except usage.UsageError as e:
+            # A value the file gave: say where it is.
+            m = re.match(r"--([a-z0-9-]+)", str(e))
+            if m is not None and m[1] in filed and self.config is not None:
+                raise usage.UsageError(f"{self.config.where(m[1])}: {e}") from None
+            raise
 
     def postOptions(self) -> None:
         self["port"] = normalise_port(str(self["port"]))

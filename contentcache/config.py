@@ -1,0 +1,146 @@
+"""
+The configuration file (C{--config FILE}, C{CONTENTCACHE_CONFIG}): TOML,
+read with the standard library's C{tomllib}, for what does not fit in
+flags, and the daemon's options themselves:
+
+    storage = "/var/cache/contentcache"     # any option, by its long name
+    max-size = "20GiB"
+    workers = 4
+
+    [npm]
+    upstream = "https://npm.registry.example/"   # --npm-upstream
+    tarball-host = ["cdn.registry.example"]      # repeatable: a list
+
+    [go]
+    upstream = "https://goproxy.example"         # --go-upstream
+    sumdb = ["sum.golang.org=https://sum.example"]
+
+A flag or environment variable given explicitly wins over the file. A
+mistake stops the daemon with one sentence naming the file, the line and
+the key.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from typing import Any, Mapping, Sequence
+
+from attrs import frozen
+
+#: Tables whose keys are the options that start with the table's name.
+PROTOCOL_TABLES = ("npm", "go")
+
+
+class ConfigError(ValueError):
+    """
+    A mistake in the configuration file, in one sentence.
+    """
+
+
+@frozen
+class Setting:
+    """
+    One option set by the file: its long name, its values as the command
+    line would give them, and where it was written.
+    """
+
+    option: str
+    values: list[str]
+    line: int
+    key: str
+
+
+@frozen
+class ConfigFile:
+    path: str
+    settings: list[Setting]
+
+    def where(self, option: str) -> str | None:
+        """
+        "FILE, line N: key 'K'" for an option the file sets, else L{None}.
+        """
+        for setting in self.settings:
+            if setting.option == option:
+                return f"{self.path}, line {setting.line}: key {setting.key!r}"
+        return None
+
+
+def _line_of(text: str, table: Sequence[str], key: str) -> int:
+    """
+    The line that sets C{key} in C{table} (the file's own lines: tomllib
+    says where a syntax error is, not where a value came from).
+    """
+    current: list[str] = []
+    header = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+    for number, line in enumerate(text.splitlines(), start=1):
+        m = header.match(line)
+        if m:
+            current = [part.strip().strip('"') for part in m[1].split(".")]
+            continue
+        m = re.match(r'^\s*("?)([A-Za-z0-9_.-]+)\1\s*=', line)
+        if m and current == list(table) and m[2] == key:
+            return number
+    return 1
+
+
+def _as_arguments(value: Any, repeatable: bool) -> list[str] | None:
+    """
+    A TOML value as command-line values, or L{None} if it cannot be one.
+    """
+    if isinstance(value, bool):
+        return [str(value).lower()]
+    if isinstance(value, (str, int, float)):
+        return [str(value)]
+    if isinstance(value, list) and repeatable and all(isinstance(v, (str, int)) for v in value):
+        return [str(v) for v in value]
+    return None
+
+
+def load(path: str, options: Sequence[str], repeatable: Sequence[str], flags: Sequence[str]) -> ConfigFile:
+    """
+    Read the configuration file at C{path}, knowing the daemon's long
+    C{options} (of which C{repeatable} take a list) and its C{flags}.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"Cannot read the configuration file {path}: {e.strerror}.") from None
+    text = raw.decode("utf-8", "replace")
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        message = str(e)
+        m = re.search(r"\(at line (\d+), column \d+\)$", message)
+        if m:
+            message = message[: m.start()].strip()
+            raise ConfigError(f"{path}, line {m[1]}: this is not TOML ({message}).") from None
+        raise ConfigError(f"{path}: this is not TOML ({message}).") from None
+    known = set(options) | set(flags)
+    settings: list[Setting] = []
+
+    def take(table: Sequence[str], items: Mapping[str, Any], prefix: str) -> None:
+        for key, value in items.items():
+            line = _line_of(text, table, key)
+            where = f"{path}, line {line}: key {key!r}"
+            option = prefix + key.replace("_", "-")
+            if isinstance(value, dict) and not table and key in PROTOCOL_TABLES:
+                take([key], value, f"{key}-")
+                continue
+            if option in ("config",) or option not in known:
+                raise ConfigError(f"{where} is not a setting of contentcache (twistd contentcache --help lists them).")
+            if option in flags:
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{where} is true or false, not {value!r}.")
+                if value:
+                    settings.append(Setting(option, [], line, key))
+                continue
+            arguments = _as_arguments(value, option in repeatable)
+            if arguments is None:
+                kind = "a value or a list of values" if option in repeatable else "one value"
+                raise ConfigError(f"{where} takes {kind}, not {type(value).__name__} {value!r}.")
+            settings.append(Setting(option, arguments, line, key))
+
+    take([], document, "")
+    return ConfigFile(path, settings)
