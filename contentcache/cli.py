@@ -15,7 +15,7 @@ from typing import Any, Coroutine, Sequence, TypeVar
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from . import __version__, admin
+from . import __version__, admin, auth
 from .backend import StorageUnavailable
 from .backend.s3 import DEFAULT_PART_SIZE
 from .expiry import DEFAULT_GRACE, DEFAULT_TTL, Expiry, Policy
@@ -204,6 +204,58 @@ def _purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(args: argparse.Namespace) -> int:
+    index, _ = _open(args)
+    try:
+        if args.action == "list":
+            rows = _fired(index.tokens())
+            if args.json:
+                print(json.dumps([{"name": r.name, "created": r.created, "last_used": r.last_used} for r in rows],
+                                 indent=2))
+            else:
+                for r in rows:
+                    used = "never used" if r.last_used is None else f"last used {_when(r.last_used)}"
+                    print(f"{r.name}  created {_when(r.created)}, {used}")
+            return 0
+        if args.name is None:
+            raise SystemExit(f"contentcache: token {args.action} needs the token's NAME.")
+        try:
+            name = auth.check_name(args.name)
+        except ValueError as e:
+            raise SystemExit(f"contentcache: {e}.") from None
+        if args.action == "create":
+            token = auth.new_token()
+            if not _fired(index.create_token(name, auth.digest(token))):
+                raise SystemExit(f"contentcache: there is a token named {name!r} already "
+                                 "(revoke it first, or choose another name).")
+            print(token)
+            print(f"token {name!r} created; this is the only time it is shown (the index keeps a digest of it)",
+                  file=sys.stderr)
+            return 0
+        if not _fired(index.revoke_token(name)):
+            raise SystemExit(f"contentcache: there is no token named {name!r}.")
+        print(f"revoked token {name!r}; it stops working within 2 seconds everywhere")
+        return 0
+    finally:
+        _fired(index.close())
+
+
+def _fired(d: Deferred[T]) -> T:
+    """
+    What a Deferred of the synchronous admin command fired with.
+    """
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "an admin operation did not complete synchronously"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
 def _migrate_index(args: argparse.Namespace) -> int:
     source_path = args.source.removeprefix("sqlite:")
     if not args.source.startswith("sqlite:"):
@@ -320,6 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     purge.add_argument("protocol", choices=["go", "npm"])
     purge.add_argument("name", help="a module path (example.com/m) or package name (@scope/name)")
     purge.set_defaults(run=_purge)
+
+    token = command("token", "client tokens: create NAME (printed once), list, revoke NAME")
+    token.add_argument("action", choices=["create", "list", "revoke"])
+    token.add_argument("name", nargs="?", help="the token's name (create, revoke)")
+    token.set_defaults(run=_token)
 
     migrate = commands.add_parser(
         "migrate-index", help="copy a single node's SQLite index into an empty PostgreSQL database",

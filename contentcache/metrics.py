@@ -71,6 +71,12 @@ integrity_failures = Counter(
     "contentcache_integrity_failures", "Upstream content refused by a check (checksum, zip rules, integrity).",
     ["protocol"], registry=REGISTRY,
 )
+auth_failures = Counter(
+    "contentcache_auth_failures", "Requests refused 401: no token where one is needed, or one that is not valid.",
+    ["reason"], registry=REGISTRY,
+)
+for _reason in ("missing", "unknown"):
+    auth_failures.labels(_reason)
 # Gauges of the shared storage: the last any worker measured.
 store_blobs = Gauge("contentcache_store_blobs", "Blobs in the store.", registry=REGISTRY,
                     multiprocess_mode="mostrecent")

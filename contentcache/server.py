@@ -213,7 +213,8 @@ class Root(Resource):
     ) -> None:
         super().__init__()
         self.putChild(b"health", Health(store, index))
-        self.putChild(b"metrics", Metrics(index, store, disk, gauges))
+        self.metrics = Metrics(index, store, disk, gauges)
+        self.putChild(b"metrics", self.metrics)
         for name, resource in (protocols or {}).items():
             self.putChild(name, resource)
 

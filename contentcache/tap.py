@@ -27,6 +27,7 @@ from .discover import (
 )
 from .hash import Hash
 from .hot import HotSet, Invalidations
+from .auth import Guard, Tokens
 from .config import ConfigError, ConfigFile, load as load_config
 from .index import IndexService, make_index, make_locks, prepare as prepare_index
 from .index.postgresql import STATEMENT_TIMEOUT
@@ -50,9 +51,12 @@ from .backend import StorageUnavailable
 from .storage import StorageConfig
 from .tracing import TracingService
 from .upstream import NegativeCache, Timeouts
+from .web import AsyncResource
 from .workers import AdoptedPort, NotifySupervisor, Supervisor, worker_slot
 
 ENVIRONMENT_PREFIX = "CONTENTCACHE_"
+#: Who may use a part of the daemon.
+ACCESS = ("public", "token")
 MAX_DISK_THREADS = 256
 MAX_WORKERS = 64
 #: The most workers started when --workers is not given.
@@ -175,6 +179,9 @@ class Options(usage.Options):
          "this long, deleting damaged blobs so they are fetched again (0: off)."],
         ["log-format", None, "text", "text, or json: one JSON object per line (every line, "
          "twistd's own included), on standard output."],
+        ["access", None, "public", "Who may use /goproxy and /npm: public (anyone who reaches the port) or "
+         "token (a client token, from `contentcache token create NAME`)."],
+        ["metrics-access", None, "public", "Who may read /metrics: public or token. /health is always open."],
         ["log-level", None, "info", "The least severe events logged: debug, info, warn, error "
          "or critical."],
         ["connect-timeout", None, "10s", "Timeout for connecting to an upstream."],
@@ -370,6 +377,9 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--max-size: {e}.") from None
         if self["log-format"] not in FORMATS:
             raise usage.UsageError(f"--log-format is text or json, not {self['log-format']!r}.")
+        for name in ("access", "metrics-access"):
+            if self[name] not in ACCESS:
+                raise usage.UsageError(f"--{name} is public or token, not {self[name]!r}.")
         if self["log-level"] not in LEVELS:
             raise usage.UsageError(f"--log-level is one of {', '.join(LEVELS)}, not {self['log-level']!r}.")
         parent = getattr(self, "parent", None)
@@ -590,11 +600,15 @@ def _daemon(options: Options) -> IService:
         header=options["header-timeout"], keepalive=options["keepalive-timeout"],
         body=options["idle-timeout"], send=options["idle-timeout"],
     )
-    site = CacheSite(
-        Root(store, index, {b"goproxy": GoProxyResource(goproxy), b"npm": NpmResource(npm)}, disk, gauges),
-        deadlines,
-        reactor=reactor,
-    )
+    protocols: dict[bytes, AsyncResource] = {b"goproxy": GoProxyResource(goproxy), b"npm": NpmResource(npm)}
+    root = Root(store, index, protocols, disk, gauges)
+    guard = Guard(Tokens(index, reactor))
+    if options["access"] == "token":
+        for resource in protocols.values():
+            resource.guard = guard
+    if options["metrics-access"] == "token":
+        root.metrics.guard = guard
+    site = CacheSite(root, deadlines, reactor=reactor)
     site.count_requests = not options["no-metrics"]
     if slot is None:
         strports.service(options["port"], site).setServiceParent(top)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Awaitable, Callable, Coroutine
+from typing import Any, Awaitable, Callable, Coroutine, Protocol
 
 from attrs import frozen
 from opentelemetry.trace import SpanKind, StatusCode
@@ -234,15 +234,33 @@ def exact(request: Request) -> bool:
     return request.postpath in ([], [b""])
 
 
+class IGuard(Protocol):
+    """
+    What decides whether a request may be answered (a client token).
+    """
+
+    async def check(self, request: Request) -> None:
+        """
+        Return if it may; raise L{HTTPError} (401) if not.
+        """
+
+
 class AsyncResource(Resource):
     """
     A leaf resource whose methods are C{async def render_async(request)}.
-    Paths below it are 404 unless C{takes_subpath} is set.
+    Paths below it are 404 unless C{takes_subpath} is set. With a
+    C{guard}, only requests it lets through are answered.
     """
 
     isLeaf = True
     methods: tuple[bytes, ...] = (b"GET", b"HEAD")
     takes_subpath = False
+    guard: IGuard | None = None
+
+    async def _guarded(self, request: Request) -> None:
+        assert self.guard is not None
+        await self.guard.check(request)
+        await self.render_async(request)
 
     async def render_async(self, request: Request) -> None:
         raise NotImplementedError
@@ -253,6 +271,8 @@ class AsyncResource(Resource):
         if request.method not in self.methods:
             request.setHeader(b"allow", b", ".join(self.methods))
             return text(request, NOT_ALLOWED, "method not allowed")
+        if self.guard is not None:
+            return handle(request, lambda: self._guarded(request))
         return handle(request, lambda: self.render_async(request))
 
 

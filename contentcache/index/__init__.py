@@ -35,6 +35,7 @@ from .interface import (
     Removed,
     StoredBlob,
     StoreStats,
+    TokenRow,
     Used,
 )
 from .pooled import PooledIndex
@@ -59,6 +60,7 @@ __all__ = [
     "SQLiteIndex",
     "StoreStats",
     "StoredBlob",
+    "TokenRow",
     "Used",
     "make_index",
     "make_locks",

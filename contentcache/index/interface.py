@@ -138,6 +138,17 @@ class StoredBlob:
 
 
 @frozen
+class TokenRow:
+    """
+    A client token as the index keeps it: its name, never the token.
+    """
+
+    name: str
+    created: float
+    last_used: float | None
+
+
+@frozen
 class StoreStats:
     """
     What the store holds, from counters the index keeps as entries and
@@ -315,6 +326,31 @@ class IDatabase(Interface):
         Whether the index holds no entry and no blob.
         """
 
+    def create_token(name: str, digest: str, now: float) -> bool:
+        """
+        Record a client token by the digest of it; whether C{name} was free.
+        """
+
+    def token_named_by(digest: str) -> str | None:
+        """
+        The name of the token with this digest, if it is one.
+        """
+
+    def tokens() -> list[TokenRow]:
+        """
+        Every token, by name.
+        """
+
+    def revoke_token(name: str) -> bool:
+        """
+        Forget a token; whether there was one of that name.
+        """
+
+    def tokens_used(uses: Mapping[str, float]) -> None:
+        """
+        Record when tokens (by name) were last used, batched as entries' uses.
+        """
+
     def entry_rows(after: tuple[str, str] | None, limit: int) -> list[Entry]:
         """
         Up to C{limit} entries in key order after C{after} (protocol, key).
@@ -490,6 +526,31 @@ class IIndex(Interface):
     def adopt_blob(blob: StoredBlob) -> Deferred[bool]:
         """
         See L{IDatabase.adopt_blob}.
+        """
+
+    def token_named_by(digest: str) -> Deferred[str | None]:
+        """
+        See L{IDatabase.token_named_by}.
+        """
+
+    def create_token(name: str, digest: str) -> Deferred[bool]:
+        """
+        See L{IDatabase.create_token}.
+        """
+
+    def tokens() -> Deferred[list[TokenRow]]:
+        """
+        See L{IDatabase.tokens}.
+        """
+
+    def revoke_token(name: str) -> Deferred[bool]:
+        """
+        See L{IDatabase.revoke_token}.
+        """
+
+    def token_used(name: str) -> None:
+        """
+        Record a use of a token now; written with the next batch.
         """
 
     def referenced_hashes() -> Deferred[set[str]]:

@@ -29,6 +29,7 @@ from .interface import (
     Removed,
     StoredBlob,
     StoreStats,
+    TokenRow,
     Used,
 )
 
@@ -75,6 +76,7 @@ class PooledIndex:
     space: DiskSpace | None = None
     _database: IDatabase | None = None
     _pending: dict[tuple[str, str], float] = field(factory=dict)
+    _token_uses: dict[str, float] = field(factory=dict)
 
     def open(self) -> None:
         self._database = self._connect()
@@ -134,8 +136,14 @@ class PooledIndex:
 
     def flush(self) -> Deferred[int]:
         batch, self._pending = self._pending, {}
-        if not batch or self._database is None:
+        tokens, self._token_uses = self._token_uses, {}
+        if self._database is None or not (batch or tokens):
             return succeed(0)
+        if tokens:
+            d = self._write("tokens used", self._database.tokens_used, tokens)
+            if not batch:
+                return d.addCallback(lambda _: 0)
+            d.addErrback(self._flush_failed)
         return self._write("touch", self._database.touch, batch)
 
     def claim_blob(self, hash: Hash) -> Deferred[bool]:
@@ -184,6 +192,21 @@ class PooledIndex:
 
     def adopt_blob(self, blob: StoredBlob) -> Deferred[bool]:
         return self._write("adopt blob", self.database.adopt_blob, blob)
+
+    def token_named_by(self, digest: str) -> Deferred[str | None]:
+        return self._read(self.database.token_named_by, digest)
+
+    def create_token(self, name: str, digest: str) -> Deferred[bool]:
+        return self._write("create token", self.database.create_token, name, digest, self._clock.seconds())
+
+    def tokens(self) -> Deferred[list[TokenRow]]:
+        return self._read(self.database.tokens)
+
+    def revoke_token(self, name: str) -> Deferred[bool]:
+        return self._write("revoke token", self.database.revoke_token, name)
+
+    def token_used(self, name: str) -> None:
+        self._token_uses[name] = self._clock.seconds()
 
     def referenced_hashes(self) -> Deferred[set[str]]:
         return self._read(self.database.referenced_hashes)

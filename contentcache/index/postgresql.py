@@ -46,6 +46,7 @@ from .interface import (
     Removed,
     StoredBlob,
     StoreStats,
+    TokenRow,
     Used,
 )
 from .pooled import DEFAULT_FLUSH_THRESHOLD, PooledIndex
@@ -188,6 +189,17 @@ MIGRATIONS: dict[int, list[str]] = {
         """
         CREATE TRIGGER blobs_counted AFTER INSERT OR UPDATE OR DELETE ON blobs
         FOR EACH ROW EXECUTE FUNCTION contentcache_count_blob()
+        """,
+    ],
+    2: [
+        # Client tokens: a name and the digest of the token, never the token.
+        """
+        CREATE TABLE tokens (
+            name text COLLATE "C" PRIMARY KEY,
+            digest text COLLATE "C" NOT NULL UNIQUE,
+            created double precision NOT NULL,
+            last_used double precision
+        )
         """,
     ],
 }
@@ -647,6 +659,30 @@ class PostgreSQLDatabase:
             "INSERT INTO blobs (hash, size, created, encoding, stored) VALUES (%s, %s, %s, %s, %s) "
             "ON CONFLICT (hash) DO NOTHING", (blob.hash, blob.size, blob.created, blob.encoding, blob.stored),
         ) > 0
+
+    def create_token(self, name: str, digest: str, now: float) -> bool:
+        return self._count(
+            "INSERT INTO tokens (name, digest, created) VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING",
+            (name, digest, now),
+        ) > 0
+
+    def token_named_by(self, digest: str) -> str | None:
+        rows = self._query("SELECT name FROM tokens WHERE digest = %s", (digest,))
+        return str(rows[0][0]) if rows else None
+
+    def tokens(self) -> list[TokenRow]:
+        return [TokenRow(*row) for row in self._query("SELECT name, created, last_used FROM tokens ORDER BY name")]
+
+    def revoke_token(self, name: str) -> bool:
+        return self._count("DELETE FROM tokens WHERE name = %s", (name,)) > 0
+
+    def tokens_used(self, uses: Mapping[str, float]) -> None:
+        items = sorted(uses.items())
+        self._count(
+            "UPDATE tokens AS t SET last_used = u.at FROM unnest(%s::text[], %s::float8[]) AS u(name, at) "
+            "WHERE t.name = u.name AND coalesce(t.last_used, 0) < u.at",
+            ([n for n, _ in items], [at for _, at in items]),
+        )
 
     def empty(self) -> bool:
         rows = self._query("SELECT EXISTS (SELECT 1 FROM entries) OR EXISTS (SELECT 1 FROM blobs)")

@@ -36,6 +36,7 @@ from .interface import (
     Removed,
     StoredBlob,
     StoreStats,
+    TokenRow,
     Used,
 )
 from .pooled import DEFAULT_FLUSH_THRESHOLD, PooledIndex
@@ -198,6 +199,17 @@ MIGRATIONS: dict[int, list[str]] = {
                 ('compressed_blobs', (new.encoding != 'identity') - (old.encoding != 'identity'))
             ON CONFLICT (name) DO UPDATE SET value = value + excluded.value;
         END
+        """,
+    ],
+    6: [
+        # Client tokens: a name and the digest of the token, never the token.
+        """
+        CREATE TABLE tokens (
+            name TEXT PRIMARY KEY,
+            digest TEXT NOT NULL UNIQUE,
+            created REAL NOT NULL,
+            last_used REAL
+        ) WITHOUT ROWID
         """,
     ],
 }
@@ -527,6 +539,29 @@ class SQLiteDatabase:
             "ON CONFLICT (hash) DO NOTHING", (blob.hash, blob.size, blob.created, blob.encoding, blob.stored),
         )
         return cursor.rowcount > 0
+
+    def create_token(self, name: str, digest: str, now: float) -> bool:
+        cursor = self._connection().execute(
+            "INSERT INTO tokens (name, digest, created) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
+            (name, digest, now),
+        )
+        return cursor.rowcount > 0
+
+    def token_named_by(self, digest: str) -> str | None:
+        row = self._connection().execute("SELECT name FROM tokens WHERE digest = ?", (digest,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def tokens(self) -> list[TokenRow]:
+        rows = self._connection().execute("SELECT name, created, last_used FROM tokens ORDER BY name").fetchall()
+        return [TokenRow(*row) for row in rows]
+
+    def revoke_token(self, name: str) -> bool:
+        return self._connection().execute("DELETE FROM tokens WHERE name = ?", (name,)).rowcount > 0
+
+    def tokens_used(self, uses: Mapping[str, float]) -> None:
+        with self._transaction() as db:
+            db.executemany("UPDATE tokens SET last_used = ? WHERE name = ? AND coalesce(last_used, 0) < ?",
+                           [(when, name, when) for name, when in uses.items()])
 
     def empty(self) -> bool:
         db = self._connection()
