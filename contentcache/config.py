@@ -52,9 +52,38 @@ class Setting:
 
 
 @frozen
+class Route:
+    """
+    One C{[[npm.routes]]}: which packages, where from, with which
+    credentials (named, never held: an environment variable or a file),
+    and who may have what was fetched.
+    """
+
+    patterns: list[str]
+    upstream: str
+    token_env: str | None = None
+    token_file: str | None = None
+    username: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    tarball_hosts: list[str] = []
+    access: str = "token"
+    #: "FILE, line N", where it is written.
+    where: str = ""
+
+
+#: A route's keys, by the kind of value each takes.
+_ROUTE_STRINGS = ("upstream", "token_env", "token_file", "username", "password_env", "password_file", "access")
+_ROUTE_LISTS = ("packages", "tarball_hosts")
+#: Keys that would put a secret in the file itself.
+_SECRETS = ("token", "password", "secret", "auth", "authorization")
+
+
+@frozen
 class ConfigFile:
     path: str
     settings: list[Setting]
+    npm_routes: list[Route] = []
 
     def where(self, option: str) -> str | None:
         """
@@ -119,6 +148,17 @@ def load(path: str, options: Sequence[str], repeatable: Sequence[str], flags: Se
         raise ConfigError(f"{path}: this is not TOML ({message}).") from None
     known = set(options) | set(flags)
     settings: list[Setting] = []
+    npm_routes: list[Route] = []
+
+    def routes(value: Any, line: int) -> None:
+        where = f"{path}, line {line}: key 'routes'"
+        if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+            raise ConfigError(f"{where} is a list of tables: write each as [[npm.routes]].")
+        starts = [n for n, text_line in enumerate(text.splitlines(), start=1)
+                  if re.match(r"^\s*\[\[\s*npm\.routes\s*\]\]", text_line)]
+        for i, table in enumerate(value):
+            at = starts[i] if i < len(starts) else line
+            npm_routes.append(_route(table, f"{path}, line {at}"))
 
     def take(table: Sequence[str], items: Mapping[str, Any], prefix: str) -> None:
         for key, value in items.items():
@@ -127,6 +167,9 @@ def load(path: str, options: Sequence[str], repeatable: Sequence[str], flags: Se
             option = prefix + key.replace("_", "-")
             if isinstance(value, dict) and not table and key in PROTOCOL_TABLES:
                 take([key], value, f"{key}-")
+                continue
+            if list(table) == ["npm"] and key == "routes":
+                routes(value, line)
                 continue
             if option in ("config",) or option not in known:
                 raise ConfigError(f"{where} is not a setting of contentcache (twistd contentcache --help lists them).")
@@ -143,4 +186,45 @@ def load(path: str, options: Sequence[str], repeatable: Sequence[str], flags: Se
             settings.append(Setting(option, arguments, line, key))
 
     take([], document, "")
-    return ConfigFile(path, settings)
+    return ConfigFile(path, settings, npm_routes)
+
+
+def _route(table: Mapping[str, Any], where: str) -> Route:
+    """
+    One route's table, checked: C{where} says "FILE, line N" of its header.
+    """
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in _SECRETS:
+            raise ConfigError(
+                f"{where}: key {key!r}: a secret never goes in this file: name an environment variable "
+                f"({key}_env) or a file ({key}_file) that holds it."
+            )
+        if key in _ROUTE_STRINGS:
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{where}: key {key!r} is a string, not {value!r}.")
+        elif key in _ROUTE_LISTS:
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(f"{where}: key {key!r} is a list of strings, not {value!r}.")
+        else:
+            raise ConfigError(f"{where}: key {key!r} is not a setting of a route "
+                              f"({', '.join(('packages',) + _ROUTE_STRINGS + ('tarball_hosts',))}).")
+        values[key] = value
+    for required in ("packages", "upstream"):
+        if required not in values:
+            raise ConfigError(f"{where}: a route needs {required!r}.")
+    if not re.match(r"^https?://[^/]", values["upstream"]):
+        raise ConfigError(f"{where}: key 'upstream' is an http:// or https:// address, not {values['upstream']!r}.")
+    ways = [k for k in ("token_env", "token_file") if k in values]
+    basic = [k for k in ("password_env", "password_file") if k in values]
+    if len(ways) > 1 or len(basic) > 1 or (ways and (basic or "username" in values)):
+        raise ConfigError(f"{where}: give one credential: token_env or token_file (Bearer), or username with "
+                          "password_env or password_file (Basic).")
+    if ("username" in values) != bool(basic):
+        raise ConfigError(f"{where}: Basic needs both username and password_env (or password_file).")
+    if values.get("access", "token") not in ("token", "public"):
+        raise ConfigError(f"{where}: key 'access' is token or public, not {values['access']!r}.")
+    patterns = values.pop("packages")
+    return Route(patterns=patterns, where=where, **values)

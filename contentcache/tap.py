@@ -29,6 +29,7 @@ from .hash import Hash
 from .hot import HotSet, Invalidations
 from .auth import Guard, Tokens
 from .config import ConfigError, ConfigFile, load as load_config
+from .routes import credential, npm_routes
 from .index import IndexService, make_index, make_locks, prepare as prepare_index
 from .index.postgresql import STATEMENT_TIMEOUT
 from .locks import EXPIRY_PASS, KeyLocks, Leadership, run_directory
@@ -471,6 +472,14 @@ class Preflight(Service):
             storage.store(SynchronousRunner(), 1).backend.check()
         except StorageUnavailable as e:
             raise SystemExit(str(e)) from None
+        # A route's credential that cannot be read stops the daemon here,
+        # once, not in every worker.
+        config: ConfigFile | None = getattr(options, "config", None)
+        try:
+            for route in config.npm_routes if config is not None else []:
+                credential(route, os.environ)
+        except ConfigError as e:
+            raise SystemExit(str(e)) from None
         port = listening_port(options["port"])
         find_for_workers()  # asked once: what follows and the workers reuse it
         settings = go_env(*GO_SETTINGS) or {}
@@ -594,18 +603,25 @@ def _daemon(options: Options) -> IService:
         public_url=options["public-url"],
         metadata_ttl=options["npm-metadata-ttl"],
     )
+    config: ConfigFile | None = getattr(options, "config", None)
+    try:
+        npm.routes = npm_routes(config.npm_routes if config is not None else [], reactor, timeouts)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
     NpmService(npm, reactor, timeouts, options["npm-upstream"], port).setServiceParent(top)
 
     deadlines = Deadlines(
         header=options["header-timeout"], keepalive=options["keepalive-timeout"],
         body=options["idle-timeout"], send=options["idle-timeout"],
     )
-    protocols: dict[bytes, AsyncResource] = {b"goproxy": GoProxyResource(goproxy), b"npm": NpmResource(npm)}
-    root = Root(store, index, protocols, disk, gauges)
     guard = Guard(Tokens(index, reactor))
+    go_resource = GoProxyResource(goproxy)
     if options["access"] == "token":
-        for resource in protocols.values():
-            resource.guard = guard
+        go_resource.guard = guard
+    # npm decides per package: a route says for its own, --access for the rest.
+    npm_resource = NpmResource(npm, options["access"], guard)
+    protocols: dict[bytes, AsyncResource] = {b"goproxy": go_resource, b"npm": npm_resource}
+    root = Root(store, index, protocols, disk, gauges)
     if options["metrics-access"] == "token":
         root.metrics.guard = guard
     site = CacheSite(root, deadlines, reactor=reactor)

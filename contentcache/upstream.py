@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import time
 from typing import Any, Callable, Coroutine, Generic, Hashable, Mapping, TypeVar, cast
+from urllib.parse import urlsplit
 
 from attrs import define, field, frozen
 from opentelemetry.trace import SpanKind
@@ -239,6 +240,34 @@ class _SpoolBody(Protocol):
         self._tail.addBoth(finish)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def host_port(url: str) -> str:
+    """
+    C{host:port} of an http or https URL, lower case, the port explicit;
+    empty for anything else.
+    """
+    parts = urlsplit(url)
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        return ""
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or port is None:
+        return ""
+    return f"{parts.hostname.lower()}:{port}"
+
+
+def allowed_host(url: str, hosts: set[str]) -> bool:
+    """
+    Whether a tarball address points at one of the hosts we fetch from
+    (C{host:port} entries, or a bare host for any port).
+    """
+    where = host_port(url)
+    return bool(where) and (where in hosts or where.rsplit(":", 1)[0] in hosts)
+
+
+
 @define
 class Upstream:
     """
@@ -252,17 +281,24 @@ class Upstream:
     _pool: HTTPConnectionPool | None = None
     #: The protocol label of this upstream's metrics.
     protocol: str = "other"
+    #: The C{Authorization} this upstream's route sends, and the hosts
+    #: (C{host:port}) it goes to: never another, also not across a
+    #: redirect (Twisted's redirect agent drops it for another origin).
+    credential: str | None = field(default=None, repr=False)
+    credential_hosts: frozenset[str] = frozenset()
 
     @classmethod
     def create(
-        cls, base: str, reactor: Any, timeouts: Timeouts = Timeouts(), protocol: str = "other"
+        cls, base: str, reactor: Any, timeouts: Timeouts = Timeouts(), protocol: str = "other",
+        credential: str | None = None, extra_hosts: frozenset[str] = frozenset(),
     ) -> Upstream:
         pool = HTTPConnectionPool(reactor, persistent=True)
         # Not a log line per upstream connection opened and closed.
         pool._factory = _QuietClientFactory
         pool.maxPersistentPerHost = 8
         agent = Agent(reactor, connectTimeout=timeouts.connect, pool=pool)
-        return cls(base.rstrip("/"), HTTPClient(agent), reactor, timeouts, pool, protocol)
+        hosts = frozenset({host_port(base), *(h.lower() for h in extra_hosts)}) if credential else frozenset()
+        return cls(base.rstrip("/"), HTTPClient(agent), reactor, timeouts, pool, protocol, credential, hosts)
 
     def close(self) -> Deferred[None]:
         """
@@ -295,6 +331,8 @@ class Upstream:
     async def _send(
         self, method: str, url: str, headers: Mapping[str, str], data: bytes | None = None
     ) -> IResponse:
+        if self.credential is not None and allowed_host(url, set(self.credential_hosts)):
+            headers = {**headers, "Authorization": self.credential}
         try:
             return await self._client.request(
                 method,

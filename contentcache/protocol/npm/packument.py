@@ -21,6 +21,8 @@ import zlib
 from typing import Any
 from urllib.parse import urlsplit
 
+from ...upstream import allowed_host, host_port  # noqa: F401  (the tarball hosts' rules)
+
 from .names import PackageName
 
 #: Stands where the cache's base URL goes. It is JSON-escaped in the
@@ -115,33 +117,6 @@ class Renderer:
         if self._compress is not None:
             out += self._compress.flush()
         return out
-
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def host_port(url: str) -> str:
-    """
-    C{host:port} of an http or https URL, lower case, the port explicit;
-    empty for anything else.
-    """
-    parts = urlsplit(url)
-    try:
-        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
-    except ValueError:
-        return ""
-    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or port is None:
-        return ""
-    return f"{parts.hostname.lower()}:{port}"
-
-
-def allowed_host(url: str, hosts: set[str]) -> bool:
-    """
-    Whether a tarball address points at one of the hosts we fetch from
-    (C{host:port} entries, or a bare host for any port).
-    """
-    where = host_port(url)
-    return bool(where) and (where in hosts or where.rsplit(":", 1)[0] in hosts)
 
 
 def basename(url: str) -> str:

@@ -14,7 +14,7 @@ import treq
 from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.http import BAD_REQUEST, NOT_ALLOWED, NOT_FOUND, OK, REQUEST_ENTITY_TOO_LARGE
+from twisted.web.http import BAD_REQUEST, NOT_ALLOWED, NOT_FOUND, OK, REQUEST_ENTITY_TOO_LARGE, UNAUTHORIZED
 from twisted.web.server import Request
 
 from ...cache import (
@@ -33,10 +33,11 @@ from ...cache import (
 from ...hot import Found
 from ...index import Entry
 from ...pool import Runner
+from ...routes import NpmRoute
 from ...store import BlobNotFound, Store
 from ...upstream import Coalescer, Upstream, UpstreamError, conditional_headers
 from ...web import (
-    CHUNK_SIZE, IMMUTABLE, AsyncResource, HTTPError, cache_headers, path_segments, read_blob, refetching,
+    CHUNK_SIZE, IMMUTABLE, AsyncResource, HTTPError, IGuard, cache_headers, path_segments, read_blob, refetching,
     send_blob, text,
 )
 from .integrity import IntegrityMismatch, check_tarball
@@ -91,9 +92,24 @@ class NpmRegistry:
     _clock: IReactorTime
     upstream: Upstream | None
     tarball_hosts: set[str] = field(factory=set)
+    #: Private packages' upstreams, first match wins (the config file's).
+    routes: list[NpmRoute] = field(factory=list)
     public_url: str | None = None
     metadata_ttl: float = DEFAULT_METADATA_TTL
     _renders: Coalescer[str, Entry] = field(factory=Coalescer)
+
+    def route_for(self, name: PackageName) -> NpmRoute | None:
+        """
+        The route of a package, if one matches its name.
+        """
+        for route in self.routes:
+            if route.matches(name.full):
+                return route
+        return None
+
+    def upstream_for(self, name: PackageName) -> Upstream | None:
+        route = self.route_for(name)
+        return route.upstream if route is not None else self.upstream
 
     # Packuments.
 
@@ -108,7 +124,7 @@ class NpmRegistry:
         metadata TTL; 0 forces a revalidation, and C{conditional=False} a
         full fetch even when upstream would say 304).
         """
-        upstream = self.upstream
+        upstream = self.upstream_for(name)
 
         async def revalidate(entry: Entry | None) -> Fill | _NotModified:
             assert upstream is not None
@@ -173,7 +189,7 @@ class NpmRegistry:
         if (
             template is not None
             and render is not None
-            and (self.upstream is None or self.cache.fresh(template.entry, self.metadata_ttl))
+            and (self.upstream_for(name) is None or self.cache.fresh(template.entry, self.metadata_ttl))
             and render.entry.attrs.get("source") == template.entry.hash.hex
         ):
             self.cache.touch(f"dist:{name.full}")
@@ -213,7 +229,7 @@ class NpmRegistry:
         try:
             return await self.packument(name, variant)
         except (UpstreamError, Missing) as e:
-            if isinstance(e, Missing) and self.upstream is not None:
+            if isinstance(e, Missing) and self.upstream_for(name) is not None:
                 raise
             other = ABBR if variant == FULL else FULL
             entry = await self.cache.lookup(self._packument_key(name, other))
@@ -258,9 +274,9 @@ class NpmRegistry:
 
     async def tarball(self, name: PackageName, file: str) -> Served:
         key = f"tarball:{name.full}/{file}"
-        if self.upstream is None:
+        upstream = self.upstream_for(name)
+        if upstream is None:
             return await self.cache.immutable(key, None, body=True)
-        upstream = self.upstream
         return await self.cache.immutable(key, lambda: self._fetch_tarball(upstream, name, file), body=True)
 
     async def _tarball_info(self, name: PackageName, file: str) -> dict[str, Any]:
@@ -276,13 +292,15 @@ class NpmRegistry:
         info: dict[str, Any] = dist["files"][file]
         return info
 
-    def _allowed_hosts(self, upstream: Upstream) -> set[str]:
-        return {host_port(upstream.base), *(host.lower() for host in self.tarball_hosts)}
+    def _allowed_hosts(self, name: PackageName, upstream: Upstream) -> set[str]:
+        route = self.route_for(name)
+        extra = route.tarball_hosts if route is not None else self.tarball_hosts
+        return {host_port(upstream.base), *(host.lower() for host in extra)}
 
     async def _fetch_tarball(self, upstream: Upstream, name: PackageName, file: str) -> Fill:
         info = await self._tarball_info(name, file)
         url = info["url"]
-        if not allowed_host(url, self._allowed_hosts(upstream)):
+        if not allowed_host(url, self._allowed_hosts(name, upstream)):
             log.warn("not fetching {url}: not an upstream host (see --npm-tarball-host)", url=url)
             raise IntegrityError(f"{name.full}/-/{file}: its address is not on an allowed upstream host")
         fetched = await upstream.fetch(self.store, url, {}, MAX_TARBALL_SIZE)
@@ -319,9 +337,23 @@ class NpmResource(AsyncResource):
     takes_subpath = True
     methods = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH")
 
-    def __init__(self, registry: NpmRegistry) -> None:
+    def __init__(self, registry: NpmRegistry, access: str = "public", token_guard: IGuard | None = None) -> None:
         super().__init__()
         self.registry = registry
+        #: Who may have what no route names: public, or token.
+        self.access = access
+        #: Checks a client token, for what needs one (a route's packages
+        #: unless it says public; everything else with --access token).
+        self.token_guard = token_guard
+
+    async def _needs_token(self, request: Request, name: PackageName | None) -> None:
+        route = self.registry.route_for(name) if name is not None else None
+        access = route.access if route is not None else self.access
+        if access == "public":
+            return
+        if self.token_guard is None:  # never so wired: refuse rather than serve
+            raise HTTPError(UNAUTHORIZED, "a token is needed, and this daemon checks none")
+        await self.token_guard.check(request)
 
     def _base(self, request: Request) -> str:
         if self.registry.public_url:
@@ -338,48 +370,56 @@ class NpmResource(AsyncResource):
     async def render_async(self, request: Request) -> None:
         try:
             segments = path_segments(request, InvalidName, slash_allowed=True)
-            handler = self._route(request, segments)
+            handler, name = self._route(request, segments)
         except InvalidName as e:
             request.write(text(request, BAD_REQUEST if "Host" in str(e) else NOT_FOUND, str(e)))
             request.finish()
             return
+        await self._needs_token(request, name)
         await handler(request)
 
-    def _route(self, request: Request, segments: list[str]) -> Callable[[Request], Awaitable[None]]:
+    def _route(
+        self, request: Request, segments: list[str]
+    ) -> tuple[Callable[[Request], Awaitable[None]], PackageName | None]:
+        """
+        What answers the request, and the package it is about (if any).
+        """
         method = request.method
         if segments[:1] == ["-"]:
             return self._route_special(method, segments[1:])
         if method not in (b"GET", b"HEAD"):
-            return self._read_only
+            return self._read_only, None
         name, rest = split_request(segments)
         if rest in ([], [""]):
             if request.args is not None and request.args.get(b"write") == [b"true"]:
-                return lambda r: self._pass_through(r, name.path)
+                return (lambda r: self._pass_through(r, name.path, name)), name
             base = self._base(request)
-            return lambda r: self._packument(r, name, base)
+            return (lambda r: self._packument(r, name, base)), name
         if len(rest) == 2 and rest[0] == "-":
             file = check_tarball_file(name, rest[1])
-            return lambda r: self._tarball(r, name, file)
+            return (lambda r: self._tarball(r, name, file)), name
         raise InvalidName("not found")
 
-    def _route_special(self, method: bytes, rest: list[str]) -> Callable[[Request], Awaitable[None]]:
+    def _route_special(
+        self, method: bytes, rest: list[str]
+    ) -> tuple[Callable[[Request], Awaitable[None]], PackageName | None]:
         if rest == ["ping"] and method in (b"GET", b"HEAD"):
-            return self._ping
+            return self._ping, None
         if rest == ["v1", "search"] and method in (b"GET", b"HEAD"):
-            return lambda r: self._pass_through(r, "-/v1/search")
+            return (lambda r: self._pass_through(r, "-/v1/search")), None
         if (
             rest[:3] == ["npm", "v1", "security"]
             and method == b"POST"
             and len(rest) > 3
             and all(_ENDPOINT.fullmatch(s) for s in rest[3:])
         ):
-            return lambda r: self._pass_through(r, "-/npm/v1/security/" + "/".join(rest[3:]))
+            return (lambda r: self._pass_through(r, "-/npm/v1/security/" + "/".join(rest[3:]))), None
         if rest[:1] == ["package"] and rest[-1:] == ["dist-tags"] and method in (b"GET", b"HEAD"):
             name, tail = split_request(rest[1:-1] + ["dist-tags"])
             if tail == ["dist-tags"]:
-                return lambda r: self._dist_tags(r, name)
+                return (lambda r: self._dist_tags(r, name)), name
         if method not in (b"GET", b"HEAD"):
-            return self._read_only
+            return self._read_only, None
         raise InvalidName("not found")
 
     async def _read_only(self, request: Request) -> None:
@@ -437,8 +477,10 @@ class NpmResource(AsyncResource):
             request.setHeader(header, value)
         self._json(request, json.dumps(dist["dist-tags"]).encode())
 
-    async def _pass_through(self, request: Request, path: str) -> None:
-        upstream = self.registry.upstream
+    async def _pass_through(self, request: Request, path: str, name: PackageName | None = None) -> None:
+        # A package's own goes to its route; search and audits to the
+        # public upstream.
+        upstream = self.registry.upstream_for(name) if name is not None else self.registry.upstream
         if upstream is None:
             raise Missing(f"{path} (no npm upstream is configured)")
         query = request.uri.split(b"?", 1)[1].decode("latin-1") if b"?" in request.uri else ""

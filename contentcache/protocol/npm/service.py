@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 
 from ...discover import choose_upstream, npm_registry
@@ -47,6 +47,9 @@ class NpmService(Service):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
-        if self.registry.upstream is None:
+        upstreams = [route.upstream for route in self.registry.routes]
+        if self.registry.upstream is not None:
+            upstreams.append(self.registry.upstream)
+        if not upstreams:
             return succeed(None)
-        return self.registry.upstream.close()
+        return gatherResults([u.close() for u in upstreams])

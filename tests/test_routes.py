@@ -1,0 +1,136 @@
+"""
+Private packages: npm routes in the configuration file, their
+credentials, and the client tokens what they fetched needs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from http.server import BaseHTTPRequestHandler
+from typing import Any, Iterator
+
+import pytest
+
+from .daemon import TWISTD, Daemon
+from .npmpackages import MIDDLE, PACKAGES, TOP, RegistryFixture, pack
+from .test_auth import get
+from .test_npm import EXPECTED, check_installed, npmrc, project, run
+
+SECRET = "corp-route-secret-0123456789"
+
+
+class PrivateRegistry(RegistryFixture):
+    """
+    A registry that answers only requests with its own token.
+    """
+
+    def _answer(self, handler: BaseHTTPRequestHandler, head: bool) -> None:
+        if handler.headers.get("Authorization") != f"Bearer {SECRET}":
+            with self._lock:
+                self.log.append((handler.command, handler.path, dict(handler.headers)))
+            self._send(handler, 401, b'{"error":"unauthorized"}', head)
+            return
+        super()._answer(handler, head)
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Any, dict[str, Any]]]:
+    work = str(tmp_path_factory.mktemp("packages"))
+    return [(package, pack(package, work)) for package in PACKAGES]
+
+
+@pytest.fixture
+def registries(tmp_path: Any, packed: list[tuple[Any, dict[str, Any]]]) -> Iterator[tuple[RegistryFixture, RegistryFixture]]:
+    private = PrivateRegistry(str(tmp_path / "private"), [p for p in packed if p[0].name == MIDDLE])
+    public = RegistryFixture(str(tmp_path / "public"), [p for p in packed if p[0].name != MIDDLE])
+    yield private, public
+    private.stop()
+    public.stop()
+
+
+def config(tmp_path: Any, private: RegistryFixture, **extra: str) -> str:
+    lines = ["[[npm.routes]]", 'packages = ["@cc-fixture/*"]', f'upstream = "{private.url}/"',
+             'token_env = "CORP_NPM_TOKEN"', *(f'{k} = "{v}"' for k, v in extra.items())]
+    path = os.path.join(str(tmp_path), "contentcache.toml")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def admin(*args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "contentcache.cli", *args], capture_output=True, text=True,
+                          timeout=60, check=True).stdout.strip()
+
+
+def test_a_routed_scope_comes_from_its_registry_with_its_token_and_needs_a_client_token(
+    tmp_path: Any, registries: tuple[RegistryFixture, RegistryFixture], packed: Any
+) -> None:
+    private, public = registries
+    storage = str(tmp_path / "storage")
+    daemon = Daemon(storage, ["--config", config(tmp_path, private), "--npm-upstream", public.url],
+                    env={"CORP_NPM_TOKEN": SECRET})
+    try:
+        token = admin("token", "create", "ci", "--storage", storage)
+        home = str(tmp_path / "home")
+        address = daemon.url.removeprefix("http:")
+        npmrc(home, f"{daemon.url}/npm/", **{f"{address}/npm/:_authToken": token})
+        app = project(str(tmp_path / "app"), {TOP: "^1.0.0"})
+        result = run(["npm", "install"], app, home)
+        assert result.returncode == 0, result.stderr + daemon.log()[-3000:]
+        check_installed(os.path.join(app, "node_modules"), packed, EXPECTED)
+
+        # The route's credential went to its registry only; no client token
+        # went anywhere upstream.
+        assert private.count("/@cc-fixture%2fmiddle") + private.count("/@cc-fixture%2Fmiddle") \
+            + private.count("/@cc-fixture/middle") >= 1
+        assert all(h.get("Authorization") == f"Bearer {SECRET}" for _, _, h in private.log)
+        assert all("Authorization" not in h for _, _, h in public.log)
+        assert public.count("/@cc-fixture%2fmiddle") + public.count("/@cc-fixture%2Fmiddle") == 0
+
+        # Without a token: the private scope is refused, cached or not; the
+        # public packages are served (--access public).
+        for path in ("/npm/@cc-fixture%2fmiddle", "/npm/@cc-fixture/middle/-/middle-1.0.1.tgz",
+                     "/npm/-/package/@cc-fixture/middle/dist-tags"):
+            status, headers, body = get(daemon.url, path)
+            assert status == 401 and b"cc-fixture" not in body, (path, status, body)
+        assert get(daemon.url, "/npm/cc-fixture-leaf")[0] == 200
+        assert get(daemon.url, "/npm/@cc-fixture%2fmiddle", f"Bearer {token}")[0] == 200
+        log = daemon.log()
+        assert SECRET not in log and token not in log
+    finally:
+        daemon.stop()
+
+
+def test_a_public_route_needs_no_token(tmp_path: Any, registries: tuple[RegistryFixture, RegistryFixture]) -> None:
+    private, public = registries
+    daemon = Daemon(str(tmp_path / "storage"), ["--config", config(tmp_path, private, access="public"),
+                                                "--npm-upstream", public.url], env={"CORP_NPM_TOKEN": SECRET})
+    try:
+        assert get(daemon.url, "/npm/@cc-fixture%2fmiddle")[0] == 200
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("extra, env, message", [
+    ({}, {}, "line 1: key 'token_env': the environment variable CORP_NPM_TOKEN is not set."),
+    ({"token": SECRET}, {"CORP_NPM_TOKEN": SECRET}, "line 1: key 'token': a secret never goes in this file"),
+    ({"access": "everyone"}, {"CORP_NPM_TOKEN": SECRET}, "line 1: key 'access' is token or public, not 'everyone'."),
+])
+def test_a_route_that_cannot_work_stops_the_daemon_in_one_sentence(
+    tmp_path: Any, registries: tuple[RegistryFixture, RegistryFixture], extra: dict[str, str],
+    env: dict[str, str], message: str,
+) -> None:
+    private, _ = registries
+    path = config(tmp_path, private, **extra)
+    process = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "contentcache", "--config", path, "--storage", str(tmp_path / "s"),
+         "--workers", "2"],
+        capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+        env={k: v for k, v in {**os.environ, **env}.items() if k != "CORP_NPM_TOKEN" or k in env},
+    )
+    assert process.returncode != 0
+    last = (process.stdout + process.stderr).strip().splitlines()[-1]
+    assert last.endswith(f"{path}, {message}") or f"{path}, {message}" in last, last
+    assert SECRET not in process.stdout + process.stderr
