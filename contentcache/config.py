@@ -74,7 +74,7 @@ class Route:
 
 #: A route's keys, by the kind of value each takes.
 _ROUTE_STRINGS = ("upstream", "token_env", "token_file", "username", "password_env", "password_file", "access")
-_ROUTE_LISTS = ("packages", "tarball_hosts")
+_ROUTE_LISTS = ("tarball_hosts",)
 #: Keys that would put a secret in the file itself.
 _SECRETS = ("token", "password", "secret", "auth", "authorization")
 
@@ -84,6 +84,7 @@ class ConfigFile:
     path: str
     settings: list[Setting]
     npm_routes: list[Route] = []
+    go_routes: list[Route] = []
 
     def where(self, option: str) -> str | None:
         """
@@ -149,16 +150,18 @@ def load(path: str, options: Sequence[str], repeatable: Sequence[str], flags: Se
     known = set(options) | set(flags)
     settings: list[Setting] = []
     npm_routes: list[Route] = []
+    go_routes: list[Route] = []
 
-    def routes(value: Any, line: int) -> None:
+    def routes(protocol: str, value: Any, line: int) -> None:
         where = f"{path}, line {line}: key 'routes'"
         if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
-            raise ConfigError(f"{where} is a list of tables: write each as [[npm.routes]].")
+            raise ConfigError(f"{where} is a list of tables: write each as [[{protocol}.routes]].")
         starts = [n for n, text_line in enumerate(text.splitlines(), start=1)
-                  if re.match(r"^\s*\[\[\s*npm\.routes\s*\]\]", text_line)]
+                  if re.match(rf"^\s*\[\[\s*{protocol}\.routes\s*\]\]", text_line)]
+        made = npm_routes if protocol == "npm" else go_routes
         for i, table in enumerate(value):
             at = starts[i] if i < len(starts) else line
-            npm_routes.append(_route(table, f"{path}, line {at}"))
+            made.append(_route(table, f"{path}, line {at}", "packages" if protocol == "npm" else "modules"))
 
     def take(table: Sequence[str], items: Mapping[str, Any], prefix: str) -> None:
         for key, value in items.items():
@@ -168,8 +171,8 @@ def load(path: str, options: Sequence[str], repeatable: Sequence[str], flags: Se
             if isinstance(value, dict) and not table and key in PROTOCOL_TABLES:
                 take([key], value, f"{key}-")
                 continue
-            if list(table) == ["npm"] and key == "routes":
-                routes(value, line)
+            if len(table) == 1 and table[0] in PROTOCOL_TABLES and key == "routes":
+                routes(table[0], value, line)
                 continue
             if option in ("config",) or option not in known:
                 raise ConfigError(f"{where} is not a setting of contentcache (twistd contentcache --help lists them).")
@@ -186,10 +189,10 @@ def load(path: str, options: Sequence[str], repeatable: Sequence[str], flags: Se
             settings.append(Setting(option, arguments, line, key))
 
     take([], document, "")
-    return ConfigFile(path, settings, npm_routes)
+    return ConfigFile(path, settings, npm_routes, go_routes)
 
 
-def _route(table: Mapping[str, Any], where: str) -> Route:
+def _route(table: Mapping[str, Any], where: str, names: str) -> Route:
     """
     One route's table, checked: C{where} says "FILE, line N" of its header.
     """
@@ -203,16 +206,17 @@ def _route(table: Mapping[str, Any], where: str) -> Route:
         if key in _ROUTE_STRINGS:
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{where}: key {key!r} is a string, not {value!r}.")
-        elif key in _ROUTE_LISTS:
+        elif (key in _ROUTE_LISTS and names == "packages") or key == names:
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
                 raise ConfigError(f"{where}: key {key!r} is a list of strings, not {value!r}.")
         else:
+            extra = ("tarball_hosts",) if names == "packages" else ()
             raise ConfigError(f"{where}: key {key!r} is not a setting of a route "
-                              f"({', '.join(('packages',) + _ROUTE_STRINGS + ('tarball_hosts',))}).")
+                              f"({', '.join((names,) + _ROUTE_STRINGS + extra)}).")
         values[key] = value
-    for required in ("packages", "upstream"):
+    for required in (names, "upstream"):
         if required not in values:
             raise ConfigError(f"{where}: a route needs {required!r}.")
     if not re.match(r"^https?://[^/]", values["upstream"]):
@@ -226,5 +230,5 @@ def _route(table: Mapping[str, Any], where: str) -> Route:
         raise ConfigError(f"{where}: Basic needs both username and password_env (or password_file).")
     if values.get("access", "token") not in ("token", "public"):
         raise ConfigError(f"{where}: key 'access' is token or public, not {values['access']!r}.")
-    patterns = values.pop("packages")
+    patterns = values.pop(names)
     return Route(patterns=patterns, where=where, **values)

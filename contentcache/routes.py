@@ -19,6 +19,7 @@ from attrs import field, frozen
 from twisted.logger import Logger
 
 from .config import ConfigError, Route
+from .protocol.goproxy.paths import match_prefix_patterns
 from .upstream import Timeouts, Upstream
 
 log = Logger()
@@ -79,6 +80,35 @@ def credential(route: Route, environ: Mapping[str, str]) -> str | None:
             password = _secret_file(route.password_file, route.where, "password_file")
         return "Basic " + base64.b64encode(f"{route.username}:{password}".encode()).decode("ascii")
     return None
+
+
+@frozen
+class GoRoute:
+    """
+    A configured route for Go modules (GOPRIVATE-style path globs).
+    """
+
+    patterns: list[str]
+    upstream: Upstream = field(repr=False)
+    access: str
+    where: str
+
+    def matches(self, path: str) -> bool:
+        return match_prefix_patterns(",".join(self.patterns), path)
+
+
+def go_routes(
+    routes: list[Route], reactor: Any, timeouts: Timeouts, environ: Mapping[str, str] = os.environ
+) -> list[GoRoute]:
+    """
+    The configured Go routes with their upstreams.
+    """
+    return [
+        GoRoute(list(route.patterns), Upstream.create(route.upstream, reactor, timeouts, protocol="go",
+                                                       credential=credential(route, environ)),
+                route.access, route.where)
+        for route in routes
+    ]
 
 
 def npm_routes(

@@ -29,7 +29,7 @@ from .hash import Hash
 from .hot import HotSet, Invalidations
 from .auth import Guard, Tokens
 from .config import ConfigError, ConfigFile, load as load_config
-from .routes import credential, npm_routes
+from .routes import credential, go_routes, npm_routes
 from .index import IndexService, make_index, make_locks, prepare as prepare_index
 from .index.postgresql import STATEMENT_TIMEOUT
 from .locks import EXPIRY_PASS, KeyLocks, Leadership, run_directory
@@ -476,7 +476,7 @@ class Preflight(Service):
         # once, not in every worker.
         config: ConfigFile | None = getattr(options, "config", None)
         try:
-            for route in config.npm_routes if config is not None else []:
+            for route in [*config.npm_routes, *config.go_routes] if config is not None else []:
                 credential(route, os.environ)
         except ConfigError as e:
             raise SystemExit(str(e)) from None
@@ -606,6 +606,7 @@ def _daemon(options: Options) -> IService:
     config: ConfigFile | None = getattr(options, "config", None)
     try:
         npm.routes = npm_routes(config.npm_routes if config is not None else [], reactor, timeouts)
+        goproxy.routes = go_routes(config.go_routes if config is not None else [], reactor, timeouts)
     except ConfigError as e:
         raise SystemExit(str(e)) from None
     NpmService(npm, reactor, timeouts, options["npm-upstream"], port).setServiceParent(top)
@@ -615,10 +616,9 @@ def _daemon(options: Options) -> IService:
         body=options["idle-timeout"], send=options["idle-timeout"],
     )
     guard = Guard(Tokens(index, reactor))
-    go_resource = GoProxyResource(goproxy)
-    if options["access"] == "token":
-        go_resource.guard = guard
-    # npm decides per package: a route says for its own, --access for the rest.
+    # Each decides per package or module: a route says for its own,
+    # --access for the rest.
+    go_resource = GoProxyResource(goproxy, options["access"], guard)
     npm_resource = NpmResource(npm, options["access"], guard)
     protocols: dict[bytes, AsyncResource] = {b"goproxy": go_resource, b"npm": npm_resource}
     root = Root(store, index, protocols, disk, gauges)

@@ -5,6 +5,7 @@ credentials, and the client tokens what they fetched needs.
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -14,9 +15,12 @@ from typing import Any, Iterator
 import pytest
 
 from .daemon import TWISTD, Daemon
+from .gomodules import GREET, ModuleVersion, build_tree, modules
 from .npmpackages import MIDDLE, PACKAGES, TOP, RegistryFixture, pack
 from .test_auth import get
+from .test_goproxy import go
 from .test_npm import EXPECTED, check_installed, npmrc, project, run
+from .upstream import UpstreamFixture
 
 SECRET = "corp-route-secret-0123456789"
 
@@ -134,3 +138,91 @@ def test_a_route_that_cannot_work_stops_the_daemon_in_one_sentence(
     last = (process.stdout + process.stderr).strip().splitlines()[-1]
     assert last.endswith(f"{path}, {message}") or f"{path}, {message}" in last, last
     assert SECRET not in process.stdout + process.stderr
+
+
+# Go modules.
+
+CORP = "corp.example/lib"
+GO_PASSWORD = "corp-go-password-9876543210"
+
+
+class PrivateGoProxy(UpstreamFixture):
+    """
+    A module proxy behind basic auth (user ci).
+    """
+
+    def _answer(self, handler: BaseHTTPRequestHandler, head: bool) -> None:
+        expected = "Basic " + base64.b64encode(f"ci:{GO_PASSWORD}".encode()).decode()
+        if handler.headers.get("Authorization") != expected:
+            with self._lock:
+                self.log.append((handler.command, handler.path, dict(handler.headers)))
+            self._send(handler, 401, b"unauthorized\n", head)
+            return
+        super()._answer(handler, head)
+
+
+def go_config(tmp_path: Any, private: UpstreamFixture, access: str) -> str:
+    path = os.path.join(str(tmp_path), "go.toml")
+    with open(path, "w") as f:
+        f.write(f'[[go.routes]]\nmodules = ["corp.example"]\nupstream = "{private.url}"\nusername = "ci"\n'
+                f'password_env = "CORP_GO_PASSWORD"\naccess = "{access}"\n')
+    return path
+
+
+def test_a_routed_module_comes_from_its_proxy_and_never_from_a_checksum_database(tmp_path: Any) -> None:
+    private = PrivateGoProxy(build_tree(str(tmp_path / "private"), [ModuleVersion(CORP, "v1.0.0", {
+        "go.mod": f"module {CORP}\n\ngo 1.19\n",
+        "lib.go": 'package lib\n\nfunc Name() string { return "corp" }\n',
+    })]))
+    public = UpstreamFixture(build_tree(str(tmp_path / "public"), modules()))
+    sumdb = UpstreamFixture(str(tmp_path / "no-records"))  # records what it is asked
+    daemon = Daemon(str(tmp_path / "storage"), [
+        "--config", go_config(tmp_path, private, "public"), "--go-upstream", public.url,
+        "--go-sumdb", f"sum.test.example={sumdb.url}",
+    ], env={"CORP_GO_PASSWORD": GO_PASSWORD})
+    try:
+        project_dir = tmp_path / "project"
+        project_dir.mkdir()
+        (project_dir / "go.mod").write_text(
+            f"module example.com/project\n\ngo 1.19\n\nrequire (\n\t{CORP} v1.0.0\n\t{GREET} v1.2.0\n)\n")
+        (project_dir / "main.go").write_text(
+            f'package main\n\nimport (\n\t"fmt"\n\n\t"{CORP}"\n\t"{GREET}"\n)\n\n'
+            'func main() { fmt.Println(lib.Name(), greet.Word()) }\n')
+        built = go(str(tmp_path / "client"), "build", "-o", str(tmp_path / "app"), ".", cwd=str(project_dir),
+                   GOPROXY=f"{daemon.url}/goproxy", GOSUMDB="off", GONOSUMDB="corp.example",
+                   GOPRIVATE="")
+        assert built.returncode == 0, built.stderr + daemon.log()[-3000:]
+        assert subprocess.run([str(tmp_path / "app")], capture_output=True, text=True).stdout == "corp Hi\n"
+
+        assert private.count(f"/{CORP}/@v/v1.0.0.zip") == 1
+        expected = "Basic " + base64.b64encode(f"ci:{GO_PASSWORD}".encode()).decode()
+        assert all(h.get("Authorization") == expected for _, _, h in private.log)
+        assert all("Authorization" not in h for _, _, h in public.log)
+        assert not any("corp.example" in path for _, path, _ in public.log + sumdb.log)
+        assert any(GREET in path for _, path, _ in sumdb.log)  # the public module was looked up
+        status, _, _ = get(daemon.url, f"/goproxy/sumdb/sum.test.example/lookup/{CORP}@v1.0.0")
+        assert status == 404 and not any("corp.example" in path for _, path, _ in sumdb.log)
+        assert GO_PASSWORD not in daemon.log()
+    finally:
+        daemon.stop()
+        private.stop()
+        public.stop()
+        sumdb.stop()
+
+
+def test_a_routed_module_needs_a_client_token(tmp_path: Any) -> None:
+    private = PrivateGoProxy(build_tree(str(tmp_path / "private"), [ModuleVersion(CORP, "v1.0.0", {
+        "go.mod": f"module {CORP}\n\ngo 1.19\n", "lib.go": "package lib\n"})]))
+    storage = str(tmp_path / "storage")
+    daemon = Daemon(storage, ["--config", go_config(tmp_path, private, "token"), "--go-sumdb", "off"],
+                    env={"CORP_GO_PASSWORD": GO_PASSWORD})
+    try:
+        token = admin("token", "create", "builds", "--storage", storage)
+        path = f"/goproxy/{CORP}/@v/v1.0.0.info"
+        assert get(daemon.url, path)[0] == 401
+        basic = base64.b64encode(f"anyone:{token}".encode()).decode()
+        assert get(daemon.url, path, f"Basic {basic}")[0] == 200
+        assert get(daemon.url, path)[0] == 401  # cached now, and still not without a token
+    finally:
+        daemon.stop()
+        private.stop()

@@ -11,7 +11,7 @@ from typing import Awaitable, Callable
 from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.http import NOT_FOUND, OK
+from twisted.web.http import NOT_FOUND, OK, UNAUTHORIZED
 from twisted.web.server import Request
 
 from ...cache import (
@@ -27,9 +27,11 @@ from ...cache import (
 from ...index import Entry
 from ...pool import Runner
 from ...store import BlobNotFound, Store
+from ...routes import GoRoute
 from ...upstream import Upstream, UpstreamError, conditional_headers
 from ...web import (
-    IMMUTABLE, TEXT, AsyncResource, cache_headers, path_segments, read_blob, refetching, send_blob, text,
+    IMMUTABLE, TEXT, AsyncResource, HTTPError, IGuard, cache_headers, path_segments, read_blob, refetching,
+    send_blob, text,
 )
 from .modzip import MAX_GO_MOD_SIZE, MAX_ZIP_SIZE, ZipRuleError, check_and_hash_zip, hash_go_mod
 from .paths import InvalidPath, Module, Version, is_canonical, match_prefix_patterns, unescape
@@ -68,7 +70,20 @@ class GoProxy:
     #: GONOSUMDB-style patterns: modules never looked up in the database
     #: (their names are private), stored unverified.
     nosumdb: str = ""
+    #: Private modules' upstreams, first match wins (the config file's).
+    #: A routed module is never looked up in a checksum database.
+    routes: list[GoRoute] = field(factory=list)
     _unreachable_warned: bool = False
+
+    def route_for(self, module: Module) -> GoRoute | None:
+        for route in self.routes:
+            if route.matches(module.path):
+                return route
+        return None
+
+    def upstream_for(self, module: Module) -> Upstream | None:
+        route = self.route_for(module)
+        return route.upstream if route is not None else self.upstream
 
     # Fetches, each returning what the cache should store.
 
@@ -111,8 +126,9 @@ class GoProxy:
         return revalidate
 
     async def _fetch_mod(self, module: Module, version: Version, key: str) -> Fill:
-        assert self.upstream is not None
-        fill = await self._get_new(self.upstream, key, MAX_GO_MOD_SIZE)
+        upstream = self.upstream_for(module)
+        assert upstream is not None
+        fill = await self._get_new(upstream, key, MAX_GO_MOD_SIZE)
         try:
             h1 = await self._disk.run(hash_go_mod, fill.spool.path)
         except BaseException:
@@ -121,8 +137,9 @@ class GoProxy:
         return await self._verified(fill, module, version, "/go.mod", h1)
 
     async def _fetch_zip(self, module: Module, version: Version, key: str) -> Fill:
-        assert self.upstream is not None
-        fill = await self._get_new(self.upstream, key, MAX_ZIP_SIZE)
+        upstream = self.upstream_for(module)
+        assert upstream is not None
+        fill = await self._get_new(upstream, key, MAX_ZIP_SIZE)
         try:
             h1 = await self._disk.run(check_and_hash_zip, fill.spool.path, module.path, version.name)
         except ZipRuleError as e:
@@ -155,7 +172,7 @@ class GoProxy:
         return Fill(fill.spool, {**fill.attrs, "h1": h1, "verified": verified})
 
     async def _check_sum(self, module: Module, version: Version, suffix: str, h1: str) -> bool:
-        if self.verifier is None or match_prefix_patterns(self.nosumdb, module.path):
+        if self.verifier is None or match_prefix_patterns(self.nosumdb, module.path) or self.route_for(module):
             return False
         sumdb, upstream = self.sumdbs[self.verifier]
         try:
@@ -219,26 +236,28 @@ class GoProxy:
 
     async def module_file(self, module: Module, version: Version, ext: str) -> Served:
         key = f"{module.escaped}/@v/{version.escaped}.{ext}"
+        upstream = self.upstream_for(module)
         if ext == "info" and not version.canonical:
             return await self.cache.mutable(
-                key, self.metadata_ttl, self._revalidator(self.upstream, key), body=True
+                key, self.metadata_ttl, self._revalidator(upstream, key), body=True
             )
         if not version.canonical:
             raise Missing(f"{module.path}@{version.name}: .{ext} needs a canonical version")
-        if self.upstream is None:
+        if upstream is None:
             return await self.cache.immutable(key, None, body=True)
         if ext == "zip":
             return await self.cache.immutable(key, lambda: self._fetch_zip(module, version, key), body=True)
         if ext == "mod":
             return await self.cache.immutable(key, lambda: self._fetch_mod(module, version, key), body=True)
-        upstream = self.upstream
         return await self.cache.immutable(
             key, lambda: self._get_new(upstream, key, MAX_METADATA_SIZE), body=True
         )
 
     async def latest(self, module: Module) -> Served:
         key = f"{module.escaped}/@latest"
-        return await self.cache.mutable(key, self.metadata_ttl, self._revalidator(self.upstream, key), body=True)
+        return await self.cache.mutable(
+            key, self.metadata_ttl, self._revalidator(self.upstream_for(module), key), body=True
+        )
 
     async def version_list(self, module: Module) -> Served | bytes:
         """
@@ -246,12 +265,13 @@ class GoProxy:
         list was ever fetched, the versions this cache holds.
         """
         key = f"{module.escaped}/@v/list"
+        upstream = self.upstream_for(module)
         try:
             return await self.cache.mutable(
-                key, self.metadata_ttl, self._revalidator(self.upstream, key), body=True
+                key, self.metadata_ttl, self._revalidator(upstream, key), body=True
             )
         except (UpstreamError, Missing) as e:
-            if isinstance(e, Missing) and self.upstream is not None:
+            if isinstance(e, Missing) and upstream is not None:
                 raise
             versions = await self.cached_versions(module)
             if not versions:
@@ -284,6 +304,22 @@ class GoProxy:
         )
 
 
+def _module_of(segments: list[str]) -> Module | None:
+    """
+    The module a GOPROXY path is about (none for the checksum database's).
+    """
+    try:
+        if not segments or segments[0] == "sumdb":
+            return None
+        if segments[-1] == "@latest":
+            return Module.parse("/".join(segments[:-1]))
+        if len(segments) >= 3 and segments[-2] == "@v":
+            return Module.parse("/".join(segments[:-2]))
+    except InvalidPath:
+        return None
+    return None
+
+
 class GoProxyResource(AsyncResource):
     """
     C{/goproxy/...}.
@@ -291,9 +327,22 @@ class GoProxyResource(AsyncResource):
 
     takes_subpath = True
 
-    def __init__(self, proxy: GoProxy) -> None:
+    def __init__(self, proxy: GoProxy, access: str = "public", token_guard: IGuard | None = None) -> None:
         super().__init__()
         self.proxy = proxy
+        #: Who may have what no route names: public, or token.
+        self.access = access
+        #: Checks a client token, for what needs one.
+        self.token_guard = token_guard
+
+    async def _needs_token(self, request: Request, module: Module | None) -> None:
+        route = self.proxy.route_for(module) if module is not None else None
+        access = route.access if route is not None else self.access
+        if access == "public":
+            return
+        if self.token_guard is None:  # never so wired: refuse rather than serve
+            raise HTTPError(UNAUTHORIZED, "a token is needed, and this daemon checks none")
+        await self.token_guard.check(request)
 
     async def _send(
         self, request: Request, served: Served | bytes, content_type: bytes, immutable: bool
@@ -320,6 +369,7 @@ class GoProxyResource(AsyncResource):
             request.write(text(request, NOT_FOUND, str(e)))
             request.finish()
             return
+        await self._needs_token(request, _module_of(segments))
         await handler(request)
 
     def _route(self, segments: list[str]) -> Callable[[Request], Awaitable[None]]:
@@ -360,6 +410,9 @@ class GoProxyResource(AsyncResource):
             if not at:
                 raise InvalidPath("invalid lookup: no @version")
             module, version = Module.parse(module_path), Version.parse(version_name)
+            if proxy.route_for(module) is not None:
+                # Its name is private: never sent to a public database.
+                raise InvalidSumDB("not found: a routed module is never looked up in a checksum database")
             return lambda r: self._answer(
                 r, lambda: proxy.sumdb_lookup(name, module, version), TEXT, True
             )

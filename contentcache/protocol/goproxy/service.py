@@ -93,7 +93,7 @@ class GoProxyService(Service):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
-        upstreams = [u for _, u in self.proxy.sumdbs.values()]
+        upstreams = [u for _, u in self.proxy.sumdbs.values()] + [route.upstream for route in self.proxy.routes]
         if self.proxy.upstream is not None:
             upstreams.append(self.proxy.upstream)
         return gatherResults([u.close() for u in upstreams])
