@@ -29,6 +29,7 @@ from .hash import Hash
 from .hot import HotSet, Invalidations
 from .auth import Guard, Tokens
 from .config import ConfigError, ConfigFile, load as load_config
+from .outbound import Outbound, OutboundError, configure as configure_outbound
 from .routes import credential, go_routes, npm_routes
 from .index import IndexService, make_index, make_locks, prepare as prepare_index
 from .index.postgresql import STATEMENT_TIMEOUT
@@ -145,6 +146,8 @@ class Options(usage.Options):
         ["s3-endpoint", None, None, "The S3-compatible server's URL (MinIO, Ceph, ...); default: "
          "AWS S3. Credentials come from the AWS chain: environment, ~/.aws files, instance role."],
         ["s3-region", None, None, "The S3 region (default: the AWS configuration's)."],
+        ["ca-file", None, None, "A PEM file of certificate authorities to trust for upstreams, besides the "
+         "system's (SSL_CERT_FILE too). Verification is always on."],
         ["s3-part-size", None, "16MiB", "Blobs larger than this go to S3 in parts of this size "
          "(at least 5MiB)."],
         ["compression-level", None, str(DEFAULT_LEVEL), "zstd level for blobs that compress "
@@ -472,6 +475,10 @@ class Preflight(Service):
             storage.store(SynchronousRunner(), 1).backend.check()
         except StorageUnavailable as e:
             raise SystemExit(str(e)) from None
+        try:
+            Outbound.from_settings([options["ca-file"]] if options["ca-file"] else [])
+        except OutboundError as e:
+            raise SystemExit(str(e)) from None
         # A route's credential that cannot be read stops the daemon here,
         # once, not in every worker.
         config: ConfigFile | None = getattr(options, "config", None)
@@ -507,6 +514,11 @@ def _daemon(options: Options) -> IService:
     slot = worker_slot()
     run = run_directory(storage.state_dir)
     top = SequentialServices()
+    # Trusted roots and outbound proxies, before any upstream is made.
+    try:
+        configure_outbound([options["ca-file"]] if options["ca-file"] else [])
+    except OutboundError as e:
+        raise SystemExit(str(e)) from None
 
     TracingService().setServiceParent(top)
     disk = DiskPool(reactor, options["disk-threads"])

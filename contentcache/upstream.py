@@ -43,7 +43,7 @@ from twisted.web.http import NOT_MODIFIED, OK
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from . import metrics
+from . import metrics, outbound
 from .tracing import recording, tracer
 from .store import Spool, Store
 
@@ -296,7 +296,7 @@ class Upstream:
         # Not a log line per upstream connection opened and closed.
         pool._factory = _QuietClientFactory
         pool.maxPersistentPerHost = 8
-        agent = Agent(reactor, connectTimeout=timeouts.connect, pool=pool)
+        agent = outbound.current.agent(reactor, timeouts.connect, pool)
         hosts = frozenset({host_port(base), *(h.lower() for h in extra_hosts)}) if credential else frozenset()
         return cls(base.rstrip("/"), HTTPClient(agent), reactor, timeouts, pool, protocol, credential, hosts)
 
