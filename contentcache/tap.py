@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from twisted.application import strports
 from twisted.application.service import IService, Service
 from twisted.internet import reactor as _global_reactor
 from twisted.internet.endpoints import serverFromString
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from . import metrics
@@ -311,13 +312,18 @@ class Options(usage.Options):
             raise usage.UsageError(f"--workers must be a whole number from 1 to {MAX_WORKERS}, not {workers!r}.")
         else:
             self["workers"] = int(str(workers))
-        if self["workers"] > 1 and not re.match(r"(tcp6?|unix|systemd):", self["port"]):
-            # Workers accept on the bare socket: a TLS endpoint would lose
-            # its TLS there.
+        if self["workers"] > 1 and not re.match(r"(tcp6?|unix|systemd|ssl):", self["port"]):
+            # Workers accept on the bare socket, and wrap TLS themselves
+            # only for an ssl: port.
             raise usage.UsageError(
-                f"--port {self['port']!r}: with more than one worker the port must be tcp:, tcp6:, unix: "
-                "or systemd: (put TLS in front of the daemon, or use --workers 1)."
+                f"--port {self['port']!r}: with more than one worker the port must be tcp:, tcp6:, unix:, "
+                "ssl: or systemd: (or use --workers 1)."
             )
+        if self["port"].startswith("ssl:"):
+            try:
+                tls_options(self["port"])
+            except ValueError as e:
+                raise usage.UsageError(f"--port: {e}.") from None
         try:
             self["memory-cache"] = parse_size(str(self["memory-cache"]))
         except ValueError as e:
@@ -642,6 +648,47 @@ def _daemon(options: Options) -> IService:
         strports.service(options["port"], site).setServiceParent(top)
         NotifyReady(reactor).setServiceParent(top)
     else:
-        AdoptedPort(reactor, site).setServiceParent(top)
+        # The supervisor's socket is bare TCP: an ssl: port's TLS is the
+        # worker's to wrap.
+        factory: Any = site
+        if options["port"].startswith("ssl:"):
+            factory = TLSMemoryBIOFactory(tls_options(options["port"]), False, site)
+        AdoptedPort(reactor, factory).setServiceParent(top)
         NotifySupervisor(reactor).setServiceParent(top)
     return top
+
+
+def tls_options(description: str) -> Any:
+    """
+    The certificate of an ssl: endpoint description (privateKey=,
+    certKey=, extraCertChain=), as Twisted's ssl: endpoint reads them, for
+    a worker wrapping TLS on the socket it adopts.
+    """
+    from twisted.internet import ssl
+
+    parts: dict[str, str] = {}
+    for item in re.split(r"(?<!\\):", description)[1:]:
+        key, eq, value = item.partition("=")
+        if eq:
+            parts[key] = value.replace("\\:", ":")
+    if "privateKey" not in parts:
+        raise ValueError(f"{description!r} names no privateKey=")
+    try:
+        with open(parts["privateKey"], "rb") as f:
+            key = f.read()
+        with open(parts.get("certKey", parts["privateKey"]), "rb") as f:
+            cert = f.read()
+        chain = []
+        if "extraCertChain" in parts:
+            with open(parts["extraCertChain"], "rb") as f:
+                chain = [ssl.Certificate.loadPEM(block).original
+                         for block in re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
+                                                 f.read(), re.S)]
+    except OSError as e:
+        raise ValueError(f"cannot read {e.filename}: {e.strerror}") from None
+    try:
+        certificate = ssl.PrivateCertificate.loadPEM(key + b"\n" + cert)
+    except Exception:
+        raise ValueError("its privateKey and certKey are not a PEM key and certificate that match") from None
+    return ssl.CertificateOptions(privateKey=certificate.privateKey.original,
+                                  certificate=certificate.original, extraCertChain=chain)

@@ -20,6 +20,7 @@ from .npmpackages import MIDDLE, PACKAGES, TOP, RegistryFixture, pack
 from .test_auth import get
 from .test_goproxy import go
 from .test_npm import EXPECTED, check_installed, npmrc, project, run
+from .tls import make_ca
 from .upstream import UpstreamFixture
 
 SECRET = "corp-route-secret-0123456789"
@@ -226,3 +227,48 @@ def test_a_routed_module_needs_a_client_token(tmp_path: Any) -> None:
     finally:
         daemon.stop()
         private.stop()
+
+
+def test_go_builds_a_routed_module_over_https_with_its_netrc_token(tmp_path: Any) -> None:
+    # As the go command needs it: credentials from ~/.netrc go only over
+    # https, so the daemon serves TLS itself (each worker wrapping it).
+    ca = make_ca(str(tmp_path / "ca"))
+    private = PrivateGoProxy(build_tree(str(tmp_path / "private"), [ModuleVersion(CORP, "v1.0.0", {
+        "go.mod": f"module {CORP}\n\ngo 1.19\n",
+        "lib.go": 'package lib\n\nfunc Name() string { return "corp" }\n',
+    })]))
+    public = UpstreamFixture(build_tree(str(tmp_path / "public"), modules()))
+    storage = str(tmp_path / "storage")
+    daemon = Daemon(storage, [
+        "--port", f"ssl:0:interface=127.0.0.1:privateKey={ca.key_file}:certKey={ca.cert_file}", "--workers", "2",
+        "--config", go_config(tmp_path, private, "token"), "--go-upstream", public.url, "--go-sumdb", "off",
+    ], env={"CORP_GO_PASSWORD": GO_PASSWORD})
+    try:
+        token = admin("token", "create", "builder", "--storage", storage)
+        home = str(tmp_path / "client")
+        os.makedirs(home)
+        with open(os.path.join(home, ".netrc"), "w") as f:
+            f.write(f"machine 127.0.0.1 login builder password {token}\n")
+        project_dir = tmp_path / "project"
+        project_dir.mkdir()
+        (project_dir / "go.mod").write_text(
+            f"module example.com/project\n\ngo 1.19\n\nrequire (\n\t{CORP} v1.0.0\n\t{GREET} v1.2.0\n)\n")
+        (project_dir / "main.go").write_text(
+            f'package main\n\nimport (\n\t"fmt"\n\n\t"{CORP}"\n\t"{GREET}"\n)\n\n'
+            'func main() { fmt.Println(lib.Name(), greet.Word()) }\n')
+        proxy = f"https://127.0.0.1:{daemon.port}/goproxy"
+        built = go(home, "build", "-o", str(tmp_path / "app"), ".", cwd=str(project_dir), GOPROXY=proxy,
+                   GOSUMDB="off", GONOSUMDB="corp.example", GOPRIVATE="", SSL_CERT_FILE=ca.ca_file)
+        assert built.returncode == 0, built.stderr + daemon.log()[-3000:]
+        assert subprocess.run([str(tmp_path / "app")], capture_output=True, text=True).stdout == "corp Hi\n"
+        # Without the token (another machine, no .netrc), nothing of corp.
+        os.remove(os.path.join(home, ".netrc"))
+        refused = go(str(tmp_path / "other"), "mod", "download", f"{CORP}@v1.0.0", GOPROXY=proxy, GOSUMDB="off",
+                     GONOSUMDB="corp.example", SSL_CERT_FILE=ca.ca_file)
+        assert refused.returncode != 0 and "401" in refused.stderr, refused.stderr
+        assert token not in daemon.log() and GO_PASSWORD not in daemon.log()
+        assert all("Authorization" not in h for _, _, h in public.log)
+    finally:
+        daemon.stop()
+        private.stop()
+        public.stop()
