@@ -6,7 +6,9 @@ credentials, and the client tokens what they fetched needs.
 from __future__ import annotations
 
 import base64
+import json
 import os
+import shutil
 import subprocess
 import sys
 from http.server import BaseHTTPRequestHandler
@@ -15,10 +17,10 @@ from typing import Any, Iterator
 import pytest
 
 from .daemon import TWISTD, Daemon
-from .gomodules import GREET, ModuleVersion, build_tree, modules
+from .gomodules import GREET, ModuleVersion, SumDBFixture, build_tree, modules
 from .npmpackages import MIDDLE, PACKAGES, TOP, RegistryFixture, pack
 from .test_auth import get
-from .test_goproxy import go
+from .test_goproxy import SUMDB_NAME, go, gosumdb_binary  # noqa: F401  (a module fixture)
 from .test_npm import EXPECTED, check_installed, npmrc, project, run
 from .tls import make_ca
 from .upstream import UpstreamFixture
@@ -229,19 +231,24 @@ def test_a_routed_module_needs_a_client_token(tmp_path: Any) -> None:
         private.stop()
 
 
-def test_go_builds_a_routed_module_over_https_with_its_netrc_token(tmp_path: Any) -> None:
+def test_go_builds_a_routed_module_over_https_with_its_netrc_token(tmp_path: Any, gosumdb_binary: str) -> None:
     # As the go command needs it: credentials from ~/.netrc go only over
-    # https, so the daemon serves TLS itself (each worker wrapping it).
+    # https, so the daemon serves TLS itself (each worker wrapping it). The
+    # public module is verified against a real checksum database, through
+    # the daemon, that knows nothing of corp.example.
     ca = make_ca(str(tmp_path / "ca"))
     private = PrivateGoProxy(build_tree(str(tmp_path / "private"), [ModuleVersion(CORP, "v1.0.0", {
         "go.mod": f"module {CORP}\n\ngo 1.19\n",
         "lib.go": 'package lib\n\nfunc Name() string { return "corp" }\n',
     })]))
-    public = UpstreamFixture(build_tree(str(tmp_path / "public"), modules()))
+    tree = build_tree(str(tmp_path / "public"), modules())
+    public = UpstreamFixture(tree)
+    sumdb = SumDBFixture(gosumdb_binary, SUMDB_NAME, tree)
     storage = str(tmp_path / "storage")
     daemon = Daemon(storage, [
         "--port", f"ssl:0:interface=127.0.0.1:privateKey={ca.key_file}:certKey={ca.cert_file}", "--workers", "2",
-        "--config", go_config(tmp_path, private, "token"), "--go-upstream", public.url, "--go-sumdb", "off",
+        "--config", go_config(tmp_path, private, "token"), "--go-upstream", public.url,
+        "--go-sumdb", f"{SUMDB_NAME}={sumdb.url}",
     ], env={"CORP_GO_PASSWORD": GO_PASSWORD})
     try:
         token = admin("token", "create", "builder", "--storage", storage)
@@ -258,7 +265,7 @@ def test_go_builds_a_routed_module_over_https_with_its_netrc_token(tmp_path: Any
             'func main() { fmt.Println(lib.Name(), greet.Word()) }\n')
         proxy = f"https://127.0.0.1:{daemon.port}/goproxy"
         built = go(home, "build", "-o", str(tmp_path / "app"), ".", cwd=str(project_dir), GOPROXY=proxy,
-                   GOSUMDB="off", GONOSUMDB="corp.example", GOPRIVATE="", SSL_CERT_FILE=ca.ca_file)
+                   GOSUMDB=sumdb.vkey, GONOSUMDB="corp.example", GOPRIVATE="", SSL_CERT_FILE=ca.ca_file)
         assert built.returncode == 0, built.stderr + daemon.log()[-3000:]
         assert subprocess.run([str(tmp_path / "app")], capture_output=True, text=True).stdout == "corp Hi\n"
         # Without the token (another machine, no .netrc), nothing of corp.
@@ -266,9 +273,100 @@ def test_go_builds_a_routed_module_over_https_with_its_netrc_token(tmp_path: Any
         refused = go(str(tmp_path / "other"), "mod", "download", f"{CORP}@v1.0.0", GOPROXY=proxy, GOSUMDB="off",
                      GONOSUMDB="corp.example", SSL_CERT_FILE=ca.ca_file)
         assert refused.returncode != 0 and "401" in refused.stderr, refused.stderr
-        assert token not in daemon.log() and GO_PASSWORD not in daemon.log()
+        log = daemon.log()
+        assert f"GET /goproxy/sumdb/{SUMDB_NAME}/lookup/{GREET}@v1.2.0" in log  # the client verified greet
+        assert "lookup/corp.example" not in log
+        assert token not in log and GO_PASSWORD not in log
         assert all("Authorization" not in h for _, _, h in public.log)
     finally:
         daemon.stop()
         private.stop()
+        public.stop()
+        sumdb.stop()
+
+
+# The real private registry.
+
+def test_private_scope_on_verdaccio_through_npm_pnpm_and_yarn_with_tokens(
+    tmp_path: Any, packed: list[tuple[Any, dict[str, Any]]]
+) -> None:
+    from .test_npm import BERRY, CLIENTS
+    from .verdaccio import Verdaccio
+
+    public = RegistryFixture(str(tmp_path / "public"), packed)
+    verdaccio = Verdaccio(str(tmp_path / "verdaccio"))
+    daemon: Daemon | None = None
+    try:
+        # @corp/a, depending on a public package, published to Verdaccio.
+        source = tmp_path / "corp-a"
+        source.mkdir()
+        (source / "package.json").write_text(json.dumps({
+            "name": "@corp/a", "version": "1.0.0", "main": "index.js",
+            "dependencies": {"cc-fixture-leaf": "^1.0.0"}}))
+        (source / "index.js").write_text("module.exports = 'corp a';\n")
+        verdaccio.publish(str(source), str(tmp_path / "publisher"))
+
+        path = os.path.join(str(tmp_path), "corp.toml")
+        with open(path, "w") as f:
+            f.write(f'[[npm.routes]]\npackages = ["@corp/*"]\nupstream = "{verdaccio.url}/"\n'
+                    'token_env = "CORP_NPM_TOKEN"\n')
+        storage = str(tmp_path / "storage")
+        daemon = Daemon(storage, ["--config", path, "--npm-upstream", public.url, "--log-format", "json"],
+                        env={"CORP_NPM_TOKEN": verdaccio.token})
+        token = admin("token", "create", "ci", "--storage", storage)
+        base = f"{daemon.url}/npm/"
+        address = daemon.url.removeprefix("http:")
+        clients = {
+            "npm": ["npm", "install"],
+            "pnpm": [os.path.join(CLIENTS, "pnpm"), "install", "--reporter=append-only"],
+            "yarn-berry": ["node", BERRY, "install"],
+        }
+        apps = {}
+        for client, argv in clients.items():
+            home = str(tmp_path / client / "home")
+            npmrc(home, base, **{f"{address}/npm/:_authToken": token})
+            app = project(str(tmp_path / client / "app"), {"@corp/a": "^1.0.0"})
+            if client == "yarn-berry":
+                with open(os.path.join(app, ".yarnrc.yml"), "w") as f:
+                    f.write(f'npmRegistryServer: "{base}"\nunsafeHttpWhitelist: ["127.0.0.1"]\n'
+                            f'npmAuthToken: "{token}"\nnpmAlwaysAuth: true\nnodeLinker: node-modules\n'
+                            "enableGlobalCache: false\nenableTelemetry: false\n"
+                            # Yarn quarantines releases younger than a day: @corp/a is minutes old.
+                            "npmMinimalAgeGate: 0\n")
+            env = {"YARN_ENABLE_IMMUTABLE_INSTALLS": "false", "YARN_CACHE_FOLDER": os.path.join(home, "yarn-cache"),
+                   "npm_config_store_dir": os.path.join(home, "pnpm-store")}
+            result = run(argv, app, home, **env)
+            assert result.returncode == 0, f"{client}: {result.stdout}\n{result.stderr}\n{daemon.log()[-3000:]}"
+            installed = os.path.join(app, "node_modules", "@corp", "a", "index.js")
+            assert open(installed).read() == "module.exports = 'corp a';\n", client
+            # The public dependency came too (pnpm keeps it in its own layout).
+            modules_dir = os.path.join(app, "node_modules")
+            assert os.path.exists(os.path.join(modules_dir, "cc-fixture-leaf")) or any(
+                name.startswith("cc-fixture-leaf@") for name in os.listdir(os.path.join(modules_dir, ".pnpm"))
+            ), client
+            apps[client] = (app, home, env)
+
+        # npm ci from the lockfile with Verdaccio gone: from the cache.
+        verdaccio.stop()
+        app, home, env = apps["npm"]
+        shutil.rmtree(os.path.join(app, "node_modules"))
+        shutil.rmtree(os.path.join(home, "npm-cache"), ignore_errors=True)
+        result = run(["npm", "ci"], app, home, **env)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+        # Without a token: nothing of @corp, cached as it is.
+        for where in ("/npm/@corp%2fa", "/npm/@corp/a/-/a-1.0.0.tgz", "/npm/-/package/@corp/a/dist-tags"):
+            status, _, body = get(daemon.url, where)
+            assert status == 401 and b"corp a" not in body, (where, status)
+        # No route credential or client token reached the public upstream;
+        # no client token reached Verdaccio (its log of requests is ours to
+        # read only through its storage: contentcache sends it the route's).
+        assert all("authorization" not in {k.lower() for k in h} for _, _, h in public.log)
+        log = daemon.log()
+        assert token not in log and verdaccio.token not in log
+        assert '"log_namespace"' in log or log.lstrip().startswith("{")  # the JSON format
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        verdaccio.stop()
         public.stop()
