@@ -96,7 +96,22 @@ class CacheRequest(Request):
         #: The daemon cut the connection itself (the response failed after
         #: its headers were sent): not the client's doing.
         self.cut = False
+        #: The answer needed a client token: no shared cache may keep it.
+        self.private = False
         self._body_size = 0
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting and self.private:
+            # Whatever the handler said, a token's answer is the client's
+            # alone (RFC 9111: "public" would let a proxy or CDN in front
+            # keep it and serve it to anyone).
+            headers = self.responseHeaders
+            control = headers.getRawHeaders(b"cache-control", [b""])[0]
+            kept = [d.strip() for d in control.split(b",") if d.strip() and d.strip().lower() != b"public"]
+            headers.setRawHeaders(b"cache-control", [b", ".join([b"private", *kept])])
+            vary = [v for v in headers.getRawHeaders(b"vary", []) if v]
+            headers.setRawHeaders(b"vary", [b", ".join([*vary, b"Authorization"])])
+        super().write(data)
 
     def handleContentChunk(self, data: bytes) -> None:
         self._body_size += len(data)

@@ -70,6 +70,11 @@ class Route:
     access: str = "token"
     #: "FILE, line N", where it is written.
     where: str = ""
+    #: "FILE, line N" of each of its keys.
+    lines: dict[str, str] = {}
+
+    def at(self, key: str) -> str:
+        return self.lines.get(key, self.where)
 
 
 #: A route's keys, by the kind of value each takes.
@@ -159,9 +164,18 @@ def load(path: str, options: Sequence[str], repeatable: Sequence[str], flags: Se
         starts = [n for n, text_line in enumerate(text.splitlines(), start=1)
                   if re.match(rf"^\s*\[\[\s*{protocol}\.routes\s*\]\]", text_line)]
         made = npm_routes if protocol == "npm" else go_routes
+        lines = text.splitlines()
         for i, table in enumerate(value):
             at = starts[i] if i < len(starts) else line
-            made.append(_route(table, f"{path}, line {at}", "packages" if protocol == "npm" else "modules"))
+            end = starts[i + 1] if i + 1 < len(starts) else len(lines) + 1
+
+            def key_line(key: str, at: int = at, end: int = end) -> int:
+                for number in range(at + 1, end):
+                    if re.match(rf'^\s*"?{re.escape(key)}"?\s*=', lines[number - 1]):
+                        return number
+                return at
+
+            made.append(_route(table, path, at, key_line, "packages" if protocol == "npm" else "modules"))
 
     def take(table: Sequence[str], items: Mapping[str, Any], prefix: str) -> None:
         for key, value in items.items():
@@ -170,6 +184,16 @@ def load(path: str, options: Sequence[str], repeatable: Sequence[str], flags: Se
             option = prefix + key.replace("_", "-")
             if isinstance(value, dict) and not table and key in PROTOCOL_TABLES:
                 take([key], value, f"{key}-")
+                continue
+            if isinstance(value, dict) and not table and key == "access":
+                # [access] default = "token", metrics = "token"
+                for inner, setting in value.items():
+                    inner_line = _line_of(text, ["access"], inner)
+                    named = {"default": "access", "metrics": "metrics-access"}.get(inner)
+                    if named is None or not isinstance(setting, str):
+                        raise ConfigError(f"{path}, line {inner_line}: key {inner!r} in [access] is default or "
+                                          "metrics, each public or token.")
+                    settings.append(Setting(named, [setting], inner_line, inner))
                 continue
             if len(table) == 1 and table[0] in PROTOCOL_TABLES and key == "routes":
                 routes(table[0], value, line)
@@ -192,35 +216,46 @@ def load(path: str, options: Sequence[str], repeatable: Sequence[str], flags: Se
     return ConfigFile(path, settings, npm_routes, go_routes)
 
 
-def _route(table: Mapping[str, Any], where: str, names: str) -> Route:
+def _route(table: Mapping[str, Any], path: str, header: int, key_line: Any, names: str) -> Route:
     """
-    One route's table, checked: C{where} says "FILE, line N" of its header.
+    One route's table, checked; C{header} is its header's line, and
+    C{key_line} finds the line of one of its keys.
     """
+    where = f"{path}, line {header}"
     values: dict[str, Any] = {}
     for key, value in table.items():
+        at = f"{path}, line {key_line(key)}"
         if key in _SECRETS:
             raise ConfigError(
-                f"{where}: key {key!r}: a secret never goes in this file: name an environment variable "
+                f"{at}: key {key!r}: a secret never goes in this file: name an environment variable "
                 f"({key}_env) or a file ({key}_file) that holds it."
             )
         if key in _ROUTE_STRINGS:
             if not isinstance(value, str) or not value:
-                raise ConfigError(f"{where}: key {key!r} is a string, not {value!r}.")
+                raise ConfigError(f"{at}: key {key!r} is a string, not {type(value).__name__}.")
+            if key.endswith("_env") and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+                # Not repeated: it may be the secret itself, put in the wrong place.
+                raise ConfigError(f"{at}: key {key!r} names an environment variable (letters, digits and _), "
+                                  "not a secret.")
         elif (key in _ROUTE_LISTS and names == "packages") or key == names:
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-                raise ConfigError(f"{where}: key {key!r} is a list of strings, not {value!r}.")
+                raise ConfigError(f"{at}: key {key!r} is a list of strings, not {value!r}.")
         else:
             extra = ("tarball_hosts",) if names == "packages" else ()
-            raise ConfigError(f"{where}: key {key!r} is not a setting of a route "
+            raise ConfigError(f"{at}: key {key!r} is not a setting of a route "
                               f"({', '.join((names,) + _ROUTE_STRINGS + extra)}).")
         values[key] = value
     for required in (names, "upstream"):
         if required not in values:
             raise ConfigError(f"{where}: a route needs {required!r}.")
+    upstream_at = f"{path}, line {key_line('upstream')}"
     if not re.match(r"^https?://[^/]", values["upstream"]):
-        raise ConfigError(f"{where}: key 'upstream' is an http:// or https:// address, not {values['upstream']!r}.")
+        raise ConfigError(f"{upstream_at}: key 'upstream' is an http:// or https:// address.")
+    if "@" in values["upstream"].split("/")[2]:
+        raise ConfigError(f"{upstream_at}: key 'upstream' must not hold credentials: give username with "
+                          "password_env or password_file, or token_env or token_file.")
     ways = [k for k in ("token_env", "token_file") if k in values]
     basic = [k for k in ("password_env", "password_file") if k in values]
     if len(ways) > 1 or len(basic) > 1 or (ways and (basic or "username" in values)):
@@ -229,6 +264,8 @@ def _route(table: Mapping[str, Any], where: str, names: str) -> Route:
     if ("username" in values) != bool(basic):
         raise ConfigError(f"{where}: Basic needs both username and password_env (or password_file).")
     if values.get("access", "token") not in ("token", "public"):
-        raise ConfigError(f"{where}: key 'access' is token or public, not {values['access']!r}.")
+        raise ConfigError(f"{path}, line {key_line('access')}: key 'access' is token or public, "
+                          f"not {values['access']!r}.")
     patterns = values.pop(names)
-    return Route(patterns=patterns, where=where, **values)
+    lines = {key: f"{path}, line {key_line(key)}" for key in table}
+    return Route(patterns=patterns, where=where, lines=lines, **values)

@@ -32,6 +32,13 @@ from zope.interface import implementer
 #: The roots trusted besides the system's: a certificate authority of
 #: one's own (a corporate CA, a test CA).
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+#: Where Linux distributions keep the system's bundle of roots.
+SYSTEM_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+)
 #: The most a proxy's answer to CONNECT may be before its end.
 MAX_CONNECT_RESPONSE = 16 * 1024
 
@@ -81,6 +88,12 @@ class SystemAnd:
 
     def _addCACertsToContext(self, context: Any) -> None:
         context.set_default_verify_paths()
+        # With SSL_CERT_FILE set, OpenSSL's defaults are that file alone:
+        # the system's bundle is added by name, so that it adds, not replaces.
+        for bundle in SYSTEM_BUNDLES:
+            if os.path.exists(bundle):
+                context.load_verify_locations(bundle)
+                break
         store = context.get_cert_store()
         for certificate in self.extra:
             store.add_cert(certificate)
@@ -98,9 +111,11 @@ class NoProxy:
     @classmethod
     def parse(cls, value: str) -> NoProxy:
         entries = []
-        for item in value.split(","):
+        if value.strip() == "*":
+            return cls([("*", None)])
+        for item in re.split(r"[,\s]+", value):
             item = item.strip().lower()
-            if not item:
+            if not item or item == "*":  # a wildcard only when it is the whole value
                 continue
             port: int | None = None
             m = re.fullmatch(r"(.+?):(\d+)", item)
@@ -116,6 +131,7 @@ class NoProxy:
                 continue
             if entry == "*":
                 return True
+            entry = entry.lstrip("*")  # "*.example.com", as some write it
             try:
                 network = ipaddress.ip_network(entry, strict=False)
                 if ipaddress.ip_address(host) in network:
@@ -182,7 +198,7 @@ class _Tunnel(Protocol):
             return
         head, rest = self._buffer[:end], self._buffer[end + 4:]
         status = head.split(b"\r\n", 1)[0].split(b" ", 2)
-        if len(status) < 2 or not status[0].startswith(b"HTTP/") or status[1] != b"200":
+        if len(status) < 2 or not status[0].startswith(b"HTTP/") or not re.fullmatch(rb"2\d\d", status[1]):
             line = head.split(b"\r\n", 1)[0].decode("latin-1")[:100]
             self._fail(f"the proxy refused the tunnel ({line})")
             return
@@ -202,7 +218,7 @@ class _Tunnel(Protocol):
         if not self._ready.called:
             self._ready.errback(Failure(ConnectionError(why)))
         transport: Any = self.transport
-        transport.loseConnection()
+        transport.abortConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError("closed"))) -> None:
         if not self._ready.called:
@@ -222,11 +238,21 @@ class TunnelEndpoint:
     authorization: str | None = field(default=None, repr=False)
 
     def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[Any]:
-        ready: defer.Deferred[Any] = defer.Deferred()
+        connected: list[Any] = []
+
+        def cancel(d: defer.Deferred[Any]) -> None:
+            # Given up on (a timeout): the connection to the proxy goes too.
+            attempt.cancel()
+            for protocol in connected:
+                if protocol.transport is not None:
+                    protocol.transport.abortConnection()
+
+        ready: defer.Deferred[Any] = defer.Deferred(cancel)
         target = f"{self.host}:{self.port}".encode("idna")
         tunnel = Factory.forProtocol(lambda: _Tunnel(target, self.authorization, protocolFactory, ready))
-        d = self.proxy.connect(tunnel)
-        d.addErrback(lambda f: ready.errback(f) if not ready.called else None)
+        attempt = self.proxy.connect(tunnel)
+        attempt.addCallback(connected.append)
+        attempt.addErrback(lambda f: ready.errback(f) if not ready.called else None)
         return ready
 
 
@@ -285,15 +311,18 @@ class Outbound:
             files.append(environ["SSL_CERT_FILE"])
 
         def variable(name: str) -> str:
-            return environ.get(name) or environ.get(name.lower()) or ""
+            # As curl: the lower-case form first; ALL_PROXY for either.
+            return environ.get(name.lower()) or environ.get(name) or environ.get("all_proxy") or \
+                environ.get("ALL_PROXY") or ""
 
         https = variable("HTTPS_PROXY")
-        http = variable("HTTP_PROXY")
+        # Not upper-case HTTP_PROXY, which a CGI request can set (httpoxy).
+        http = environ.get("http_proxy") or environ.get("all_proxy") or environ.get("ALL_PROXY") or ""
         return cls(
             load_roots(files),
             Proxy.parse(http, "HTTP_PROXY") if http else None,
             Proxy.parse(https, "HTTPS_PROXY") if https else None,
-            NoProxy.parse(variable("NO_PROXY")),
+            NoProxy.parse(environ.get("no_proxy") or environ.get("NO_PROXY") or ""),
         )
 
     def policy(self) -> IPolicyForHTTPS:

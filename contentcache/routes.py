@@ -69,15 +69,15 @@ def credential(route: Route, environ: Mapping[str, str]) -> str | None:
     The C{Authorization} value a route sends, read now; L{None} without one.
     """
     if route.token_env is not None:
-        return "Bearer " + _secret_env(route.token_env, environ, route.where, "token_env")
+        return "Bearer " + _secret_env(route.token_env, environ, route.at("token_env"), "token_env")
     if route.token_file is not None:
-        return "Bearer " + _secret_file(route.token_file, route.where, "token_file")
+        return "Bearer " + _secret_file(route.token_file, route.at("token_file"), "token_file")
     if route.username is not None:
         if route.password_env is not None:
-            password = _secret_env(route.password_env, environ, route.where, "password_env")
+            password = _secret_env(route.password_env, environ, route.at("password_env"), "password_env")
         else:
             assert route.password_file is not None
-            password = _secret_file(route.password_file, route.where, "password_file")
+            password = _secret_file(route.password_file, route.at("password_file"), "password_file")
         return "Basic " + base64.b64encode(f"{route.username}:{password}".encode()).decode("ascii")
     return None
 

@@ -84,7 +84,7 @@ def environment_name(option: str) -> str:
     return ENVIRONMENT_PREFIX + option.upper().replace("-", "_")
 
 
-_TCP_PORT = re.compile(r"(?:tcp6?:)?(?:port=)?(\d+)(?::.*)?")
+_TCP_PORT = re.compile(r"(?:(?:tcp6?|ssl):)?(?:port=)?(\d+)(?::.*)?")
 
 
 def normalise_port(description: str) -> str:
@@ -671,6 +671,11 @@ def tls_options(description: str) -> Any:
         key, eq, value = item.partition("=")
         if eq:
             parts[key] = value.replace("\\:", ":")
+    unknown = set(parts) - {"privateKey", "certKey", "extraCertChain", "interface", "backlog"}
+    if unknown:
+        # What Twisted's endpoint would honour and a worker would not.
+        raise ValueError(f"{description!r}: with workers, an ssl: port takes privateKey, certKey, "
+                         f"extraCertChain, interface and backlog, not {', '.join(sorted(unknown))}")
     if "privateKey" not in parts:
         raise ValueError(f"{description!r} names no privateKey=")
     try:

@@ -267,6 +267,20 @@ def allowed_host(url: str, hosts: set[str]) -> bool:
     return bool(where) and (where in hosts or where.rsplit(":", 1)[0] in hosts)
 
 
+def credential_origins(base: str, extra_hosts: frozenset[str]) -> frozenset[tuple[str, str]]:
+    """
+    Where a route's credential may go: its upstream's origin, and each
+    extra host by the upstream's scheme (on its default port, unless the
+    host names one): never over plain http when the upstream is https.
+    """
+    scheme = urlsplit(base).scheme
+    default = _DEFAULT_PORTS.get(scheme, 443)
+    origins = {(scheme, host_port(base))}
+    for host in extra_hosts:
+        host = host.lower()
+        origins.add((scheme, host if re.search(r":\d+$", host) else f"{host}:{default}"))
+    return frozenset(origins)
+
 
 @define
 class Upstream:
@@ -285,7 +299,8 @@ class Upstream:
     #: (C{host:port}) it goes to: never another, also not across a
     #: redirect (Twisted's redirect agent drops it for another origin).
     credential: str | None = field(default=None, repr=False)
-    credential_hosts: frozenset[str] = frozenset()
+    #: (scheme, host:port) of each origin the credential goes to.
+    credential_origins: frozenset[tuple[str, str]] = frozenset()
 
     @classmethod
     def create(
@@ -297,8 +312,8 @@ class Upstream:
         pool._factory = _QuietClientFactory
         pool.maxPersistentPerHost = 8
         agent = outbound.current.agent(reactor, timeouts.connect, pool)
-        hosts = frozenset({host_port(base), *(h.lower() for h in extra_hosts)}) if credential else frozenset()
-        return cls(base.rstrip("/"), HTTPClient(agent), reactor, timeouts, pool, protocol, credential, hosts)
+        origins = credential_origins(base, extra_hosts) if credential else frozenset()
+        return cls(base.rstrip("/"), HTTPClient(agent), reactor, timeouts, pool, protocol, credential, origins)
 
     def close(self) -> Deferred[None]:
         """
@@ -331,7 +346,7 @@ class Upstream:
     async def _send(
         self, method: str, url: str, headers: Mapping[str, str], data: bytes | None = None
     ) -> IResponse:
-        if self.credential is not None and allowed_host(url, set(self.credential_hosts)):
+        if self.credential is not None and (urlsplit(url).scheme, host_port(url)) in self.credential_origins:
             headers = {**headers, "Authorization": self.credential}
         try:
             return await self._client.request(

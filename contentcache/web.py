@@ -259,6 +259,7 @@ class AsyncResource(Resource):
 
     async def _guarded(self, request: Request) -> None:
         assert self.guard is not None
+        request.private = True  # type: ignore[attr-defined]  # a CacheRequest: no shared cache keeps it
         await self.guard.check(request)
         await self.render_async(request)
 

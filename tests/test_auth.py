@@ -82,8 +82,20 @@ def test_a_revoked_token_is_forgotten_within_a_second(index: SQLiteIndex, clock:
     assert resolve(tokens.name_of("cc_secret")) == "ci"  # what it learnt a moment ago
     clock.advance(0.6)
     assert resolve(tokens.name_of("cc_secret")) is None
-    # Only the digest is kept.
     assert [r.name for r in resolve(index.tokens())] == []
+
+
+def test_only_a_digest_of_a_token_is_kept(index: SQLiteIndex, storage: str) -> None:
+    import sqlite3
+
+    resolve(index.create_token("ci", digest("cc_secret-token-value")))
+    resolve(index.close())
+    db = sqlite3.connect(os.path.join(storage, "index.sqlite"))
+    assert db.execute("SELECT name, digest FROM tokens").fetchall() == [("ci", digest("cc_secret-token-value"))]
+    db.close()
+    for name in os.listdir(storage):
+        with open(os.path.join(storage, name), "rb") as f:
+            assert b"cc_secret-token-value" not in f.read(), name
 
 
 @pytest.fixture

@@ -88,6 +88,13 @@ def test_a_mistake_names_the_file_the_line_and_the_key(tmp_path: Any, text: str,
         parse(["--config", path])
 
 
+def test_access_has_a_table_of_its_own(tmp_path: Any) -> None:
+    options = parse(["--config", write(tmp_path, '[access]\ndefault = "token"\nmetrics = "token"\n')])
+    assert (options["access"], options["metrics-access"]) == ("token", "token")
+    with pytest.raises(UsageError, match=r"line 2: key 'everyone' in \[access\] is default or metrics"):
+        parse(["--config", write(tmp_path, '[access]\neveryone = "token"\n')])
+
+
 def test_a_missing_file_is_one_sentence(tmp_path: Any) -> None:
     path = os.path.join(str(tmp_path), "nowhere.toml")
     with pytest.raises(UsageError, match=rf"^Cannot read the configuration file {path}: No such file or directory\.$"):

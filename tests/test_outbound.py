@@ -7,6 +7,7 @@ https, forwarding for http) with NO_PROXY honoured.
 from __future__ import annotations
 
 import http.client
+import os
 import select
 import socket
 import threading
@@ -167,7 +168,9 @@ def test_https_goes_through_the_proxys_tunnel_unless_no_proxy_says(
 def test_plain_http_is_forwarded_by_the_proxy(tmp_path: Any, proxy: ProxyFixture) -> None:
     upstream = UpstreamFixture(build_tree(str(tmp_path / "plain"), modules()))
     try:
-        daemon = start(tmp_path, "forwarded", upstream.url, env={"HTTP_PROXY": proxy.url})
+        # Lower case, as curl reads it (an upper-case HTTP_PROXY is what a
+        # CGI request can set, and curl ignores it).
+        daemon = start(tmp_path, "forwarded", upstream.url, env={"http_proxy": proxy.url})
         try:
             status, headers, _ = request(daemon.url, INFO)
             assert (status, headers["x-cache"]) == (200, "MISS")
@@ -178,9 +181,46 @@ def test_plain_http_is_forwarded_by_the_proxy(tmp_path: Any, proxy: ProxyFixture
         upstream.stop()
 
 
+def test_ssl_cert_file_adds_to_the_systems_roots(ca: CertificateAuthority) -> None:
+    from OpenSSL import SSL, crypto
+
+    from contentcache.outbound import SYSTEM_BUNDLES, Outbound, SystemAnd, load_roots
+
+    bundle = next(b for b in SYSTEM_BUNDLES if os.path.exists(b))
+    system_root = load_roots([bundle])[0]
+    with open(ca.cert_file, "rb") as f:
+        ours = crypto.load_certificate(crypto.FILETYPE_PEM, f.read())
+
+    def trusted(certificate: crypto.X509, environ: dict[str, str], extra: list[crypto.X509]) -> bool:
+        saved = {k: os.environ.get(k) for k in ("SSL_CERT_FILE",)}
+        os.environ.update(environ)  # OpenSSL reads it from the process
+        try:
+            context = SSL.Context(SSL.TLS_METHOD)
+            SystemAnd(extra)._addCACertsToContext(context)
+            crypto.X509StoreContext(context.get_cert_store(), certificate).verify_certificate()
+            return True
+        except crypto.X509StoreContextError:
+            return False
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    assert trusted(system_root, {}, [])
+    assert not trusted(ours, {}, [])
+    # SSL_CERT_FILE adds the test CA; the system's roots stay.
+    outbound = Outbound.from_settings([], {"SSL_CERT_FILE": ca.ca_file})
+    assert trusted(ours, {"SSL_CERT_FILE": ca.ca_file}, list(outbound.extra_roots))
+    assert trusted(system_root, {"SSL_CERT_FILE": ca.ca_file}, list(outbound.extra_roots))
+
+
 @pytest.mark.parametrize("no_proxy, host, port, bypassed", [
     ("", "example.com", 443, False),
     ("*", "example.com", 443, True),
+    ("foo, *", "example.com", 443, False),  # "*" is a wildcard only alone
+    ("foo example.com", "example.com", 443, True),  # spaces separate too
     ("example.com", "example.com", 443, True),
     ("example.com", "registry.example.com", 443, True),
     (".example.com", "registry.example.com", 443, True),

@@ -58,7 +58,8 @@ def registries(tmp_path: Any, packed: list[tuple[Any, dict[str, Any]]]) -> Itera
 
 
 def config(tmp_path: Any, private: RegistryFixture, **extra: str) -> str:
-    lines = ["[[npm.routes]]", 'packages = ["@cc-fixture/*"]', f'upstream = "{private.url}/"',
+    upstream = extra.pop("upstream", f"{private.url}/")
+    lines = ["[[npm.routes]]", 'packages = ["@cc-fixture/*"]', f'upstream = "{upstream}"',
              'token_env = "CORP_NPM_TOKEN"', *(f'{k} = "{v}"' for k, v in extra.items())]
     path = os.path.join(str(tmp_path), "contentcache.toml")
     with open(path, "w") as f:
@@ -80,6 +81,9 @@ def test_a_routed_scope_comes_from_its_registry_with_its_token_and_needs_a_clien
                     env={"CORP_NPM_TOKEN": SECRET})
     try:
         token = admin("token", "create", "ci", "--storage", storage)
+        # Not cached yet, and not fetched for a request without a token.
+        assert get(daemon.url, "/npm/@cc-fixture%2fmiddle")[0] == 401
+        assert private.log == []
         home = str(tmp_path / "home")
         address = daemon.url.removeprefix("http:")
         npmrc(home, f"{daemon.url}/npm/", **{f"{address}/npm/:_authToken": token})
@@ -102,8 +106,27 @@ def test_a_routed_scope_comes_from_its_registry_with_its_token_and_needs_a_clien
                      "/npm/-/package/@cc-fixture/middle/dist-tags"):
             status, headers, body = get(daemon.url, path)
             assert status == 401 and b"cc-fixture" not in body, (path, status, body)
-        assert get(daemon.url, "/npm/cc-fixture-leaf")[0] == 200
-        assert get(daemon.url, "/npm/@cc-fixture%2fmiddle", f"Bearer {token}")[0] == 200
+        status, headers, _ = get(daemon.url, "/npm/cc-fixture-leaf")
+        assert status == 200 and headers["cache-control"][0].startswith("public")
+        # A token's answer is the client's alone: no shared cache in front
+        # may keep it (and serve it to someone without one).
+        for routed in ("/npm/@cc-fixture%2fmiddle", "/npm/@cc-fixture/middle/-/middle-1.0.1.tgz"):
+            status, headers, _ = get(daemon.url, routed, f"Bearer {token}")
+            assert status == 200 and headers["cache-control"][0].startswith("private"), headers
+            assert "public" not in headers["cache-control"][0] and "Authorization" in ", ".join(headers["vary"])
+        # An audit never names a routed package to the public registry.
+        import http.client
+
+        connection = http.client.HTTPConnection("127.0.0.1", int(daemon.url.rsplit(":", 1)[1]), timeout=30)
+        connection.request("POST", "/npm/-/npm/v1/security/advisories/bulk",
+                           body=json.dumps({"@cc-fixture/middle": ["1.0.1"], "cc-fixture-leaf": ["1.1.0"]}),
+                           headers={"Content-Type": "application/json"})
+        audit = connection.getresponse()
+        answer = audit.read()
+        connection.close()
+        assert audit.status == 404, (audit.status, answer)  # the fixture has no audits: passed on as it said
+        assert public.bodies and all(b"@cc-fixture" not in body for body in public.bodies)
+        assert b"cc-fixture-leaf" in public.bodies[-1]
         log = daemon.log()
         assert SECRET not in log and token not in log
     finally:
@@ -121,9 +144,11 @@ def test_a_public_route_needs_no_token(tmp_path: Any, registries: tuple[Registry
 
 
 @pytest.mark.parametrize("extra, env, message", [
-    ({}, {}, "line 1: key 'token_env': the environment variable CORP_NPM_TOKEN is not set."),
-    ({"token": SECRET}, {"CORP_NPM_TOKEN": SECRET}, "line 1: key 'token': a secret never goes in this file"),
-    ({"access": "everyone"}, {"CORP_NPM_TOKEN": SECRET}, "line 1: key 'access' is token or public, not 'everyone'."),
+    ({}, {}, "line 4: key 'token_env': the environment variable CORP_NPM_TOKEN is not set."),
+    ({"token": SECRET}, {"CORP_NPM_TOKEN": SECRET}, "line 5: key 'token': a secret never goes in this file"),
+    ({"access": "everyone"}, {"CORP_NPM_TOKEN": SECRET}, "line 5: key 'access' is token or public, not 'everyone'."),
+    ({"upstream": "https://ci:hunter2@npm.corp.example/"}, {"CORP_NPM_TOKEN": SECRET},
+     "line 3: key 'upstream' must not hold credentials"),
 ])
 def test_a_route_that_cannot_work_stops_the_daemon_in_one_sentence(
     tmp_path: Any, registries: tuple[RegistryFixture, RegistryFixture], extra: dict[str, str],

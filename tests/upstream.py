@@ -22,6 +22,8 @@ class UpstreamFixture:
         self.root = root
         self.requests: Counter[str] = Counter()
         self.log: list[tuple[str, str, dict[str, str]]] = []
+        #: The bodies of the requests that had one (POSTs), in order.
+        self.bodies: list[bytes] = []
         #: path -> (status, body) answered instead of the file.
         self.override: dict[str, tuple[int, bytes]] = {}
         #: Content-Type of everything it answers.
@@ -83,7 +85,7 @@ class UpstreamFixture:
             self.log.append((handler.command, path, dict(handler.headers)))
         length = int(handler.headers.get("Content-Length") or 0)
         if length:
-            handler.rfile.read(length)
+            self.bodies.append(handler.rfile.read(length))
         if self.delay:
             time.sleep(self.delay)
         if path in self.override:

@@ -342,6 +342,7 @@ class GoProxyResource(AsyncResource):
             return
         if self.token_guard is None:  # never so wired: refuse rather than serve
             raise HTTPError(UNAUTHORIZED, "a token is needed, and this daemon checks none")
+        request.private = True  # type: ignore[attr-defined]  # a CacheRequest
         await self.token_guard.check(request)
 
     async def _send(

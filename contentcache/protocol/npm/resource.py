@@ -7,8 +7,9 @@ endpoints that pass through (search, audit, C{?write=true}).
 from __future__ import annotations
 
 import json
+import zlib
 import re
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 import treq
 from attrs import define, field
@@ -353,6 +354,7 @@ class NpmResource(AsyncResource):
             return
         if self.token_guard is None:  # never so wired: refuse rather than serve
             raise HTTPError(UNAUTHORIZED, "a token is needed, and this daemon checks none")
+        request.private = True  # type: ignore[attr-defined]  # a CacheRequest
         await self.token_guard.check(request)
 
     def _base(self, request: Request) -> str:
@@ -477,6 +479,43 @@ class NpmResource(AsyncResource):
             request.setHeader(header, value)
         self._json(request, json.dumps(dist["dist-tags"]).encode())
 
+    def _without_private_names(self, path: str, headers: dict[str, str], body: bytes) -> bytes:
+        """
+        An audit's body with no routed package in it (their names are
+        private: never sent to the public registry). A bulk audit loses
+        those names; a quick audit that holds one is not sent at all.
+        """
+        if headers.get("content-encoding", "").lower() == "gzip":
+            try:
+                body = zlib.decompress(body, 16 + zlib.MAX_WBITS, MAX_PASS_THROUGH_BODY)
+            except zlib.error:
+                raise HTTPError(BAD_REQUEST, "the audit's gzip body cannot be read") from None
+            del headers["content-encoding"]
+        try:
+            document = json.loads(body)
+        except ValueError:
+            raise HTTPError(BAD_REQUEST, "an audit's body is JSON") from None
+        registry = self.registry
+
+        def private(name: object) -> bool:
+            return isinstance(name, str) and any(route.matches(name) for route in registry.routes)
+
+        if path.endswith("/bulk") and isinstance(document, dict):
+            return json.dumps({k: v for k, v in document.items() if not private(k)}).encode()
+
+        def names(node: object) -> Iterator[object]:
+            if isinstance(node, dict):
+                for key in ("requires", "dependencies"):
+                    inner = node.get(key)
+                    if isinstance(inner, dict):
+                        yield from inner
+                        for child in inner.values():
+                            yield from names(child)
+
+        if any(private(n) for n in names(document)):
+            raise HTTPError(NOT_FOUND, "not forwarded: this audit names private packages (use a bulk audit)")
+        return body
+
     async def _pass_through(self, request: Request, path: str, name: PackageName | None = None) -> None:
         # A package's own goes to its route; search and audits to the
         # public upstream.
@@ -495,6 +534,8 @@ class NpmResource(AsyncResource):
             body = request.content.read(MAX_PASS_THROUGH_BODY + 1)
             if len(body) > MAX_PASS_THROUGH_BODY:
                 raise HTTPError(REQUEST_ENTITY_TOO_LARGE, "request body too large")
+            if path.startswith("-/npm/v1/security/") and self.registry.routes:
+                body = await self.registry._disk.run(self._without_private_names, path, headers, body)
         response, received = await upstream.forward(request.method.decode(), url, headers, body)
         content = await treq.content(response)
         request.setResponseCode(response.code)
