@@ -30,7 +30,7 @@ from twisted.internet.error import (
     TimeoutError as ConnectTimeout,
 )
 from twisted.web._newclient import ParseError, ResponseFailed, ResponseNeverReceived, _WrapperException
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 try:

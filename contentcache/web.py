@@ -29,6 +29,7 @@ from twisted.web.http import (
     PARTIAL_CONTENT,
     REQUESTED_RANGE_NOT_SATISFIABLE,
     SERVICE_UNAVAILABLE,
+    UNAUTHORIZED,
 )
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -555,3 +556,28 @@ async def read_blob(store: Store, blob: Blob, limit: int) -> bytes:
         return b"".join(parts)
     finally:
         await reader.close()
+
+
+class ProtocolResource(AsyncResource):
+    """
+    A protocol's resource: who may have what no route names (C{access},
+    public or token), and the guard that checks a client token where one
+    is needed (a route's content unless it says public).
+    """
+
+    def __init__(self, access: str = "public", token_guard: IGuard | None = None) -> None:
+        super().__init__()
+        self.access = access
+        self.token_guard = token_guard
+
+    async def needs_token(self, request: Request, route_access: str | None) -> None:
+        """
+        Return if the request may be answered (C{route_access}: its
+        route's, or L{None} for what no route names); else 401.
+        """
+        if (route_access or self.access) == "public":
+            return
+        if self.token_guard is None:  # never so wired: refuse rather than serve
+            raise HTTPError(UNAUTHORIZED, "a token is needed, and this daemon checks none")
+        request.private = True  # type: ignore[attr-defined]  # a CacheRequest: no shared cache keeps it
+        await self.token_guard.check(request)

@@ -189,6 +189,20 @@ class PrivateGoProxy(UpstreamFixture):
         super()._answer(handler, head)
 
 
+def corp_project(tmp_path: Any) -> Any:
+    """
+    A program that imports the routed module and a public one.
+    """
+    project_dir = tmp_path / "project"
+    project_dir.mkdir()
+    (project_dir / "go.mod").write_text(
+        f"module example.com/project\n\ngo 1.19\n\nrequire (\n\t{CORP} v1.0.0\n\t{GREET} v1.2.0\n)\n")
+    (project_dir / "main.go").write_text(
+        f'package main\n\nimport (\n\t"fmt"\n\n\t"{CORP}"\n\t"{GREET}"\n)\n\n'
+        'func main() { fmt.Println(lib.Name(), greet.Word()) }\n')
+    return project_dir
+
+
 def go_config(tmp_path: Any, private: UpstreamFixture, access: str) -> str:
     path = os.path.join(str(tmp_path), "go.toml")
     with open(path, "w") as f:
@@ -209,13 +223,7 @@ def test_a_routed_module_comes_from_its_proxy_and_never_from_a_checksum_database
         "--go-sumdb", f"sum.test.example={sumdb.url}",
     ], env={"CORP_GO_PASSWORD": GO_PASSWORD})
     try:
-        project_dir = tmp_path / "project"
-        project_dir.mkdir()
-        (project_dir / "go.mod").write_text(
-            f"module example.com/project\n\ngo 1.19\n\nrequire (\n\t{CORP} v1.0.0\n\t{GREET} v1.2.0\n)\n")
-        (project_dir / "main.go").write_text(
-            f'package main\n\nimport (\n\t"fmt"\n\n\t"{CORP}"\n\t"{GREET}"\n)\n\n'
-            'func main() { fmt.Println(lib.Name(), greet.Word()) }\n')
+        project_dir = corp_project(tmp_path)
         built = go(str(tmp_path / "client"), "build", "-o", str(tmp_path / "app"), ".", cwd=str(project_dir),
                    GOPROXY=f"{daemon.url}/goproxy", GOSUMDB="off", GONOSUMDB="corp.example",
                    GOPRIVATE="")
@@ -281,13 +289,7 @@ def test_go_builds_a_routed_module_over_https_with_its_netrc_token(tmp_path: Any
         os.makedirs(home)
         with open(os.path.join(home, ".netrc"), "w") as f:
             f.write(f"machine 127.0.0.1 login builder password {token}\n")
-        project_dir = tmp_path / "project"
-        project_dir.mkdir()
-        (project_dir / "go.mod").write_text(
-            f"module example.com/project\n\ngo 1.19\n\nrequire (\n\t{CORP} v1.0.0\n\t{GREET} v1.2.0\n)\n")
-        (project_dir / "main.go").write_text(
-            f'package main\n\nimport (\n\t"fmt"\n\n\t"{CORP}"\n\t"{GREET}"\n)\n\n'
-            'func main() { fmt.Println(lib.Name(), greet.Word()) }\n')
+        project_dir = corp_project(tmp_path)
         proxy = f"https://127.0.0.1:{daemon.port}/goproxy"
         built = go(home, "build", "-o", str(tmp_path / "app"), ".", cwd=str(project_dir), GOPROXY=proxy,
                    GOSUMDB=sumdb.vkey, GONOSUMDB="corp.example", GOPRIVATE="", SSL_CERT_FILE=ca.ca_file)

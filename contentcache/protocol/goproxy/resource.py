@@ -11,7 +11,7 @@ from typing import Awaitable, Callable
 from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.http import NOT_FOUND, OK, UNAUTHORIZED
+from twisted.web.http import NOT_FOUND, OK
 from twisted.web.server import Request
 
 from ...cache import (
@@ -30,7 +30,7 @@ from ...store import BlobNotFound, Store
 from ...routes import GoRoute
 from ...upstream import Upstream, UpstreamError, conditional_headers
 from ...web import (
-    IMMUTABLE, TEXT, AsyncResource, HTTPError, IGuard, cache_headers, path_segments, read_blob, refetching,
+    IMMUTABLE, TEXT, IGuard, ProtocolResource, cache_headers, path_segments, read_blob, refetching,
     send_blob, text,
 )
 from .modzip import MAX_GO_MOD_SIZE, MAX_ZIP_SIZE, ZipRuleError, check_and_hash_zip, hash_go_mod
@@ -320,7 +320,7 @@ def _module_of(segments: list[str]) -> Module | None:
     return None
 
 
-class GoProxyResource(AsyncResource):
+class GoProxyResource(ProtocolResource):
     """
     C{/goproxy/...}.
     """
@@ -328,22 +328,8 @@ class GoProxyResource(AsyncResource):
     takes_subpath = True
 
     def __init__(self, proxy: GoProxy, access: str = "public", token_guard: IGuard | None = None) -> None:
-        super().__init__()
+        super().__init__(access, token_guard)
         self.proxy = proxy
-        #: Who may have what no route names: public, or token.
-        self.access = access
-        #: Checks a client token, for what needs one.
-        self.token_guard = token_guard
-
-    async def _needs_token(self, request: Request, module: Module | None) -> None:
-        route = self.proxy.route_for(module) if module is not None else None
-        access = route.access if route is not None else self.access
-        if access == "public":
-            return
-        if self.token_guard is None:  # never so wired: refuse rather than serve
-            raise HTTPError(UNAUTHORIZED, "a token is needed, and this daemon checks none")
-        request.private = True  # type: ignore[attr-defined]  # a CacheRequest
-        await self.token_guard.check(request)
 
     async def _send(
         self, request: Request, served: Served | bytes, content_type: bytes, immutable: bool
@@ -370,7 +356,9 @@ class GoProxyResource(AsyncResource):
             request.write(text(request, NOT_FOUND, str(e)))
             request.finish()
             return
-        await self._needs_token(request, _module_of(segments))
+        module = _module_of(segments)
+        route = self.proxy.route_for(module) if module is not None else None
+        await self.needs_token(request, route.access if route is not None else None)
         await handler(request)
 
     def _route(self, segments: list[str]) -> Callable[[Request], Awaitable[None]]:

@@ -15,7 +15,7 @@ import treq
 from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.http import BAD_REQUEST, NOT_ALLOWED, NOT_FOUND, OK, REQUEST_ENTITY_TOO_LARGE, UNAUTHORIZED
+from twisted.web.http import BAD_REQUEST, NOT_ALLOWED, NOT_FOUND, OK, REQUEST_ENTITY_TOO_LARGE
 from twisted.web.server import Request
 
 from ...cache import (
@@ -38,7 +38,7 @@ from ...routes import NpmRoute
 from ...store import BlobNotFound, Store
 from ...upstream import Coalescer, Upstream, UpstreamError, conditional_headers
 from ...web import (
-    CHUNK_SIZE, IMMUTABLE, AsyncResource, HTTPError, IGuard, cache_headers, path_segments, read_blob, refetching,
+    CHUNK_SIZE, IMMUTABLE, HTTPError, IGuard, ProtocolResource, cache_headers, path_segments, read_blob, refetching,
     send_blob, text,
 )
 from .integrity import IntegrityMismatch, check_tarball
@@ -330,7 +330,7 @@ class _SpoolWriter:
         self.write = spool.write_blocking
 
 
-class NpmResource(AsyncResource):
+class NpmResource(ProtocolResource):
     """
     C{/npm/...}.
     """
@@ -339,23 +339,8 @@ class NpmResource(AsyncResource):
     methods = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH")
 
     def __init__(self, registry: NpmRegistry, access: str = "public", token_guard: IGuard | None = None) -> None:
-        super().__init__()
+        super().__init__(access, token_guard)
         self.registry = registry
-        #: Who may have what no route names: public, or token.
-        self.access = access
-        #: Checks a client token, for what needs one (a route's packages
-        #: unless it says public; everything else with --access token).
-        self.token_guard = token_guard
-
-    async def _needs_token(self, request: Request, name: PackageName | None) -> None:
-        route = self.registry.route_for(name) if name is not None else None
-        access = route.access if route is not None else self.access
-        if access == "public":
-            return
-        if self.token_guard is None:  # never so wired: refuse rather than serve
-            raise HTTPError(UNAUTHORIZED, "a token is needed, and this daemon checks none")
-        request.private = True  # type: ignore[attr-defined]  # a CacheRequest
-        await self.token_guard.check(request)
 
     def _base(self, request: Request) -> str:
         if self.registry.public_url:
@@ -377,7 +362,8 @@ class NpmResource(AsyncResource):
             request.write(text(request, BAD_REQUEST if "Host" in str(e) else NOT_FOUND, str(e)))
             request.finish()
             return
-        await self._needs_token(request, name)
+        route = self.registry.route_for(name) if name is not None else None
+        await self.needs_token(request, route.access if route is not None else None)
         await handler(request)
 
     def _route(
