@@ -356,7 +356,8 @@ class GoProxyResource(ProtocolResource):
             request.write(text(request, NOT_FOUND, str(e)))
             request.finish()
             return
-        module = _module_of(segments)
+        # (A hit parses its path once more only when there are routes.)
+        module = _module_of(segments) if self.proxy.routes else None
         route = self.proxy.route_for(module) if module is not None else None
         await self.needs_token(request, route.access if route is not None else None)
         await handler(request)
