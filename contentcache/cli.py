@@ -252,6 +252,23 @@ def _fired(d: Deferred[T]) -> T:
     return results[0]
 
 
+def _warm(args: argparse.Namespace) -> int:
+    from .warm import WarmError, warm
+
+    token = None
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise SystemExit(f"contentcache: cannot read {args.token_file}: {e.strerror}.") from None
+    try:
+        tally = warm(args.files, args.url, token, args.jobs)
+    except WarmError as e:
+        raise SystemExit(f"contentcache: {e}") from None
+    return 1 if tally.failed or tally.mismatched else 0
+
+
 def _when(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
@@ -377,6 +394,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     token.add_argument("action", choices=["create", "list", "revoke"])
     token.add_argument("name", nargs="?", help="the token's name (create, revoke)")
     token.set_defaults(run=_token)
+
+    warm = commands.add_parser(
+        "warm", help="ask a running cache for everything lockfiles name, and check it against them",
+        description="Ask a running cache for every packument, tarball, .info, .mod and .zip that "
+                    "package-lock.json, npm-shrinkwrap.json, go.sum and go.mod files name, and check "
+                    "tarballs against their integrity and modules against go.sum. Exits 1 on any "
+                    "failure or mismatch.")
+    warm.add_argument("files", nargs="+", metavar="FILE")
+    warm.add_argument("--url", default=os.environ.get("CONTENTCACHE_URL", "http://localhost:8080"),
+                      help="the cache's address (default http://localhost:8080)")
+    warm.add_argument("--token-file", default=None, help="a file holding a client token, when the cache asks one")
+    warm.add_argument("--jobs", type=int, default=8, help="requests at once (default 8)")
+    warm.set_defaults(run=_warm)
 
     migrate = commands.add_parser(
         "migrate-index", help="copy a single node's SQLite index into an empty PostgreSQL database",
