@@ -4,7 +4,9 @@ name, before the network goes, and check it against the lockfiles' own
 hashes.
 
 Read here: npm's C{package-lock.json} and C{npm-shrinkwrap.json}
-(lockfile versions 1 to 3), and the go command's C{go.sum} and C{go.mod}.
+(lockfile versions 1 to 3), C{pnpm-lock.yaml} (6 to 9, with PyYAML),
+C{yarn.lock} (yarn 1 and berry), and the go command's C{go.sum} and
+C{go.mod}.
 Each item is asked for through the cache (packuments and tarballs; C{.info},
 C{.mod} and C{.zip}), N at a time; a tarball is checked against the
 lockfile's C{integrity}, a module's zip and go.mod against C{go.sum}'s
@@ -150,9 +152,92 @@ def go_mod(path: str, text: str) -> Iterator[Item]:
             yield Item(f"{base}.mod", None, f"{module}@{version} go.mod")
 
 
+def _name_version(spec: str) -> tuple[str, str] | None:
+    """
+    "name@version" (a scope's @ first) as its two parts.
+    """
+    at = spec.rfind("@")
+    if at <= 0:
+        return None
+    return spec[:at], spec[at + 1:]
+
+
+def pnpm_lockfile(path: str, text: str) -> Iterator[Item]:
+    """
+    pnpm-lock.yaml, versions 6 to 9: each package's key names it and its
+    version ("/name@1.0.0", "name@1.0.0(peer@2)"), with its tarball's
+    integrity under resolution.
+    """
+    import yaml
+
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise WarmError(f"{path} is not YAML.") from None
+    packages = document.get("packages") if isinstance(document, dict) else None
+    if not isinstance(packages, dict):
+        return
+    for key, info in packages.items():
+        spec = str(key).lstrip("/").split("(", 1)[0]
+        parsed = _name_version(spec)
+        if parsed is None:
+            continue
+        name, version = parsed
+        resolution = info.get("resolution") if isinstance(info, dict) else None
+        if isinstance(resolution, dict) and "tarball" in resolution and "integrity" not in resolution:
+            continue  # a tarball from elsewhere (a URL or a file): not the registry's
+        integrity = resolution.get("integrity") if isinstance(resolution, dict) else None
+        yield from _npm_items(name, version, integrity)
+
+
+def yarn_lockfile(path: str, text: str) -> Iterator[Item]:
+    """
+    yarn.lock: yarn 1's own format, with each tarball's integrity, or yarn
+    berry's YAML, whose checksum is of its own zip (so its packages are only
+    fetched, not checked).
+    """
+    if "__metadata:" in text:
+        import yaml
+
+        try:
+            document = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise WarmError(f"{path} is not YAML.") from None
+        for key, info in (document or {}).items():
+            if key == "__metadata" or not isinstance(info, dict):
+                continue
+            resolution = str(info.get("resolution", ""))
+            parsed = _name_version(resolution.replace("@npm:", "@", 1)) if "@npm:" in resolution else None
+            if parsed is not None:
+                yield from _npm_items(parsed[0], parsed[1], None)
+        return
+    entry: dict[str, str] = {}
+    names: list[str] = []
+
+    def flush() -> Iterator[Item]:
+        if names and "version" in entry:
+            name = names[0].rsplit("@", 1)[0] if names[0].count("@") > (1 if names[0].startswith("@") else 0) \
+                else names[0]
+            yield from _npm_items(name, entry["version"], entry.get("integrity"))
+
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        if not line.startswith(" "):
+            yield from flush()
+            entry, names = {}, [n.strip().strip('"') for n in line.rstrip(":").split(",")]
+        else:
+            m = re.fullmatch(r"\s+(version|integrity|resolved)\s+\"?([^\"]+)\"?", line)
+            if m:
+                entry[m[1]] = m[2]
+    yield from flush()
+
+
 READERS: dict[str, Callable[[str, str], Iterator[Item]]] = {
     "package-lock.json": npm_lockfile,
     "npm-shrinkwrap.json": npm_lockfile,
+    "pnpm-lock.yaml": pnpm_lockfile,
+    "yarn.lock": yarn_lockfile,
     "go.sum": go_sum,
     "go.mod": go_mod,
 }

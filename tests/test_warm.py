@@ -123,5 +123,71 @@ def test_what_warm_cannot_read_is_one_sentence(tmp_path: Any) -> None:
     path.write_text("x")
     result = warm("http://127.0.0.1:9", str(path))
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == [f"contentcache: {path}: not a lockfile this reads "
-                                                  "(package-lock.json, npm-shrinkwrap.json, go.sum, go.mod)."]
+    assert result.stderr.strip().splitlines() == [
+        f"contentcache: {path}: not a lockfile this reads "
+        "(package-lock.json, npm-shrinkwrap.json, pnpm-lock.yaml, yarn.lock, go.sum, go.mod)."]
+
+
+def test_warm_from_pnpm_and_yarn_lockfiles_then_install_offline(tmp_path: Any) -> None:
+    from .test_npm import BERRY, CLASSIC, CLIENTS
+
+    work = str(tmp_path / "packages")
+    packed = [(package, pack(package, work)) for package in PACKAGES]
+    registry = RegistryFixture(str(tmp_path / "registry"), packed)
+    first = Daemon(str(tmp_path / "first"), ["--npm-upstream", registry.url])
+    second = Daemon(str(tmp_path / "second"), ["--npm-upstream", registry.url])
+    try:
+        clients = {
+            "pnpm": ([os.path.join(CLIENTS, "pnpm"), "install", "--reporter=append-only"],
+                     [os.path.join(CLIENTS, "pnpm"), "install", "--frozen-lockfile", "--reporter=append-only"],
+                     "pnpm-lock.yaml"),
+            "yarn-classic": (["node", CLASSIC, "install", "--non-interactive"],
+                             ["node", CLASSIC, "install", "--frozen-lockfile", "--non-interactive"], "yarn.lock"),
+            "yarn-berry": (["node", BERRY, "install"], ["node", BERRY, "install", "--immutable"], "yarn.lock"),
+        }
+        made = {}
+        for client, (install, _, lockfile) in clients.items():
+            home = str(tmp_path / client / "home")
+            app = project(str(tmp_path / client / "app"), {TOP: "^1.0.0"})
+            made[client] = (app, home)
+
+            def configure(url: str) -> None:
+                npmrc(home, f"{url}/npm/")
+                with open(os.path.join(app, ".yarnrc"), "w") as f:
+                    f.write(f'registry "{url}/npm/"\n')
+                with open(os.path.join(app, ".yarnrc.yml"), "w") as f:
+                    f.write(f'npmRegistryServer: "{url}/npm/"\nunsafeHttpWhitelist: ["127.0.0.1"]\n'
+                            "nodeLinker: node-modules\nenableGlobalCache: false\nenableTelemetry: false\n")
+
+            configure(first.url)
+            env = {"YARN_ENABLE_IMMUTABLE_INSTALLS": "false", "YARN_CACHE_FOLDER": os.path.join(home, "yarn-cache"),
+                   "npm_config_store_dir": os.path.join(home, "pnpm-store")}
+            result = run(install, app, home, **env)
+            assert result.returncode == 0, f"{client}: {result.stdout}{result.stderr}"
+            # The lockfile names the first cache's address: as behind one load
+            # balancer, the second answers for it.
+            path = os.path.join(app, lockfile)
+            with open(path) as f:
+                text = f.read().replace(first.url, second.url)
+            with open(path, "w") as f:
+                f.write(text)
+            configure(second.url)
+            made[client] = (app, home, env, path)
+
+        result = warm(second.url, *{m[3] for m in made.values()})
+        assert result.returncode == 0, result.stderr
+        assert re.search(r" 0 failed, 0 mismatched", result.stderr), result.stderr
+
+        registry.stop()
+        for client, (app, home, env, _) in made.items():
+            shutil.rmtree(os.path.join(app, "node_modules"), ignore_errors=True)
+            for cache in ("yarn-cache", "pnpm-store", "npm-cache", ".cache"):
+                shutil.rmtree(os.path.join(home, cache), ignore_errors=True)
+            shutil.rmtree(os.path.join(app, ".yarn", "cache"), ignore_errors=True)
+            result = run(clients[client][1], app, home, **{**env, "YARN_ENABLE_IMMUTABLE_INSTALLS": "true"})
+            assert result.returncode == 0, f"{client} offline: {result.stdout}{result.stderr}"
+            check_installed(os.path.join(app, "node_modules"), packed, EXPECTED, pnpm=client == "pnpm")
+    finally:
+        first.stop()
+        second.stop()
+        registry.stop()
