@@ -200,7 +200,7 @@ def iso(when: datetime) -> str:
 
 
 def readme(rng: random.Random, name: str, size: int) -> str:
-    repository = f"https://github.com/{name.lstrip('@')}"
+    repository = f"https://git.example.org/{name.lstrip('@')}"
     parts = [
         f"# {name}\n\n[![npm](https://img.shields.io/npm/v/{name}.svg)](https://www.npmjs.com/package/{name}) "
         f"[![CI]({repository}/actions/workflows/ci.yml/badge.svg)]({repository}/actions)\n\n"
@@ -353,7 +353,7 @@ def packument(rng: random.Random, count: int) -> bytes:
     scope = f"@{slug(rng)}/" if rng.random() < 0.3 else ""
     name = scope + slug(rng)
     owner = scope.strip("@/") or "".join(words(rng, 1)).lower()
-    repository = f"https://github.com/{owner}/{name.rsplit('/', 1)[-1]}"
+    repository = f"https://git.example.org/{owner}/{name.rsplit('/', 1)[-1]}"
     maintainers = [person(rng) for _ in range(rng.randint(1, 4))]
     common = {
         "main": rng.choice(("index.js", "lib/index.js", "dist/index.cjs", "./dist/index.js")),

@@ -116,7 +116,7 @@ CONTRIBUTORS = [
 ]
 #: Subpath exports, as a modern package's manifest lists them.
 ENTRY_POINTS = ("index", "cache", "client", "config", "errors", "registry", "stream", "util")
-REPOSITORY_URL = f"https://github.com/example/{PACKAGE}"
+REPOSITORY_URL = f"https://git.example.org/example/{PACKAGE}"
 #: The registry's signing key id (npm's public one), as in every dist.
 KEY_ID = "SHA256:jl3bwswu80PjjokCgh0o2w5c2U4LhQAE57gj9cz1kzA"
 FIRST_PUBLISHED = datetime(2015, 3, 1, tzinfo=timezone.utc)

@@ -570,13 +570,18 @@ class ProtocolResource(AsyncResource):
         self.access = access
         self.token_guard = token_guard
 
-    async def needs_token(self, request: Request, route_access: str | None) -> None:
+    def needs_token(self, route_access: str | None) -> bool:
         """
-        Return if the request may be answered (C{route_access}: its
-        route's, or L{None} for what no route names); else 401.
+        Whether a request needs a client token (C{route_access}: its
+        route's, or L{None} for what no route names): decided without a
+        coroutine, since most hits need none.
         """
-        if (route_access or self.access) == "public":
-            return
+        return (route_access or self.access) != "public"
+
+    async def check_token(self, request: Request) -> None:
+        """
+        Return if the request carries a valid token; else 401.
+        """
         if self.token_guard is None:  # never so wired: refuse rather than serve
             raise HTTPError(UNAUTHORIZED, "a token is needed, and this daemon checks none")
         request.private = True  # type: ignore[attr-defined]  # a CacheRequest: no shared cache keeps it

@@ -71,7 +71,7 @@ def test_a_flag_or_the_environment_wins_over_the_file(tmp_path: Any) -> None:
     [
         ('storage = "./c"\nstroage = "./d"\n',
          r"^{path}, line 2: key 'stroage' is not a setting of contentcache \(twistd contentcache --help lists them\)\.$"),
-        ('[npm]\nupstream = "http://x"\nregistry = "http://y"\n',
+        ('[npm]\nupstream = "http://127.0.0.1:9/"\nregistry = "http://127.0.0.1:9/"\n',
          r"^{path}, line 3: key 'registry' is not a setting of contentcache"),
         ('disk-threads = "many"\n',
          r"^{path}, line 1: key 'disk-threads': --disk-threads must be a whole number from 1 to \d+, not 'many'\.$"),
@@ -79,7 +79,7 @@ def test_a_flag_or_the_environment_wins_over_the_file(tmp_path: Any) -> None:
          r"^{path}, line 2: key 'max-size' takes one value, not list \['1GiB', '2GiB'\]\.$"),
         ('no-metrics = "yes"\n', r"^{path}, line 1: key 'no-metrics' is true or false, not 'yes'\.$"),
         ('storage = "./c\n', r"^{path}, line 1: this is not TOML \(.+\)\.$"),
-        ('[go]\nupstream = "http://x"\n[go]\nsumdb = "off"\n', r"^{path}, line 3: this is not TOML \(.+\)\.$"),
+        ('[go]\nupstream = "http://127.0.0.1:9/"\n[go]\nsumdb = "off"\n', r"^{path}, line 3: this is not TOML \(.+\)\.$"),
     ],
 )
 def test_a_mistake_names_the_file_the_line_and_the_key(tmp_path: Any, text: str, message: str) -> None:

@@ -63,7 +63,7 @@ class ProxyFixture:
                     self.wfile.flush()
                     self._pipe(upstream)
                     return
-                # A forward proxy's GET http://host:port/path.
+                # A forward proxy's request: the whole URL as its target.
                 from urllib.parse import urlsplit
 
                 parts = urlsplit(target)

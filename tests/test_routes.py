@@ -147,7 +147,7 @@ def test_a_public_route_needs_no_token(tmp_path: Any, registries: tuple[Registry
     ({}, {}, "line 4: key 'token_env': the environment variable CORP_NPM_TOKEN is not set."),
     ({"token": SECRET}, {"CORP_NPM_TOKEN": SECRET}, "line 5: key 'token': a secret never goes in this file"),
     ({"access": "everyone"}, {"CORP_NPM_TOKEN": SECRET}, "line 5: key 'access' is token or public, not 'everyone'."),
-    ({"upstream": "https://ci:hunter2@npm.corp.example/"}, {"CORP_NPM_TOKEN": SECRET},
+    ({"upstream": "http://ci:hunter2@127.0.0.1:9/"}, {"CORP_NPM_TOKEN": SECRET},
      "line 3: key 'upstream' must not hold credentials"),
 ])
 def test_a_route_that_cannot_work_stops_the_daemon_in_one_sentence(

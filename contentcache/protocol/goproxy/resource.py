@@ -359,7 +359,8 @@ class GoProxyResource(ProtocolResource):
         # (A hit parses its path once more only when there are routes.)
         module = _module_of(segments) if self.proxy.routes else None
         route = self.proxy.route_for(module) if module is not None else None
-        await self.needs_token(request, route.access if route is not None else None)
+        if self.needs_token(route.access if route is not None else None):
+            await self.check_token(request)
         await handler(request)
 
     def _route(self, segments: list[str]) -> Callable[[Request], Awaitable[None]]:

@@ -363,7 +363,8 @@ class NpmResource(ProtocolResource):
             request.finish()
             return
         route = self.registry.route_for(name) if name is not None else None
-        await self.needs_token(request, route.access if route is not None else None)
+        if self.needs_token(route.access if route is not None else None):
+            await self.check_token(request)
         await handler(request)
 
     def _route(
