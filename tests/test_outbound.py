@@ -134,6 +134,7 @@ def test_an_upstream_certificate_is_trusted_only_with_its_ca(
     try:
         status, _, body = request(daemon.url, INFO)
         assert status == 502 and body.startswith(b"upstream failure: ") and body.count(b"\n") == 1, body
+        assert "Traceback" not in daemon.log()
     finally:
         daemon.stop()
     daemon = start(tmp_path, "trusting", https_upstream.url, "--ca-file", ca.ca_file)
