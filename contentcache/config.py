@@ -28,6 +28,8 @@ from typing import Any, Mapping, Sequence
 
 from attrs import frozen
 
+from .policy import DenyRule, PolicyError, parse_deny, parse_exempt
+
 #: Tables whose keys are the options that start with the table's name.
 PROTOCOL_TABLES = ("npm", "go")
 
@@ -90,6 +92,10 @@ class ConfigFile:
     settings: list[Setting]
     npm_routes: list[Route] = []
     go_routes: list[Route] = []
+    #: [policy.min_age] exempt: names, globs and name@version pins.
+    exempt: list[str] = []
+    #: [[policy.deny]]
+    deny: list[DenyRule] = []
 
     def where(self, option: str) -> str | None:
         """
@@ -156,16 +162,19 @@ def load(path: str, options: Sequence[str], repeatable: Sequence[str], flags: Se
     settings: list[Setting] = []
     npm_routes: list[Route] = []
     go_routes: list[Route] = []
+    exempt: list[str] = []
+    deny: list[DenyRule] = []
+    lines = text.splitlines()
 
-    def routes(protocol: str, value: Any, line: int) -> None:
-        where = f"{path}, line {line}: key 'routes'"
-        if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
-            raise ConfigError(f"{where} is a list of tables: write each as [[{protocol}.routes]].")
-        starts = [n for n, text_line in enumerate(text.splitlines(), start=1)
-                  if re.match(rf"^\s*\[\[\s*{protocol}\.routes\s*\]\]", text_line)]
-        made = npm_routes if protocol == "npm" else go_routes
-        lines = text.splitlines()
-        for i, table in enumerate(value):
+    def table_lines(header: str, line: int) -> list[tuple[int, Any]]:
+        """
+        For each C{[[header]]} table: its header's line and a function
+        finding the line of one of its keys.
+        """
+        starts = [n for n, text_line in enumerate(lines, start=1)
+                  if re.match(rf"^\s*\[\[\s*{re.escape(header)}\s*\]\]", text_line)]
+        out = []
+        for i in range(len(starts) or 1):
             at = starts[i] if i < len(starts) else line
             end = starts[i + 1] if i + 1 < len(starts) else len(lines) + 1
 
@@ -175,6 +184,43 @@ def load(path: str, options: Sequence[str], repeatable: Sequence[str], flags: Se
                         return number
                 return at
 
+            out.append((at, key_line))
+        return out
+
+    def policy(value: Mapping[str, Any]) -> None:
+        for key, inner in value.items():
+            at_line = _line_of(text, ["policy"], key)
+            if key == "min_age" and isinstance(inner, dict):
+                for setting, listed in inner.items():
+                    place = f"{path}, line {_line_of(text, ['policy', 'min_age'], setting)}: key {setting!r}"
+                    if setting != "exempt":
+                        raise ConfigError(f"{place} is not a setting of [policy.min_age] (exempt; the ages are "
+                                          "npm-min-age and go-min-age).")
+                    try:
+                        exempt.extend(parse_exempt(listed, place))
+                    except PolicyError as e:
+                        raise ConfigError(str(e)) from None
+            elif key == "deny" and isinstance(inner, list) and all(isinstance(t, dict) for t in inner):
+                found = table_lines("policy.deny", at_line)
+                for i, rule in enumerate(inner):
+                    at, key_line = found[i] if i < len(found) else found[-1]
+                    try:
+                        deny.append(parse_deny(rule, f"{path}, line {at}",
+                                               lambda k, key_line=key_line: f"{path}, line {key_line(k)}"))
+                    except PolicyError as e:
+                        raise ConfigError(str(e)) from None
+            else:
+                raise ConfigError(f"{path}, line {at_line}: key {key!r} in [policy] is [policy.min_age] (exempt) or "
+                                  "[[policy.deny]] tables.")
+
+    def routes(protocol: str, value: Any, line: int) -> None:
+        where = f"{path}, line {line}: key 'routes'"
+        if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+            raise ConfigError(f"{where} is a list of tables: write each as [[{protocol}.routes]].")
+        made = npm_routes if protocol == "npm" else go_routes
+        found = table_lines(f"{protocol}.routes", line)
+        for i, table in enumerate(value):
+            at, key_line = found[i] if i < len(found) else found[-1]
             made.append(_route(table, path, at, key_line, "packages" if protocol == "npm" else "modules"))
 
     def take(table: Sequence[str], items: Mapping[str, Any], prefix: str) -> None:
@@ -184,6 +230,9 @@ def load(path: str, options: Sequence[str], repeatable: Sequence[str], flags: Se
             option = prefix + key.replace("_", "-")
             if isinstance(value, dict) and not table and key in PROTOCOL_TABLES:
                 take([key], value, f"{key}-")
+                continue
+            if isinstance(value, dict) and not table and key == "policy":
+                policy(value)
                 continue
             if isinstance(value, dict) and not table and key == "access":
                 # [access] default = "token", metrics = "token"
@@ -213,7 +262,7 @@ def load(path: str, options: Sequence[str], repeatable: Sequence[str], flags: Se
             settings.append(Setting(option, arguments, line, key))
 
     take([], document, "")
-    return ConfigFile(path, settings, npm_routes, go_routes)
+    return ConfigFile(path, settings, npm_routes, go_routes, exempt, deny)
 
 
 def _route(table: Mapping[str, Any], path: str, header: int, key_line: Any, names: str) -> Route:

@@ -71,6 +71,14 @@ integrity_failures = Counter(
     "contentcache_integrity_failures", "Upstream content refused by a check (checksum, zip rules, integrity).",
     ["protocol"], registry=REGISTRY,
 )
+policy_refusals = Counter(
+    "contentcache_policy_refusals", "Versions asked for by name and refused 403 by a policy, by protocol and "
+    "rule (min-age: younger than the minimum release age; deny: a deny rule).", ["protocol", "rule"],
+    registry=REGISTRY,
+)
+for _protocol in ("npm", "go"):
+    for _rule in ("min-age", "deny"):
+        policy_refusals.labels(_protocol, _rule)
 auth_failures = Counter(
     "contentcache_auth_failures", "Requests refused 401: no token where one is needed, or one that is not valid.",
     ["reason"], registry=REGISTRY,

@@ -31,6 +31,7 @@ from .hot import HotSet, Invalidations
 from .auth import Guard, Tokens
 from .config import ConfigError, ConfigFile, load as load_config
 from .outbound import Outbound, OutboundError, configure as configure_outbound
+from .policy import policies
 from .routes import credential, go_routes, npm_routes
 from .index import IndexService, make_index, make_locks, prepare as prepare_index
 from .index.postgresql import STATEMENT_TIMEOUT
@@ -165,10 +166,16 @@ class Options(usage.Options):
          "GONOSUMDB, else GOPRIVATE)."],
         ["go-metadata-ttl", None, "10m", "How long @v/list, @latest and version queries are "
          "served before they are revalidated upstream."],
+        ["go-min-age", None, "0", "Serve only Go module versions published at least this long ago (their "
+         ".info Time): younger ones leave @v/list and @latest and are refused with 403 (0: off; "
+         "exemptions in the --config file's [policy.min_age])."],
         ["npm-upstream", None, None, "The npm registry to fetch from (default: `npm config get "
          "registry`; none: cache-only)."],
         ["npm-metadata-ttl", None, "5m", "How long packuments are served before they are "
          "revalidated upstream."],
+        ["npm-min-age", None, "0", "Serve only npm versions published at least this long ago (the "
+         "packument's time): younger ones leave packuments and dist-tags and their tarballs are refused "
+         "with 403 (0: off; exemptions in the --config file's [policy.min_age])."],
         ["public-url", None, None, "This cache's address as clients reach it, for the tarball "
          "addresses in packuments (default: each request's Host and X-Forwarded-Proto)."],
         ["negative-ttl", None, "1m", "How long an upstream 404 is remembered."],
@@ -360,7 +367,7 @@ class Options(usage.Options):
 
         for name in ("ttl", "grace", "expiry-interval", "go-metadata-ttl", "npm-metadata-ttl", "negative-ttl",
                      "connect-timeout", "upstream-timeout", "idle-timeout", "header-timeout",
-                     "keepalive-timeout", "scrub-interval"):
+                     "keepalive-timeout", "scrub-interval", "npm-min-age", "go-min-age"):
             try:
                 self[name] = parse_duration(str(self[name]))
             except ValueError as e:
@@ -627,6 +634,9 @@ def _daemon(options: Options) -> IService:
         goproxy.routes = go_routes(config.go_routes if config is not None else [], reactor, timeouts)
     except ConfigError as e:
         raise SystemExit(str(e)) from None
+    rules = policies(options["npm-min-age"], options["go-min-age"],
+                     config.exempt if config is not None else [], config.deny if config is not None else [])
+    npm.policy, goproxy.policy = rules[NPM], rules[GO]
     NpmService(npm, reactor, timeouts, options["npm-upstream"], port).setServiceParent(top)
 
     deadlines = Deadlines(

@@ -5,6 +5,7 @@ errors become status codes, and streaming a blob to a client.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any, Awaitable, Callable, Coroutine, Protocol
@@ -19,6 +20,7 @@ from twisted.web.http import (
     datetimeToString,
     stringToDatetime,
     BAD_GATEWAY,
+    FORBIDDEN,
     GATEWAY_TIMEOUT,
     INSUFFICIENT_STORAGE_SPACE,
     INTERNAL_SERVER_ERROR,
@@ -41,6 +43,7 @@ from .backend import IReader, StorageUnavailable
 from .index.interface import IndexUnavailable
 from .cache import OUTCOME_HEADER, STALE, IntegrityError, Missing, ProtocolCache
 from .hash import Hash
+from .policy import Refused
 from .space import is_full
 from .store import Blob, BlobCorrupt, BlobNotFound, Store
 from .units import MINUTE
@@ -95,6 +98,18 @@ def text(request: Request, code: int, message: str) -> bytes:
     return body
 
 
+def json_error(request: Request, code: int, message: str) -> bytes:
+    """
+    Set up an error response as npm shows one (its C{error} field) and
+    return its body.
+    """
+    body = json.dumps({"error": (message.splitlines() or [""])[0]}).encode("utf-8") + b"\n"
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
 _SUCCESS_HEADERS = (
     b"etag",
     b"accept-ranges",
@@ -126,6 +141,9 @@ def _known(failure: Failure, request: Request) -> tuple[int, str] | None:
         return e.code, e.message
     if failure.check(Missing):
         return NOT_FOUND, f"not found: {e}"
+    if failure.check(Refused):
+        metrics.policy_refusals.labels(e.protocol, e.hidden.rule).inc()
+        return FORBIDDEN, e.hidden.reason
     if failure.check(IntegrityError):
         metrics.integrity_failures.labels(metrics.protocol_of(request)).inc()
         return BAD_GATEWAY, f"refused: {e}"
@@ -178,7 +196,10 @@ def _fail(failure: Failure, request: Request, gone: list[bool]) -> None:
     if known is None:
         log.failure("request for {uri} failed", failure, uri=_uri(request))
         known = INTERNAL_SERVER_ERROR, "internal error; see the daemon's log"
-    request.write(text(request, *known))
+    if failure.check(Refused) and failure.value.protocol == "npm":
+        request.write(json_error(request, *known))
+    else:
+        request.write(text(request, *known))
     request.finish()
 
 

@@ -120,8 +120,13 @@ class RegistryFixture(UpstreamFixture):
     packed tarballs, at the standard paths.
     """
 
-    def __init__(self, root: str, packed: list[tuple[Package, dict[str, Any]]]) -> None:
+    def __init__(
+        self, root: str, packed: list[tuple[Package, dict[str, Any]]], dist_tags: dict[str, dict[str, str]] | None = None,
+        abbreviated: bool = False,
+    ) -> None:
         super().__init__(root)
+        #: Serve the abbreviated form (without times) to a client asking for it.
+        self.abbreviate = abbreviated
         self.packuments: dict[str, dict[str, Any]] = {}
         for package, report in packed:
             tarball = f"/{package.name}/-/{package.base}-{package.version}.tgz"
@@ -130,7 +135,7 @@ class RegistryFixture(UpstreamFixture):
             shutil.copy(report["path"], destination)
             document = self.packuments.setdefault(package.name, {
                 "name": package.name,
-                "dist-tags": DIST_TAGS[package.name],
+                "dist-tags": (dist_tags or DIST_TAGS)[package.name],
                 "versions": {},
                 "time": {"created": "2024-01-02T03:04:05.000Z", "modified": "2024-01-02T03:04:05.000Z"},
             })
@@ -149,6 +154,18 @@ class RegistryFixture(UpstreamFixture):
             self.publish(name)
 
     def publish(self, name: str) -> None:
-        body = json.dumps(self.packuments[name]).encode()
+        document = self.packuments[name]
+        body = json.dumps(document).encode()
+        short = json.dumps({
+            "name": name,
+            "dist-tags": document["dist-tags"],
+            "modified": document["time"]["modified"],
+            "versions": {
+                version: {k: v for k, v in manifest.items() if k in ("name", "version", "dependencies", "bin", "dist")}
+                for version, manifest in document["versions"].items()
+            },
+        }).encode()
         for path in {"/" + name, "/" + name.replace("/", "%2f"), "/" + name.replace("/", "%2F")}:
             self.override[path] = (200, body)
+            if self.abbreviate:
+                self.abbreviated[path] = short

@@ -26,6 +26,9 @@ class UpstreamFixture:
         self.bodies: list[bytes] = []
         #: path -> (status, body) answered instead of the file.
         self.override: dict[str, tuple[int, bytes]] = {}
+        #: path -> body answered to a request that accepts npm's
+        #: abbreviated packuments.
+        self.abbreviated: dict[str, bytes] = {}
         #: Content-Type of everything it answers.
         self.content_type = "application/octet-stream"
         #: paths whose body stops after half and then stalls.
@@ -88,6 +91,9 @@ class UpstreamFixture:
             self.bodies.append(handler.rfile.read(length))
         if self.delay:
             time.sleep(self.delay)
+        if path in self.abbreviated and "application/vnd.npm.install-v1+json" in handler.headers.get("Accept", ""):
+            self._send(handler, 200, self.abbreviated[path], head)
+            return
         if path in self.override:
             status, body = self.override[path]
             self._send(handler, status, body, head)

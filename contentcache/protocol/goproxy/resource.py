@@ -6,9 +6,12 @@ upstream fetches.
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Awaitable, Callable
 
-from attrs import define, field
+from attrs import define, field, frozen
+from twisted.internet.defer import DeferredSemaphore, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http import NOT_FOUND, OK
@@ -25,6 +28,7 @@ from ...cache import (
     body_or_status,
 )
 from ...index import Entry
+from ...policy import Policy, Refused, is_prerelease, parse_time, version_key
 from ...pool import Runner
 from ...store import BlobNotFound, Store
 from ...routes import GoRoute
@@ -34,7 +38,7 @@ from ...web import (
     send_blob, text,
 )
 from .modzip import MAX_GO_MOD_SIZE, MAX_ZIP_SIZE, ZipRuleError, check_and_hash_zip, hash_go_mod
-from .paths import InvalidPath, Module, Version, is_canonical, match_prefix_patterns, unescape
+from .paths import InvalidPath, Module, Version, escape, is_canonical, match_prefix_patterns, unescape
 from .sumdb import InvalidSumDB, SumDB, check_tile, parse_record
 
 log = Logger()
@@ -47,6 +51,24 @@ MAX_METADATA_SIZE = 16 << 20
 JSON = b"application/json"
 ZIP = b"application/zip"
 OCTETS = b"application/octet-stream"
+#: .info files fetched at once to learn the versions' times for a policy.
+INFO_FETCHES = 8
+#: Lists (filtered by a policy) and versions' times kept in memory.
+MAX_LISTS_HELD = 1024
+MAX_TIMES_HELD = 65536
+#: How soon a version whose time could not be learnt is asked about again.
+TIME_RETRY = 60.0
+
+
+@frozen
+class Made:
+    """
+    An answer made here rather than a stored one: a list filtered by the
+    policy, or made from the versions held when upstream could not say.
+    """
+
+    body: bytes
+    outcome: str
 
 
 @define
@@ -73,7 +95,13 @@ class GoProxy:
     #: Private modules' upstreams, first match wins (the config file's).
     #: A routed module is never looked up in a checksum database.
     routes: list[GoRoute] = field(factory=list)
+    #: The minimum release age and deny rules (none by default).
+    policy: Policy = field(factory=lambda: Policy(PROTOCOL))
     _unreachable_warned: bool = False
+    #: Filtered lists: (module, list's hash, policy) -> (body, until).
+    _lists: dict[tuple[str, str, str], tuple[bytes, float]] = field(factory=dict)
+    #: Each canonical version's .info Time ("module@version" -> seconds).
+    _times: dict[str, float | None] = field(factory=dict)
 
     def route_for(self, module: Module) -> GoRoute | None:
         for route in self.routes:
@@ -259,7 +287,7 @@ class GoProxy:
             key, self.metadata_ttl, self._revalidator(self.upstream_for(module), key), body=True
         )
 
-    async def version_list(self, module: Module) -> Served | bytes:
+    async def version_list(self, module: Module) -> Served | Made:
         """
         Upstream's list of versions; when upstream cannot be asked and no
         list was ever fetched, the versions this cache holds.
@@ -276,7 +304,7 @@ class GoProxy:
             versions = await self.cached_versions(module)
             if not versions:
                 raise
-            return "".join(f"{v}\n" for v in versions).encode("utf-8")
+            return Made("".join(f"{v}\n" for v in versions).encode("utf-8"), STALE)
 
     async def cached_versions(self, module: Module) -> list[str]:
         prefix = f"{module.escaped}/@v/"
@@ -288,6 +316,132 @@ class GoProxy:
                 if is_canonical(version):
                     versions.add(version)
         return sorted(versions)
+
+    # The policy: what it hides is left out of lists and @latest, and
+    # refused (403, so that the go command does not go on to direct) where
+    # it is asked for by name.
+
+    async def _body(self, served: Served) -> bytes:
+        if served.body is not None:
+            return served.body
+        return await read_blob(self.store, served.entry.blob, MAX_METADATA_SIZE)
+
+    async def published(self, module: Module, version: str) -> float | None:
+        """
+        The C{Time} of a canonical version's .info (fetched once and
+        kept: it never changes), L{None} if it has none; L{Missing} or
+        L{UpstreamError} if the .info cannot be had.
+        """
+        key = f"{module.path}@{version}"
+        if key in self._times:
+            return self._times[key]
+        served = await self.module_file(module, Version.parse(escape(version)), "info")
+        try:
+            info = json.loads(await self._body(served))
+        except ValueError:
+            info = None
+        published = parse_time(info.get("Time")) if isinstance(info, dict) else None
+        if len(self._times) >= MAX_TIMES_HELD:
+            del self._times[next(iter(self._times))]
+        self._times[key] = published
+        return published
+
+    async def check_version(self, module: Module, version: str, published: float | None = None) -> None:
+        """
+        Raise L{Refused} if the policy hides C{module@version}
+        (C{published}: its time, when the caller has it).
+        """
+        policy = self.policy
+        if not policy.applies(module.path):
+            return
+        if published is None and policy.needs_times(module.path, version):
+            published = await self.published(module, version)
+        hidden = policy.verdict(module.path, version, published, self._clock.seconds())
+        if hidden is not None:
+            raise Refused(PROTOCOL, hidden)
+
+    async def allowed_file(self, module: Module, version: Version, ext: str) -> Served:
+        """
+        L{module_file}, refused if the policy hides the version (for a
+        query such as a branch name, the version it resolves to).
+        """
+        if not self.policy.applies(module.path):
+            return await self.module_file(module, version, ext)
+        if version.canonical:
+            await self.check_version(module, version.name)
+            return await self.module_file(module, version, ext)
+        served = await self.module_file(module, version, ext)
+        info = json.loads(await self._body(served))
+        if isinstance(info, dict) and isinstance(info.get("Version"), str):
+            await self.check_version(module, info["Version"], parse_time(info.get("Time")))
+        return served
+
+    async def allowed_list(self, module: Module) -> Served | Made:
+        """
+        L{version_list} without the versions the policy hides.
+        """
+        listed = await self.version_list(module)
+        policy = self.policy
+        if not policy.applies(module.path):
+            return listed
+        if isinstance(listed, Made):
+            body, source, outcome = listed.body, "", listed.outcome
+        else:
+            body, source, outcome = await self._body(listed), listed.entry.hash.hex, listed.outcome
+        now = self._clock.seconds()
+        # (Two modules' lists may be the same blob.)
+        memo = (module.path, source, policy.digest)
+        held = self._lists.get(memo) if source else None
+        if held is not None and now < held[1]:
+            return Made(held[0], outcome)
+        versions = [line.strip() for line in body.decode("utf-8", "replace").splitlines() if line.strip()]
+        times: dict[str, float | None] = {}
+        if policy.needs_times(module.path):
+            limit = DeferredSemaphore(INFO_FETCHES)
+
+            async def one(version: str) -> None:
+                if policy.needs_times(module.path, version):
+                    try:
+                        times[version] = await self.published(module, version)
+                    except (Missing, UpstreamError, IntegrityError, InvalidPath):
+                        times[version] = None  # hidden, and asked again soon
+
+            await gatherResults([limit.run(one, v) for v in versions], consumeErrors=True)
+        hidden, until = policy.hidden_versions(module.path, versions, times, now)
+        if any(times.get(v) is None and h.rule == "min-age" for v, h in hidden.items()):
+            until = min(until, now + TIME_RETRY)
+        filtered = "".join(f"{v}\n" for v in versions if v not in hidden).encode("utf-8")
+        if source:
+            if len(self._lists) >= MAX_LISTS_HELD:
+                del self._lists[next(iter(self._lists))]
+            self._lists[memo] = (filtered, until)
+        return Made(filtered, outcome)
+
+    async def allowed_latest(self, module: Module) -> Served:
+        """
+        L{latest}, or when the policy hides the version it names, the
+        .info of the newest version it allows (a release before a
+        prerelease, as the go command chooses).
+        """
+        served = await self.latest(module)
+        if not self.policy.applies(module.path):
+            return served
+        info = json.loads(await self._body(served))
+        if not isinstance(info, dict) or not isinstance(info.get("Version"), str):
+            return served
+        try:
+            await self.check_version(module, info["Version"], parse_time(info.get("Time")))
+            return served
+        except Refused as refused:
+            hidden = refused
+        listed = await self.allowed_list(module)
+        body = listed.body if isinstance(listed, Made) else await self._body(listed)
+        keyed = [(key, v) for v in body.decode("utf-8", "replace").split() if (key := version_key(v)) is not None]
+        if not keyed:
+            raise hidden
+        releases = [k for k in keyed if not is_prerelease(k[1])]
+        newest = max(releases or keyed)[1]
+        return await self.module_file(module, Version.parse(escape(newest)), "info")
 
     async def sumdb_path(self, name: str, path: str) -> Served:
         sumdb, upstream = self.sumdbs[name]
@@ -332,17 +486,18 @@ class GoProxyResource(ProtocolResource):
         self.proxy = proxy
 
     async def _send(
-        self, request: Request, served: Served | bytes, content_type: bytes, immutable: bool
+        self, request: Request, served: Served | Made, content_type: bytes, immutable: bool
     ) -> None:
         cache_control = IMMUTABLE if immutable else b"max-age=60"
-        if isinstance(served, bytes):
-            # A list made from what the cache holds: upstream could not say.
+        if isinstance(served, Made):
+            # A list filtered by the policy, or made from what the cache
+            # holds when upstream could not say.
             request.setResponseCode(OK)
-            for name, value in cache_headers(STALE, cache_control).items():
+            for name, value in cache_headers(served.outcome, cache_control).items():
                 request.setHeader(name, value)
             request.setHeader(b"content-type", content_type)
-            request.setHeader(b"content-length", b"%d" % len(served))
-            request.write(served)
+            request.setHeader(b"content-length", b"%d" % len(served.body))
+            request.write(served.body)
             request.finish()
             return
         headers = cache_headers(served.outcome, cache_control)
@@ -371,20 +526,20 @@ class GoProxyResource(ProtocolResource):
             return self._route_sumdb(segments[1:])
         if segments[-1] == "@latest":
             module = Module.parse("/".join(segments[:-1]))
-            return lambda r: self._answer(r, lambda: proxy.latest(module), JSON, False)
+            return lambda r: self._answer(r, lambda: proxy.allowed_latest(module), JSON, False)
         if len(segments) < 3 or segments[-2] != "@v":
             raise InvalidPath("not found: not a GOPROXY path")
         module = Module.parse("/".join(segments[:-2]))
         last = segments[-1]
         if last == "list":
-            return lambda r: self._answer(r, lambda: proxy.version_list(module), TEXT, False)
+            return lambda r: self._answer(r, lambda: proxy.allowed_list(module), TEXT, False)
         name, dot, ext = last.rpartition(".")
         if not dot or ext not in ("info", "mod", "zip"):
             raise InvalidPath("not found: not a GOPROXY path")
         version = Version.parse(name)
         content_type = {"info": JSON, "mod": TEXT, "zip": ZIP}[ext]
         return lambda r: self._answer(
-            r, lambda: proxy.module_file(module, version, ext), content_type, version.canonical
+            r, lambda: proxy.allowed_file(module, version, ext), content_type, version.canonical
         )
 
     def _route_sumdb(self, segments: list[str]) -> Callable[[Request], Awaitable[None]]:
@@ -421,7 +576,7 @@ class GoProxyResource(ProtocolResource):
     async def _answer(
         self,
         request: Request,
-        lookup: Callable[[], Awaitable[Served | bytes]],
+        lookup: Callable[[], Awaitable[Served | Made]],
         content_type: bytes,
         immutable: bool,
     ) -> None:

@@ -7,9 +7,10 @@ endpoints that pass through (search, audit, C{?write=true}).
 from __future__ import annotations
 
 import json
+import math
 import zlib
 import re
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator, Mapping
 
 import treq
 from attrs import define, field
@@ -33,6 +34,7 @@ from ...cache import (
 )
 from ...hot import Found
 from ...index import Entry
+from ...policy import Policy, Refused, filter_packument, publish_times, retarget_tags
 from ...pool import Runner
 from ...routes import NpmRoute
 from ...store import BlobNotFound, Store
@@ -58,6 +60,8 @@ MAX_TARBALL_SIZE = 2 << 30
 MAX_PASS_THROUGH_BODY = 16 << 20
 #: Rendered copies kept per packument variant (distinct bases x gzip).
 MAX_RENDERS = 8
+#: Parsed publish times kept in memory (packages a policy needs them of).
+MAX_TIMES_HELD = 256
 _HOST = re.compile(rb"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::([0-9]{1,5}))?")
 MAX_PORT = 65535
 _ENDPOINT = re.compile(r"[a-z0-9-]+")
@@ -97,7 +101,11 @@ class NpmRegistry:
     routes: list[NpmRoute] = field(factory=list)
     public_url: str | None = None
     metadata_ttl: float = DEFAULT_METADATA_TTL
+    #: The minimum release age and deny rules (none by default).
+    policy: Policy = field(factory=lambda: Policy(PROTOCOL))
     _renders: Coalescer[str, Entry] = field(factory=Coalescer)
+    #: Publish times by the hash of their blob.
+    _times_held: dict[str, Mapping[str, float | None]] = field(factory=dict)
 
     def route_for(self, name: PackageName) -> NpmRoute | None:
         """
@@ -186,26 +194,132 @@ class NpmRegistry:
         """
         template_key = self._packument_key(name, variant)
         key = f"render:{template_key}:{'gzip' if gzip else 'identity'}:{base}"
-        template, render = await self.cache.find_all([(template_key, False), (key, True)])
+        filtered = self.policy.applies(name.full)
+        wanted = [(template_key, False), (key, True)]
+        if filtered:
+            wanted.append((self._times_key(name), False))
+        found = await self.cache.find_all(wanted)
+        template, render = found[0], found[1]
         if (
             template is not None
             and render is not None
             and (self.upstream_for(name) is None or self.cache.fresh(template.entry, self.metadata_ttl))
             and render.entry.attrs.get("source") == template.entry.hash.hex
+            and self._render_current(render.entry, filtered, found[2].entry if filtered and found[2] else None)
         ):
             self.cache.touch(f"dist:{name.full}")
             return render, Served(template.entry, HIT), False
         served = await self._either_variant(name, variant)
         # The dist index is used with the packument: it expires with it.
         self.cache.touch(f"dist:{name.full}")
+        times: tuple[Entry | None, Mapping[str, float | None]] | None = None
+        if filtered:
+            times = await self._times(name)
         source = served.entry.hash.hex
         key = f"render:{served.entry.key}:{'gzip' if gzip else 'identity'}:{base}"
-        found = await self.cache.find(key, body=True)
-        if found is not None and found.entry.attrs.get("source") == source:
-            return found, served, False
-        entry = await self._renders.run(key, lambda: self._render(key, served.entry, base, gzip))
+        found_render = await self.cache.find(key, body=True)
+        if (
+            found_render is not None
+            and found_render.entry.attrs.get("source") == source
+            and self._render_current(found_render.entry, filtered, times[0] if times else None)
+        ):
+            return found_render, served, False
+        entry = await self._renders.run(key, lambda: self._render(key, served.entry, base, gzip, name, times))
         await self._prune_renders(served.entry)
         return Found(entry), served, True
+
+    def _render_current(self, render: Entry, filtered: bool, times: Entry | None) -> bool:
+        """
+        Whether a rendered copy was made under the policy in force, with
+        the publish times known now, and nothing it hid is old enough yet.
+        """
+        attrs = render.attrs
+        if not filtered:
+            return "policy" not in attrs
+        until = attrs.get("until")
+        return (
+            attrs.get("policy") == self.policy.digest
+            and attrs.get("times") == (times.hash.hex if times is not None else None)
+            and (until is None or self._clock.seconds() < until)
+        )
+
+    # Publish times, for the minimum release age.
+
+    def _times_key(self, name: PackageName) -> str:
+        return f"times:{name.full}"
+
+    async def _times(self, name: PackageName) -> tuple[Entry | None, Mapping[str, float | None]]:
+        """
+        The publish time of each version of C{name}, from its full
+        packument (the abbreviated one has none), kept as a small entry of
+        its own that follows the packument's revisions. Without any
+        packument, no version has a time (and none is old enough).
+        """
+        try:
+            served = await self._either_variant(name, FULL)
+        except (UpstreamError, Missing):
+            return None, {}
+        key = self._times_key(name)
+        found = await self.cache.find(key, body=True)
+        if found is None or found.entry.attrs.get("source") != served.entry.hash.hex:
+            entry = await self._renders.run(key, lambda: self._derive_times(key, served.entry))
+            found = Found(entry)
+        return found.entry, await self._read_times(found)
+
+    async def _derive_times(self, key: str, template: Entry) -> Entry:
+        body = await read_blob(self.store, template.blob, MAX_PACKUMENT_SIZE)
+        data = await self._disk.run(lambda: json.dumps(publish_times(json.loads(body))).encode())
+        spool = await self.store.spool()
+        try:
+            await spool.write(data)
+        except BaseException:
+            await spool.abort()
+            raise
+        result = await spool.commit()
+        return await self.cache.put(key, result.blob, {"source": template.hash.hex})
+
+    async def _read_times(self, found: Found) -> Mapping[str, float | None]:
+        held = self._times_held.get(found.entry.hash.hex)
+        if held is not None:
+            return held
+        body = found.body
+        if body is None:
+            body = await read_blob(self.store, found.entry.blob, MAX_PACKUMENT_SIZE)
+        times: Mapping[str, float | None] = await self._disk.run(json.loads, body)
+        if len(self._times_held) >= MAX_TIMES_HELD:
+            del self._times_held[next(iter(self._times_held))]
+        self._times_held[found.entry.hash.hex] = times
+        return times
+
+    async def check_version(self, name: PackageName, version: str) -> None:
+        """
+        Raise L{Refused} if the policy hides C{name@version}.
+        """
+        times: Mapping[str, float | None] = {}
+        if self.policy.needs_times(name.full):
+            _, times = await self._times(name)
+            if version not in times and self.upstream_for(name) is not None:
+                # Newer than the packument held: ask upstream once more.
+                try:
+                    await self.packument(name, FULL, ttl=0)
+                except (UpstreamError, Missing):
+                    pass
+                _, times = await self._times(name)
+        hidden = self.policy.verdict(name.full, version, times.get(version), self._clock.seconds())
+        if hidden is not None:
+            raise Refused(PROTOCOL, hidden)
+
+    async def dist_tags(self, name: PackageName, tags: Mapping[str, Any], versions: list[str]) -> dict[str, Any]:
+        """
+        A packument's dist-tags as the policy lets clients see them.
+        """
+        if not self.policy.applies(name.full):
+            return dict(tags)
+        times: Mapping[str, float | None] = {}
+        if self.policy.needs_times(name.full):
+            _, times = await self._times(name)
+        hidden, _ = self.policy.hidden_versions(name.full, versions, times, self._clock.seconds())
+        return retarget_tags(tags, [v for v in versions if v not in hidden], hidden)
 
     async def _prune_renders(self, template: Entry) -> None:
         """
@@ -238,7 +352,12 @@ class NpmRegistry:
                 raise
             return Served(entry, STALE, str(e))
 
-    async def _render(self, key: str, template: Entry, base: str, gzip: bool) -> Entry:
+    async def _render(
+        self, key: str, template: Entry, base: str, gzip: bool, name: PackageName,
+        times: tuple[Entry | None, Mapping[str, float | None]] | None,
+    ) -> Entry:
+        if times is not None:
+            return await self._render_filtered(key, template, base, gzip, name, times)
         renderer = Renderer(base, gzip)
         reader = await self.store.get(template.blob)
         spool = await self.store.spool()
@@ -256,6 +375,40 @@ class NpmRegistry:
             raise
         result = await spool.commit()
         return await self.cache.put(key, result.blob, {"source": template.hash.hex})
+
+    async def _render_filtered(
+        self, key: str, template: Entry, base: str, gzip: bool, name: PackageName,
+        times: tuple[Entry | None, Mapping[str, float | None]],
+    ) -> Entry:
+        """
+        A rendered copy without what the policy hides: parsed and written
+        again (on the disk pool), and remade when the policy, the publish
+        times or the passing of time change what it hides.
+        """
+        body = await read_blob(self.store, template.blob, MAX_PACKUMENT_SIZE)
+        policy, now = self.policy, self._clock.seconds()
+
+        def render() -> tuple[bytes, float]:
+            document = json.loads(body)
+            until = filter_packument(document, policy, name.full, times[1], now)
+            renderer = Renderer(base, gzip)
+            out = renderer.feed(json.dumps(document, ensure_ascii=True, separators=(",", ":")).encode("ascii"))
+            return out + renderer.finish(), until
+
+        data, until = await self._disk.run(render)
+        spool = await self.store.spool()
+        try:
+            await spool.write(data)
+        except BaseException:
+            await spool.abort()
+            raise
+        result = await spool.commit()
+        return await self.cache.put(key, result.blob, {
+            "source": template.hash.hex,
+            "policy": policy.digest,
+            "times": times[0].hash.hex if times[0] is not None else None,
+            "until": until if math.isfinite(until) else None,
+        })
 
     async def dist_index(self, name: PackageName) -> dict[str, Any] | None:
         entry = await self.cache.lookup(f"dist:{name.full}")
@@ -275,6 +428,9 @@ class NpmRegistry:
 
     async def tarball(self, name: PackageName, file: str) -> Served:
         key = f"tarball:{name.full}/{file}"
+        if self.policy.applies(name.full):
+            # Refused whether it is cached or not.
+            await self.check_version(name, file[len(name.base) + 1 : -len(".tgz")])
         upstream = self.upstream_for(name)
         if upstream is None:
             return await self.cache.immutable(key, None, body=True)
@@ -462,9 +618,11 @@ class NpmResource(ProtocolResource):
         dist = await self.registry.dist_index(name)
         if dist is None:
             raise Missing(name.full)
+        versions = sorted({info["version"] for info in dist["files"].values()})
+        tags = await self.registry.dist_tags(name, dist["dist-tags"], versions)
         for header, value in cache_headers(served.outcome, b"public, max-age=%d" % int(self.registry.metadata_ttl)).items():
             request.setHeader(header, value)
-        self._json(request, json.dumps(dist["dist-tags"]).encode())
+        self._json(request, json.dumps(tags).encode())
 
     def _without_private_names(self, path: str, headers: dict[str, str], body: bytes) -> bytes:
         """
