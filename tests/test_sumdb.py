@@ -6,8 +6,6 @@ resource, with a scripted checksum database upstream.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
-
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
@@ -95,7 +93,10 @@ class Harness:
         """
         GET C{/sumdb/sum.test/tile/<tile>}: the status, X-Cache, the body.
         """
-        d = self._client.get(f"http://cache.test/sumdb/{NAME}/tile/{tile}")
+        return self.get_path(f"tile/{tile}")
+
+    def get_path(self, path: str) -> tuple[int, str | None, bytes]:
+        d = self._client.get(f"http://cache.test/sumdb/{NAME}/{path}")
         for _ in range(100):
             if d.called:
                 break
@@ -111,8 +112,8 @@ class Harness:
 
 
 @pytest.fixture
-def harness(store: Store, index: SQLiteIndex, disk: SynchronousRunner, clock: Clock) -> Iterator[Harness]:
-    yield Harness(store, index, disk, clock)
+def harness(store: Store, index: SQLiteIndex, disk: SynchronousRunner, clock: Clock) -> Harness:
+    return Harness(store, index, disk, clock)
 
 
 def derived(kind: str = "hash") -> float:
@@ -202,7 +203,7 @@ def test_data_tiles_are_cut_at_record_boundaries(harness: Harness) -> None:
     ],
 )
 def test_what_is_not_a_wider_tile_is_never_used(
-    harness: Harness, clean_reactor: list[Any], held: bytes, held_tile: str, wanted: str
+    harness: Harness, held: bytes, held_tile: str, wanted: str
 ) -> None:
     harness.database.files[f"/tile/{held_tile}"] = held
     assert harness.get(held_tile)[0] == 200
@@ -245,3 +246,12 @@ def test_a_held_tile_whose_blob_is_gone_is_forgotten(harness: Harness, store: St
     harness.database.files["/tile/8/0/000.p/3"] = hashes(3)
     assert harness.get("8/0/000.p/3") == (200, "MISS", hashes(3))
     assert resolve(harness.proxy.sumdb_cache.lookup(f"{NAME}/tile/8/0/000.p/7")) is None
+
+
+def test_latest_is_served_stale_when_the_database_is_gone(harness: Harness) -> None:
+    note = b"go.sum database tree\n7\nhash=\n\n- sum.test sig\n"
+    harness.database.files["/latest"] = note
+    harness.proxy.metadata_ttl = 0  # revalidated on every request
+    assert harness.get_path("latest") == (200, "MISS", note)
+    harness.database.gone = True
+    assert harness.get_path("latest") == (200, "STALE", note)
