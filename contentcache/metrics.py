@@ -85,6 +85,13 @@ auth_failures = Counter(
 )
 for _reason in ("missing", "unknown"):
     auth_failures.labels(_reason)
+sumdb_derived_tiles = Counter(
+    "contentcache_sumdb_derived_tiles", "Checksum-database partial tiles answered from a wider tile the "
+    "cache held (its first entries) without asking upstream, by kind: hash or data.", ["kind"],
+    registry=REGISTRY,
+)
+for _kind in ("hash", "data"):
+    sumdb_derived_tiles.labels(_kind)
 # Gauges of the shared storage: the last any worker measured.
 store_blobs = Gauge("contentcache_store_blobs", "Blobs in the store.", registry=REGISTRY,
                     multiprocess_mode="mostrecent")

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import blake3
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from contentcache.hash import Hash
 from contentcache.protocol.goproxy.paths import escape
@@ -29,6 +30,7 @@ from .gomodules import (
     LEGACY,
     PSEUDO,
     UPPER,
+    ModuleVersion,
     SumDBFixture,
     build_gosumdb,
     build_tree,
@@ -196,6 +198,132 @@ def test_downloads_match_direct_and_survive_upstream_loss(
     assert status == 200
     assert body.split() == [b"v1.0.0", b"v1.2.0"]
     assert headers["x-cache"] in ("HIT", "STALE")
+
+
+def derived_tiles(daemon: Daemon) -> dict[str, float]:
+    """
+    contentcache_sumdb_derived_tiles_total by kind, from /metrics.
+    """
+    status, _, body = request(daemon.url, "/metrics")
+    assert status == 200
+    return {
+        sample.labels["kind"]: sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name == "contentcache_sumdb_derived_tiles_total"
+    }
+
+
+def tree_size(note: bytes) -> int:
+    """
+    The size of the tree a signed tree note (C{latest}) names.
+    """
+    assert note.startswith(b"go.sum database tree\n"), note
+    return int(note.split(b"\n")[1])
+
+
+def test_a_new_client_verifies_against_the_checksum_database_offline(
+    tmp_path: Any, gosumdb_binary: str, daemons: list[Daemon]
+) -> None:
+    """
+    A go command that finds a module's hashes in go.sum asks the database
+    nothing, while the cache looks every download up itself: the tree
+    those lookups name is one no client asked the tiles of. A new client
+    (no go.sum, an empty module cache) checks each lookup against the
+    tiles of that tree; offline, the cache cuts them from the wider tiles
+    of the grown tree a later client asked for.
+    """
+    # A tree of its own: a version is published during the test.
+    root = build_tree(str(tmp_path / "proxy"), modules())
+    upstream = UpstreamFixture(root)
+    sumdb = SumDBFixture(gosumdb_binary, SUMDB_NAME, root)
+    try:
+        # The modules are public: a developer got them straight from the
+        # module proxy and the database (recording them there), and the
+        # project's go.sum holds their hashes.
+        direct = download(str(tmp_path / "direct"), upstream.url, sumdb.gosumdb)
+        project = tmp_path / "project"
+        project.mkdir()
+        (project / "go.mod").write_text("module example.com/project\n\ngo 1.19\n")
+        (project / "go.sum").write_text("".join(
+            f"{key.replace('@', ' ')} {d['Sum']}\n{key.replace('@', ' ')}/go.mod {d['GoModSum']}\n"
+            for key, d in direct.items()
+        ))
+
+        storage = str(tmp_path / "storage")
+        args = ["--go-upstream", upstream.url, "--go-sumdb", f"{SUMDB_NAME}={sumdb.url}",
+                "--go-metadata-ttl", "0s"]
+        daemon = start(storage, *args)
+        daemons.append(daemon)
+        proxy = f"{daemon.url}/goproxy"
+        sumdb_path = f"/goproxy/sumdb/{SUMDB_NAME}"
+
+        # CI builds the project through the cache with GOSUMDB on: the go
+        # command checks every download against go.sum, the cache checks
+        # it against the database (and keeps its lookups).
+        ci = go(str(tmp_path / "ci"), "mod", "download", "-json", *DOWNLOADS, cwd=str(project),
+                GOPROXY=proxy, GOSUMDB=sumdb.vkey)
+        assert ci.returncode == 0, ci.stderr
+        assert "unverified" not in daemon.log()
+        status, _, latest = request(daemon.url, f"{sumdb_path}/latest")
+        assert status == 200 and tree_size(latest) == len(DOWNLOADS)
+
+        # A new version is published; a developer downloads it through the
+        # cache, and the go command verifies it there: the tree has grown.
+        new = ModuleVersion(GREET, "v1.3.0", {
+            "go.mod": f"module {GREET}\n\ngo 1.19\n",
+            "greet.go": 'package greet\n\nfunc Word() string { return "Hey" }\n',
+        })
+        build_tree(root, [*modules(), new])
+        dev = go(str(tmp_path / "dev"), "mod", "download", "-json", f"{GREET}@v1.3.0",
+                 GOPROXY=proxy, GOSUMDB=sumdb.vkey)
+        assert dev.returncode == 0, dev.stderr
+        status, _, grown = request(daemon.url, f"{sumdb_path}/latest")
+        assert status == 200 and tree_size(grown) == len(DOWNLOADS) + 1
+        # A log auditor reads the records through the cache.
+        assert request(daemon.url, f"{sumdb_path}/tile/8/data/000.p/7")[0] == 200
+        # What the database itself serves for the tree CI's lookups name:
+        # the cache never asked for these.
+        hash_tile = request(sumdb.url, "/tile/8/0/000.p/6")[2]
+        data_tile = request(sumdb.url, "/tile/8/data/000.p/6")[2]
+        assert f"{sumdb_path}/tile/8/0/000.p/6" not in daemon.log()
+        assert len(hash_tile) == 6 * 32
+    finally:
+        upstream.stop()
+        sumdb.stop()
+
+    # Offline: every upstream gone (connection refused), the daemon
+    # restarted.
+    daemon.stop()
+    daemon = start(storage, *args)
+    daemons.append(daemon)
+    proxy = f"{daemon.url}/goproxy"
+    assert derived_tiles(daemon) == {"hash": 0, "data": 0}
+    status, headers, body = request(daemon.url, f"{sumdb_path}/latest")
+    assert (status, headers["x-cache"], body) == (200, "STALE", grown)
+
+    # A new machine, empty GOPATH and module cache, the same GOSUMDB: the
+    # go command looks every module up through the cache, and checks each
+    # lookup against the tiles of the tree it names.
+    home = str(tmp_path / "new")
+    offline = download(home, proxy, sumdb.vkey)
+    for key in DOWNLOADS:
+        assert offline[key]["Sum"] == direct[key]["Sum"], key
+        assert offline[key]["GoModSum"] == direct[key]["GoModSum"], key
+    again = go(home, "mod", "download", "-json", f"{GREET}@v1.3.0", GOPROXY=proxy, GOSUMDB=sumdb.vkey)
+    assert again.returncode == 0, again.stderr
+    # The go command verified them: it keeps the tile it authenticated,
+    # the database's own bytes, and the newest tree it saw.
+    tiles = os.path.join(home, "modcache", "cache", "download", "sumdb", SUMDB_NAME, "tile", "8", "0")
+    with open(os.path.join(tiles, "000.p", "6"), "rb") as f:
+        assert f.read() == hash_tile
+    with open(os.path.join(home, "gopath", "pkg", "sumdb", SUMDB_NAME, "latest"), "rb") as f:
+        assert tree_size(f.read()) == len(DOWNLOADS) + 1
+    # The records as the database wrote them, cut from the wider tile.
+    status, headers, body = request(daemon.url, f"{sumdb_path}/tile/8/data/000.p/6")
+    assert (status, headers["x-cache"], body) == (200, "HIT", data_tile)
+    # One of each, whichever worker answered the go command.
+    assert derived_tiles(daemon) == {"hash": 1, "data": 1}
 
 
 def test_concurrent_misses_make_one_upstream_request(

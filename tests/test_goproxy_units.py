@@ -16,10 +16,13 @@ from contentcache.protocol.goproxy.paths import InvalidPath, Module, Version, es
 from contentcache.protocol.goproxy.sumdb import (
     InvalidSumDB,
     SumDB,
+    Tile,
     check_tile,
     parse_flag,
     parse_gosumdb,
     parse_record,
+    parse_tile,
+    tile_prefix,
 )
 
 
@@ -182,6 +185,73 @@ def test_tiles() -> None:
     for bad in ("../x", "8/0/../../etc", "8/0/0001", "8/0/abc", ""):
         with pytest.raises(InvalidSumDB):
             check_tile(bad)
+
+
+@pytest.mark.parametrize(
+    "path, tile",
+    [
+        ("tile/8/0/000", Tile(8, "0", "000", 256)),
+        ("tile/8/0/000.p/5", Tile(8, "0", "000", 5)),
+        ("tile/8/1/x001/234.p/255", Tile(8, "1", "x001/234", 255)),
+        ("tile/8/data/x002/x000/017.p/3", Tile(8, "data", "x002/x000/017", 3)),
+        ("tile/30/63/000", Tile(30, "63", "000", 1 << 30)),
+        # What tlog.ParseTilePath refuses, or would write otherwise.
+        ("tile/8/0/000.p/256", None),
+        ("tile/8/0/000.p/0", None),
+        ("tile/8/0/000.p/05", None),
+        ("tile/08/0/000", None),
+        ("tile/8/00/000", None),
+        ("tile/0/0/000", None),
+        ("tile/31/0/000", None),
+        ("tile/8/0/x000/001", None),
+        ("tile/8/0", None),
+    ],
+)
+def test_tile_coordinates(path: str, tile: Tile | None) -> None:
+    assert parse_tile(path) == tile
+    if tile is not None:
+        assert tile.path() == path
+
+
+def test_tile_widths_at_the_same_coordinates() -> None:
+    tile = Tile(8, "0", "x001/234", 3)
+    assert tile.path(256) == "tile/8/0/x001/234"
+    assert tile.path(7) == "tile/8/0/x001/234.p/7"
+    assert tile.width_of("") == 256
+    assert tile.width_of(".p/7") == 7
+    for other in (".p/256", ".p/0", ".p/07", ".p/", "/5", ".p/7/1", ".q/7"):
+        assert tile.width_of(other) is None
+
+
+def test_hash_tile_prefix() -> None:
+    held = bytes(range(7)) * 32
+    assert tile_prefix(held, 7, 3, data=False) == 96
+    assert tile_prefix(held, 7, 7, data=False) == 7 * 32
+    assert tile_prefix(held[:95], 7, 3, data=False) is None  # shorter than the wanted tile
+    assert tile_prefix(held[:-1], 7, 3, data=False) is None  # not a tile of its own width
+    assert tile_prefix(held + b"x", 7, 3, data=False) is None
+    assert tile_prefix(held, 7, 8, data=False) is None
+    assert tile_prefix(held, 7, 0, data=False) is None
+
+
+def test_data_tile_prefix() -> None:
+    # As golang.org/x/mod/sumdb's server writes them: tlog.FormatRecord
+    # for each record (id, text, blank line), one after the other.
+    one = b"5\nexample.com/a v1.0.0 h1:a=\nexample.com/a v1.0.0/go.mod h1:b=\n\n"
+    two = b"6\nexample.com/b v1.1.0 h1:c=\nexample.com/b v1.1.0/go.mod h1:d=\n\n"
+    three = b"7\nexample.com/c v0.1.0 h1:e=\n\n"
+    held = one + two + three
+    assert tile_prefix(held, 3, 1, data=True) == len(one)
+    assert tile_prefix(held, 3, 2, data=True) == len(one + two)
+    assert tile_prefix(held, 3, 3, data=True) == len(held)
+    assert tile_prefix(held, 4, 2, data=True) is None  # fewer records than its width
+    assert tile_prefix(held, 2, 1, data=True) is None  # more
+    assert tile_prefix(held[:-1], 3, 1, data=True) is None  # a record that does not end
+    assert tile_prefix(held + b"8\n", 4, 1, data=True) is None
+    # A record text that opens with a newline (tlog allows it) makes the
+    # framing ambiguous: not cut.
+    assert tile_prefix(one + b"6\n\nexample.com/b v1.1.0 h1:c=\n\n", 2, 1, data=True) is None
+    assert tile_prefix(one + b"\nexample.com/b v1.1.0 h1:c=\n\n", 2, 1, data=True) is None
 
 
 def test_lookup_record() -> None:

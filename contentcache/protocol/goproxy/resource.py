@@ -10,14 +10,17 @@ import json
 import math
 from typing import Awaitable, Callable
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 from twisted.internet.defer import DeferredSemaphore, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http import NOT_FOUND, OK
 from twisted.web.server import Request
 
+from ... import metrics
 from ...cache import (
+    HIT,
+    MISS,
     STALE,
     Fill,
     IntegrityError,
@@ -34,12 +37,12 @@ from ...store import BlobNotFound, Store
 from ...routes import GoRoute
 from ...upstream import Upstream, UpstreamError, conditional_headers
 from ...web import (
-    IMMUTABLE, TEXT, IGuard, ProtocolResource, cache_headers, path_segments, read_blob, refetching,
+    CHUNK_SIZE, IMMUTABLE, TEXT, IGuard, ProtocolResource, cache_headers, path_segments, read_blob, refetching,
     send_blob, text,
 )
 from .modzip import MAX_GO_MOD_SIZE, MAX_ZIP_SIZE, ZipRuleError, check_and_hash_zip, hash_go_mod
 from .paths import InvalidPath, Module, Version, escape, is_canonical, match_prefix_patterns, unescape
-from .sumdb import InvalidSumDB, SumDB, check_tile, parse_record
+from .sumdb import InvalidSumDB, SumDB, Tile, check_tile, parse_record, parse_tile, tile_prefix
 
 log = Logger()
 
@@ -58,6 +61,14 @@ MAX_LISTS_HELD = 1024
 MAX_TIMES_HELD = 65536
 #: How soon a version whose time could not be learnt is asked about again.
 TIME_RETRY = 60.0
+#: The index attribute of a tile cut from a wider one: that one's path.
+DERIVED_FROM = "derived_from"
+#: Wider tiles tried in turn (widest first) before asking upstream: more
+#: than one only when a held tile is not of its width.
+MAX_DERIVATION_SOURCES = 3
+#: At most this many tiles at one N are considered (2**H + 1 with the full
+#: one, for the sumdb's own height of 8).
+MAX_HELD_TILES = 1025
 
 
 @frozen
@@ -453,9 +464,67 @@ class GoProxy:
         # A tile never changes, full or partial (a partial one's path names
         # its width, and the log only grows).
         check_tile(path.removeprefix("tile/"))
-        return await self.sumdb_cache.immutable(
-            key, lambda: self._get_new(upstream, path, MAX_METADATA_SIZE), body=True
-        )
+        tile = parse_tile(path)
+        if tile is None or tile.width == tile.full_width:
+            return await self.sumdb_cache.immutable(
+                key, lambda: self._get_new(upstream, path, MAX_METADATA_SIZE), body=True
+            )
+
+        async def derive_or_fetch() -> Fill:
+            # Derived first: the same bytes upstream would send, and the
+            # answer when upstream is gone.
+            derived = await self._derived_tile(name, tile)
+            if derived is not None:
+                return derived
+            return await self._get_new(upstream, path, MAX_METADATA_SIZE)
+
+        served = await self.sumdb_cache.immutable(key, derive_or_fetch, body=True)
+        if served.outcome == MISS and DERIVED_FROM in served.entry.attrs:
+            metrics.sumdb_derived_tiles.labels("data" if tile.is_data else "hash").inc()
+            return evolve(served, outcome=HIT)  # upstream was not asked
+        return served
+
+    async def _derived_tile(self, name: str, tile: Tile) -> Fill | None:
+        """
+        Partial tile C{tile} cut from a wider one the cache holds at the
+        same coordinates (a partial tile of greater width, or the full
+        one): its first entries are this tile. L{None} when none serves.
+        """
+        prefix = f"{name}/{tile.path(tile.full_width)}"
+        # One lookup: the keys of this N's tiles (the full one, its .p/W).
+        held = []
+        for key in await self.sumdb_cache.keys(prefix, min(tile.full_width + 1, MAX_HELD_TILES)):
+            width = tile.width_of(key[len(prefix):])
+            if width is not None and width > tile.width:
+                held.append((width, key))
+        for width, key in sorted(held, reverse=True)[:MAX_DERIVATION_SOURCES]:
+            found = await self.sumdb_cache.find(key, body=True)
+            if found is None:
+                continue
+            body = found.body
+            if body is None:
+                try:
+                    body = await read_blob(self.store, found.entry.blob, MAX_METADATA_SIZE)
+                except BlobNotFound as e:
+                    await self.sumdb_cache.forget(e.hash)
+                    continue
+            length = tile_prefix(body, width, tile.width, tile.is_data)
+            if length is None:
+                log.warn(
+                    "{sumdb} {source} as cached is not a tile of width {width}; not used for {tile}",
+                    sumdb=name, source=key.removeprefix(f"{name}/"), width=width, tile=tile.path(),
+                )
+                continue
+            spool = await self.store.spool()
+            try:
+                # A chunk at a time: never a second copy of a tile in memory.
+                for start in range(0, length, CHUNK_SIZE):
+                    await spool.write(body[start:min(start + CHUNK_SIZE, length)])
+            except BaseException:
+                await spool.abort()
+                raise
+            return Fill(spool, {DERIVED_FROM: key.removeprefix(f"{name}/")})
+        return None
 
 
 def _module_of(segments: list[str]) -> Module | None:

@@ -1,6 +1,7 @@
 """
-Checksum databases: how they are configured, and reading a C{lookup}
-record to check a module's C{h1:} hashes against it.
+Checksum databases: how they are configured, reading a C{lookup} record to
+check a module's C{h1:} hashes against it, and cutting a tile out of a
+wider one (golang.org/x/mod/sumdb/tlog's layout).
 """
 
 from __future__ import annotations
@@ -8,6 +9,11 @@ from __future__ import annotations
 import re
 
 from attrs import frozen
+
+#: A hash tile's entries: SHA-256 hashes (tlog.HashSize).
+HASH_SIZE = 32
+#: tlog's limit on a tile's height.
+MAX_TILE_HEIGHT = 30
 
 _NAME = re.compile(r"[A-Za-z0-9.-]+")
 _TILE = re.compile(r"[0-9]+(?:/(?:[0-9]+|data))(?:/x[0-9]{3})*/[0-9]{3}(?:\.p/[0-9]+)?")
@@ -62,6 +68,116 @@ def check_tile(path: str) -> str:
     if _TILE.fullmatch(path) is None:
         raise InvalidSumDB("invalid tile path")
     return path
+
+
+@frozen
+class Tile:
+    """
+    A tile's coordinates (tlog.Tile): height H, level L (C{"data"} for the
+    record data of level 0), index N as its path spells it (C{x001/234}),
+    and width W, the number of hashes or records it holds (2**H when full).
+    """
+
+    height: int
+    level: str
+    index: str
+    width: int
+
+    @property
+    def full_width(self) -> int:
+        return 1 << self.height
+
+    @property
+    def is_data(self) -> bool:
+        return self.level == "data"
+
+    def path(self, width: int | None = None) -> str:
+        """
+        C{tile/H/L/N} and, for a partial tile, C{.p/W}: this tile's, or
+        that of the tile at the same coordinates with C{width} entries.
+        """
+        width = self.width if width is None else width
+        base = f"tile/{self.height}/{self.level}/{self.index}"
+        return base if width == self.full_width else f"{base}.p/{width}"
+
+    def width_of(self, suffix: str) -> int | None:
+        """
+        The width of the tile at these coordinates whose path is this
+        tile's full path followed by C{suffix} (C{""} or C{".p/W"}).
+        """
+        if suffix == "":
+            return self.full_width
+        digits = suffix.removeprefix(".p/")
+        if digits == suffix or not digits.isdigit() or digits != str(int(digits)):
+            return None
+        width = int(digits)
+        return width if 0 < width < self.full_width else None
+
+
+def parse_tile(path: str) -> Tile | None:
+    """
+    The coordinates in C{tile/...}, or L{None} for a path tlog would not
+    write (as tlog.ParseTilePath: a height of 1 to 30, a partial width
+    below 2**H, canonical numbers).
+    """
+    fields = path.split("/")
+    if len(fields) < 4 or fields[0] != "tile" or _TILE.fullmatch("/".join(fields[1:])) is None:
+        return None
+    height, level = fields[1], fields[2]
+    if height != str(int(height)) or not 1 <= int(height) <= MAX_TILE_HEIGHT:
+        return None
+    if level != "data" and level != str(int(level)):
+        return None
+    width = 1 << int(height)
+    if fields[-2].endswith(".p"):
+        if fields[-1] != str(int(fields[-1])) or not 0 < int(fields[-1]) < width:
+            return None
+        width = int(fields[-1])
+        fields = fields[:-2] + [fields[-2].removesuffix(".p")]
+    index = fields[3:]
+    # One number, three digits at a time, without leading "x000"s.
+    if len(index) > 1 and index[0] == "x000":
+        return None
+    return Tile(int(height), level, "/".join(index), width)
+
+
+def tile_prefix(held: bytes, held_width: int, width: int, data: bool) -> int | None:
+    """
+    How many leading bytes of C{held}, a tile of C{held_width} entries, are
+    the tile of the same coordinates with C{width} entries (the log only
+    grows: its first entries never change), or L{None} when C{held} is not
+    a tile of that width (then it is not used).
+
+    A hash tile is C{width} 32-byte hashes. A data tile is records one after
+    the other, as the sumdb server writes them (tlog.FormatRecord: the
+    record id, its text, a blank line), and record text never holds a blank
+    line (tlog's isValidRecordText), so each record ends at the first
+    C{"\n\n"} after its start. A record whose text began with a newline
+    would make that ambiguous: such a tile is not used.
+    """
+    if not 0 < width <= held_width:
+        return None
+    if not data:
+        return width * HASH_SIZE if len(held) == held_width * HASH_SIZE else None
+    ends = _record_ends(held)
+    if ends is None or len(ends) != held_width:
+        return None
+    return ends[width - 1]
+
+
+def _record_ends(data: bytes) -> list[int] | None:
+    ends = []
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n\n", start)
+        if end < 0:
+            return None  # bytes after the last record that are no record
+        end += 2
+        if data[end:end + 1] == b"\n":
+            return None
+        ends.append(end)
+        start = end
+    return ends
 
 
 def parse_record(body: bytes) -> dict[str, str]:
