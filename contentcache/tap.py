@@ -20,7 +20,7 @@ from . import metrics
 from .protocol.goproxy.sumdb import InvalidSumDB, parse_gosumdb
 from .protocol.goproxy.sumdb import parse_flag as parse_sumdb_flag
 from .units import parse_duration, parse_size
-from .cache import ProtocolCache
+from .cache import Background, ProtocolCache
 from .channel import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEPALIVE_TIMEOUT, Deadlines
 from .expiry import Expiry, ExpiryService, Policy
 from .discover import (
@@ -169,6 +169,9 @@ class Options(usage.Options):
          "registry`; none: cache-only)."],
         ["npm-metadata-ttl", None, "5m", "How long packuments are served before they are "
          "revalidated upstream."],
+        ["stale-while-revalidate", None, "1d", "For this long past its metadata TTL, a packument, list or "
+         "query is answered from the cache at once while it is revalidated in the background (0: the "
+         "revalidation is waited for)."],
         ["public-url", None, None, "This cache's address as clients reach it, for the tarball "
          "addresses in packuments (default: each request's Host and X-Forwarded-Proto)."],
         ["negative-ttl", None, "1m", "How long an upstream 404 is remembered."],
@@ -358,7 +361,8 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
 
-        for name in ("ttl", "grace", "expiry-interval", "go-metadata-ttl", "npm-metadata-ttl", "negative-ttl",
+        for name in ("ttl", "grace", "expiry-interval", "go-metadata-ttl", "npm-metadata-ttl",
+                     "stale-while-revalidate", "negative-ttl",
                      "connect-timeout", "upstream-timeout", "idle-timeout", "header-timeout",
                      "keepalive-timeout", "scrub-interval"):
             try:
@@ -596,10 +600,18 @@ def _daemon(options: Options) -> IService:
 
     timeouts = Timeouts(options["connect-timeout"], options["upstream-timeout"], options["idle-timeout"])
     negative_ttl = options["negative-ttl"]
+    # Revalidations after a stale answer: one set for the daemon, stopped
+    # before the upstreams, the index and the disk pool they use.
+    background = Background()
+
+    def protocol_cache(protocol: str) -> ProtocolCache:
+        return ProtocolCache(protocol, index, store, reactor, NegativeCache(reactor, negative_ttl), hot, locks,
+                             stale_while_revalidate=options["stale-while-revalidate"], background=background)
+
     goproxy = GoProxy(
         store,
-        ProtocolCache(GO, index, store, reactor, NegativeCache(reactor, negative_ttl), hot, locks),
-        ProtocolCache(GOSUMDB, index, store, reactor, NegativeCache(reactor, negative_ttl), hot, locks),
+        protocol_cache(GO),
+        protocol_cache(GOSUMDB),
         disk,
         reactor,
         upstream=None,
@@ -613,7 +625,7 @@ def _daemon(options: Options) -> IService:
 
     npm = NpmRegistry(
         store,
-        ProtocolCache(NPM, index, store, reactor, NegativeCache(reactor, negative_ttl), hot, locks),
+        protocol_cache(NPM),
         disk,
         reactor,
         upstream=None,
@@ -628,6 +640,7 @@ def _daemon(options: Options) -> IService:
     except ConfigError as e:
         raise SystemExit(str(e)) from None
     NpmService(npm, reactor, timeouts, options["npm-upstream"], port).setServiceParent(top)
+    background.setServiceParent(top)
 
     deadlines = Deadlines(
         header=options["header-timeout"], keepalive=options["keepalive-timeout"],

@@ -21,11 +21,13 @@ from twisted.web.server import Request
 from ...cache import (
     HIT,
     MISS,
+    REVALIDATING,
     STALE,
     Fill,
     IntegrityError,
     Missing,
     ProtocolCache,
+    Revalidate,
     Served,
     _NotModified,
     body_of,
@@ -126,16 +128,21 @@ class NpmRegistry:
         full fetch even when upstream would say 304).
         """
         upstream = self.upstream_for(name)
-
-        async def revalidate(entry: Entry | None) -> Fill | _NotModified:
-            assert upstream is not None
-            return await self._fetch_packument(upstream, name, variant, entry if conditional else None)
-
         return await self.cache.mutable(
             self._packument_key(name, variant),
             self.metadata_ttl if ttl is None else ttl,
-            revalidate if upstream is not None else None,
+            self._revalidator(upstream, name, variant, conditional) if upstream is not None else None,
+            # What is asked for with a TTL of its own is wanted fresh.
+            background=ttl is None,
         )
+
+    def _revalidator(
+        self, upstream: Upstream, name: PackageName, variant: str, conditional: bool = True
+    ) -> Revalidate:
+        async def revalidate(entry: Entry | None) -> Fill | _NotModified:
+            return await self._fetch_packument(upstream, name, variant, entry if conditional else None)
+
+        return revalidate
 
     async def _fetch_packument(
         self, upstream: Upstream, name: PackageName, variant: str, entry: Entry | None
@@ -190,11 +197,19 @@ class NpmRegistry:
         if (
             template is not None
             and render is not None
-            and (self.upstream_for(name) is None or self.cache.fresh(template.entry, self.metadata_ttl))
             and render.entry.attrs.get("source") == template.entry.hash.hex
         ):
-            self.cache.touch(f"dist:{name.full}")
-            return render, Served(template.entry, HIT), False
+            upstream = self.upstream_for(name)
+            if upstream is None or self.cache.fresh(template.entry, self.metadata_ttl):
+                self.cache.touch(f"dist:{name.full}")
+                return render, Served(template.entry, HIT), False
+            if self.cache.within_stale_window(template.entry, self.metadata_ttl):
+                # As the cache would answer it: at once, revalidated after.
+                self.cache.revalidate_in_background(
+                    template_key, self.metadata_ttl, self._revalidator(upstream, name, variant)
+                )
+                self.cache.touch(f"dist:{name.full}")
+                return render, Served(template.entry, REVALIDATING), False
         served = await self._either_variant(name, variant)
         # The dist index is used with the packument: it expires with it.
         self.cache.touch(f"dist:{name.full}")
