@@ -181,10 +181,30 @@ def test_a_304_in_the_background_renews_the_copy(
     assert len(upstream.asked) == 1
 
 
+@pytest.fixture(params=["files", "postgresql"])
+def two_processes(request: pytest.FixtureRequest, locks: KeyLocks, disk: SynchronousRunner,
+                  clock: Clock) -> Iterator[tuple[KeyLocks, KeyLocks]]:
+    """
+    The key locks of two processes: of workers on one machine (one file),
+    or of two nodes (advisory locks, each on its own connection).
+    """
+    if request.param == "files":
+        yield locks, locks
+        return
+    from contentcache.index.postgresql import AdvisoryLocks
+
+    spaces = AdvisoryLocks(request.getfixturevalue("pg_dsn")), AdvisoryLocks(request.getfixturevalue("pg_dsn"))
+    try:
+        yield KeyLocks(spaces[0], disk, clock), KeyLocks(spaces[1], disk, clock)
+    finally:
+        for space in spaces:
+            space.close()
+
+
 def test_one_revalidation_whichever_process_is_asked(
-    index: SQLiteIndex, store: Store, clock: Clock, locks: KeyLocks, upstream: Upstream
+    index: SQLiteIndex, store: Store, clock: Clock, two_processes: tuple[KeyLocks, KeyLocks], upstream: Upstream
 ) -> None:
-    first, second = make_cache(index, store, clock, locks), make_cache(index, store, clock, locks)
+    first, second = (make_cache(index, store, clock, locks) for locks in two_processes)
     filled(first, upstream, clock)
     assert answer(second, upstream).outcome == HIT  # now held in its memory too
     clock.advance(TTL + 1)
