@@ -4,6 +4,11 @@ mutable entries revalidated after a TTL and served stale when upstream
 fails, a short memory of what upstream does not have, and one upstream
 request for any number of concurrent misses.
 
+Past its TTL, a mutable entry may be answered at once, stale, while it is
+revalidated in the background (stale-while-revalidate): one revalidation
+per key for the whole cache, whichever process or node the requests land
+on (L{Background}, and the per-key locks for the other processes).
+
 A protocol adapter supplies the fetch: it asks its upstream, checks what
 came back by the protocol's own rules, and hands over a L{Fill} (a spooled
 body and its index attributes), L{NOT_MODIFIED}, or raises L{Missing} or an
@@ -12,17 +17,23 @@ L{UpstreamError}. The rest (store, index, freshness, coalescing) is here.
 
 from __future__ import annotations
 
+import contextvars
 from contextlib import AbstractAsyncContextManager, nullcontext
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Coroutine, Hashable, Mapping, Sequence
 
 from attrs import Factory, define, field, frozen
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from .backend import StorageUnavailable
 from .hash import Hash
 from .hot import Found, HotSet
 from .index import Entry, IIndex, IndexUnavailable
 from .locks import KeyLocks
+from .space import is_full
 from .store import MAX_WHOLE_READ, Blob, Spool, Store
 from .upstream import Coalescer, Fetched, NegativeCache, UpstreamError
 
@@ -30,12 +41,18 @@ log = Logger()
 
 HIT = "hit"
 MISS = "miss"
+#: A stale copy, because upstream failed (stale-if-error).
 STALE = "stale"
+#: A stale copy answered at once while it is revalidated in the
+#: background (stale-while-revalidate).
+REVALIDATING = "revalidating"
 REVALIDATED = "revalidated"
 
 
 #: The X-Cache header for each outcome.
-OUTCOME_HEADER = {HIT: b"HIT", MISS: b"MISS", STALE: b"STALE", REVALIDATED: b"REVALIDATED"}
+OUTCOME_HEADER = {
+    HIT: b"HIT", MISS: b"MISS", STALE: b"STALE", REVALIDATING: b"STALE", REVALIDATED: b"REVALIDATED",
+}
 
 
 class Missing(Exception):
@@ -117,6 +134,82 @@ Fetch = Callable[[], Awaitable[Fill]]
 Revalidate = Callable[[Entry | None], Awaitable["Fill | _NotModified"]]
 
 
+class Background(Service):
+    """
+    What the cache does after it has answered (revalidations in the
+    background): at most one piece of work per key at a time, and none
+    left running when the daemon stops: stopping cancels what runs and
+    waits for it to end, before the upstreams, the index and the disk
+    pool it uses go.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[Hashable, Deferred[None]] = {}
+        #: Set once stopping: errors of cancelled work are nobody's news.
+        self.stopping = False
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._running
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def start(self, key: Hashable, work: Callable[[], Coroutine[Any, Any, None]]) -> bool:
+        """
+        Run C{work} unless work for C{key} runs already (or the daemon is
+        stopping); whether it was started. C{work} handles its own errors.
+        """
+        if self.stopping or key in self._running:
+            return False
+        # In a context of its own, not the request's: the work outlives
+        # the request, whose span and upstream time it is not part of.
+        d: Deferred[None] = contextvars.Context().run(Deferred.fromCoroutine, work())
+        if d.called:
+            # Done at once (nothing to revalidate, or no lock to be had).
+            d.addErrback(self._failed, key)
+            return True
+        self._running[key] = d
+        d.addBoth(self._finished, key)
+        return True
+
+    def _finished(self, result: object, key: Hashable) -> None:
+        del self._running[key]
+        if isinstance(result, Failure):
+            self._failed(result, key)
+
+    def _failed(self, failure: Failure, key: Hashable) -> None:
+        if not (failure.check(CancelledError) or self.stopping):
+            log.failure("background work for {key!r} failed", failure, key=key)
+
+    def wait(self) -> Deferred[Any]:
+        """
+        Fires when the work running now has ended (for tests).
+        """
+        return gatherResults([_ended(d) for d in self._running.values()])
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        self.stopping = True
+        running = list(self._running.values())
+        for d in running:
+            d.cancel()
+        return gatherResults([_ended(d) for d in running])
+
+
+def _ended(d: Deferred[None]) -> Deferred[None]:
+    """
+    A Deferred of its own that fires, with nothing, when C{d} has.
+    """
+    ended: Deferred[None] = Deferred()
+
+    def end(result: object) -> object:
+        ended.callback(None)
+        return result
+
+    d.addBoth(end)
+    return ended
+
+
 @define
 class ProtocolCache:
     """
@@ -135,6 +228,12 @@ class ProtocolCache:
     #: Locks between the processes sharing the storage: one upstream
     #: request for a key whichever of them the misses land on.
     locks: KeyLocks | None = None
+    #: How long past its TTL a mutable entry is answered at once while it
+    #: is revalidated in the background; 0: the revalidation is waited for.
+    stale_while_revalidate: float = 0.0
+    #: The revalidations running in the background (the daemon's caches
+    #: share one, stopped with the daemon).
+    background: Background = field(factory=Background)
     _coalescer: Coalescer[str, Served] = field(
         default=Factory(lambda self: Coalescer(protocol=self.protocol), takes_self=True)
     )
@@ -143,6 +242,11 @@ class ProtocolCache:
         if self.locks is None:
             return nullcontext()
         return self.locks.hold(f"{self.protocol}\0{key}")
+
+    def _held_if_free(self, key: str) -> AbstractAsyncContextManager[bool]:
+        if self.locks is None:
+            return nullcontext(True)
+        return self.locks.hold_if_free(f"{self.protocol}\0{key}")
 
     # Reading.
 
@@ -278,12 +382,35 @@ class ProtocolCache:
     def fresh(self, entry: Entry, ttl: float) -> bool:
         return self._clock.seconds() - entry.created < ttl
 
-    async def mutable(self, key: str, ttl: float, revalidate: Revalidate | None, body: bool = False) -> Served:
+    def within_stale_window(self, entry: Entry, ttl: float) -> bool:
+        """
+        Whether C{entry}, past C{ttl}, may still be answered at once while
+        it is revalidated in the background.
+        """
+        return self._clock.seconds() - entry.created < ttl + self.stale_while_revalidate
+
+    def revalidate_in_background(self, key: str, ttl: float, revalidate: Revalidate) -> None:
+        """
+        Revalidate C{key} after answering its stale copy, unless that is
+        under way already: here in the background or for a waiting
+        request (whose fresh copy is the next request's too), or in another
+        process (which holds the key's lock).
+        """
+        if self._coalescer.waiting(key):
+            return
+        self.background.start((self.protocol, key), lambda: self._revalidate_in_background(key, ttl, revalidate))
+
+    async def mutable(
+        self, key: str, ttl: float, revalidate: Revalidate | None, body: bool = False, background: bool = True
+    ) -> Served:
         """
         Content that changes upstream: served from the cache for C{ttl}
         seconds after it was fetched or last revalidated, then revalidated
-        (C{revalidate} gets the current entry for a conditional request).
-        When upstream fails, the last good copy is served as stale.
+        (C{revalidate} gets the current entry for a conditional request):
+        in the background while within the stale-while-revalidate window
+        (unless not C{background}), the stale copy answered at once; past
+        it, before answering. When upstream fails, the last good copy is
+        served as stale.
         """
         found = await self.find(key, body)
         entry = None if found is None else found.entry
@@ -291,6 +418,9 @@ class ProtocolCache:
             return Served(found.entry, HIT, body=found.body)
         if revalidate is None or (entry is None and key in self.negative):
             raise Missing(key)
+        if found is not None and background and self.within_stale_window(found.entry, ttl):
+            self.revalidate_in_background(key, ttl, revalidate)
+            return Served(found.entry, REVALIDATING, "revalidating in the background", body=found.body)
         try:
             return await self._coalescer.run(key, lambda: self._refresh(key, entry, ttl, revalidate))
         except IndexUnavailable as e:
@@ -312,7 +442,43 @@ class ProtocolCache:
                 entry = current if current is not None else entry
             return await self._revalidate(key, entry, revalidate)
 
-    async def _revalidate(self, key: str, entry: Entry | None, revalidate: Revalidate) -> Served:
+    async def _revalidate_in_background(self, key: str, ttl: float, revalidate: Revalidate) -> None:
+        """
+        Revalidate C{key} unless another process is (it holds the key's
+        lock) or has just done so; errors are logged, for no client waits.
+        """
+        try:
+            async with self._held_if_free(key) as held:
+                if not held:
+                    return
+                current = await self.index.get(self.protocol, key)
+                if current is None:
+                    # Gone meanwhile (upstream's 404 to another process, a
+                    # purge): the next request asks upstream.
+                    self.hot.drop([(self.protocol, key)])
+                    return
+                if self.fresh(current, ttl):
+                    # Revalidated by another process since this one read it.
+                    self.hot.drop([(self.protocol, key)])  # the stale copy it held
+                    return
+                served = await self._revalidate(key, current, revalidate, background=True)
+                log.debug("revalidated {protocol} {key} in the background: {outcome}",
+                          protocol=self.protocol, key=key, outcome=served.outcome)
+        except Missing:
+            log.info("{protocol} {key}: upstream no longer has it; removed from the cache",
+                     protocol=self.protocol, key=key)
+        except (UpstreamError, IntegrityError, IndexUnavailable, StorageUnavailable) as e:
+            if not self.background.stopping:  # else cancelled, and nobody's news
+                log.warn("revalidating {protocol} {key} in the background failed: {error}; "
+                         "its stale copy is served meanwhile", protocol=self.protocol, key=key, error=e)
+        except Exception as e:
+            if not is_full(e):
+                raise
+            # No room for the new copy: the storage's state says so, once a minute.
+
+    async def _revalidate(
+        self, key: str, entry: Entry | None, revalidate: Revalidate, background: bool = False
+    ) -> Served:
         try:
             result = await revalidate(entry)
         except Missing:
@@ -321,7 +487,7 @@ class ProtocolCache:
                 await self.remove(key)
             raise
         except UpstreamError as e:
-            if entry is None:
+            if entry is None or background:
                 raise
             log.warn(
                 "serving stale {protocol} {key}: {error}",

@@ -217,11 +217,28 @@ class KeyLocks:
             yield
         finally:
             if token is not None:
-                try:
-                    await self._disk.run(self.space.unlock, token)
-                except Exception as e:
-                    # Its connection went, and the lock with it.
-                    log.debug("letting go of the lock of {key!r} failed: {error}", key=key, error=e)
+                await self._release(key, token)
+
+    @asynccontextmanager
+    async def hold_if_free(self, key: str) -> AsyncIterator[bool]:
+        """
+        Hold C{key}'s lock for the body of the C{async with} if no other
+        process holds it, without waiting: whether this one does (work
+        that another process is doing already need not be done twice).
+        """
+        token = await self._disk.run(self.space.try_lock, key)
+        try:
+            yield token is not None
+        finally:
+            if token is not None:
+                await self._release(key, token)
+
+    async def _release(self, key: str, token: object) -> None:
+        try:
+            await self._disk.run(self.space.unlock, token)
+        except Exception as e:
+            # Its connection went, and the lock with it.
+            log.debug("letting go of the lock of {key!r} failed: {error}", key=key, error=e)
 
 
 @asynccontextmanager

@@ -20,7 +20,7 @@ from . import metrics
 from .protocol.goproxy.sumdb import InvalidSumDB, parse_gosumdb
 from .protocol.goproxy.sumdb import parse_flag as parse_sumdb_flag
 from .units import parse_duration, parse_size
-from .cache import ProtocolCache
+from .cache import Background, ProtocolCache
 from .channel import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEPALIVE_TIMEOUT, Deadlines
 from .expiry import Expiry, ExpiryService, Policy
 from .discover import (
@@ -176,6 +176,9 @@ class Options(usage.Options):
         ["npm-min-age", None, "0", "Serve only npm versions published at least this long ago (the "
          "packument's time): younger ones leave packuments and dist-tags and their tarballs are refused "
          "with 403 (0: off; exemptions in the --config file's [policy.min_age])."],
+        ["stale-while-revalidate", None, "1d", "For this long past its metadata TTL, a packument, list or "
+         "query is answered from the cache at once while it is revalidated in the background (0: the "
+         "revalidation is waited for)."],
         ["public-url", None, None, "This cache's address as clients reach it, for the tarball "
          "addresses in packuments (default: each request's Host and X-Forwarded-Proto)."],
         ["negative-ttl", None, "1m", "How long an upstream 404 is remembered."],
@@ -365,7 +368,8 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
 
-        for name in ("ttl", "grace", "expiry-interval", "go-metadata-ttl", "npm-metadata-ttl", "negative-ttl",
+        for name in ("ttl", "grace", "expiry-interval", "go-metadata-ttl", "npm-metadata-ttl",
+                     "stale-while-revalidate", "negative-ttl",
                      "connect-timeout", "upstream-timeout", "idle-timeout", "header-timeout",
                      "keepalive-timeout", "scrub-interval", "npm-min-age", "go-min-age"):
             try:
@@ -603,10 +607,18 @@ def _daemon(options: Options) -> IService:
 
     timeouts = Timeouts(options["connect-timeout"], options["upstream-timeout"], options["idle-timeout"])
     negative_ttl = options["negative-ttl"]
+    # Revalidations after a stale answer: one set for the daemon, stopped
+    # before the upstreams, the index and the disk pool they use.
+    background = Background()
+
+    def protocol_cache(protocol: str) -> ProtocolCache:
+        return ProtocolCache(protocol, index, store, reactor, NegativeCache(reactor, negative_ttl), hot, locks,
+                             stale_while_revalidate=options["stale-while-revalidate"], background=background)
+
     goproxy = GoProxy(
         store,
-        ProtocolCache(GO, index, store, reactor, NegativeCache(reactor, negative_ttl), hot, locks),
-        ProtocolCache(GOSUMDB, index, store, reactor, NegativeCache(reactor, negative_ttl), hot, locks),
+        protocol_cache(GO),
+        protocol_cache(GOSUMDB),
         disk,
         reactor,
         upstream=None,
@@ -620,7 +632,7 @@ def _daemon(options: Options) -> IService:
 
     npm = NpmRegistry(
         store,
-        ProtocolCache(NPM, index, store, reactor, NegativeCache(reactor, negative_ttl), hot, locks),
+        protocol_cache(NPM),
         disk,
         reactor,
         upstream=None,
@@ -638,6 +650,7 @@ def _daemon(options: Options) -> IService:
                      config.exempt if config is not None else [], config.deny if config is not None else [])
     npm.policy, goproxy.policy = rules[NPM], rules[GO]
     NpmService(npm, reactor, timeouts, options["npm-upstream"], port).setServiceParent(top)
+    background.setServiceParent(top)
 
     deadlines = Deadlines(
         header=options["header-timeout"], keepalive=options["keepalive-timeout"],

@@ -41,7 +41,7 @@ from . import metrics
 from .tracing import child_span, tracer
 from .backend import IReader, StorageUnavailable
 from .index.interface import IndexUnavailable
-from .cache import OUTCOME_HEADER, STALE, IntegrityError, Missing, ProtocolCache
+from .cache import OUTCOME_HEADER, REVALIDATING, STALE, IntegrityError, Missing, ProtocolCache
 from .hash import Hash
 from .policy import Refused
 from .space import is_full
@@ -61,8 +61,10 @@ STREAM_CHUNK = 1 << 20
 TEXT = b"text/plain; charset=utf-8"
 #: The Cache-Control of what never changes once published.
 IMMUTABLE = b"public, max-age=31536000, immutable"
-#: What a stale answer (upstream failed) says of itself (RFC 7234, 5.5.1).
+#: What a stale answer says of itself (RFC 7234, 5.5): upstream failed,
+#: or it is being revalidated in the background.
 STALE_WARNING = b'111 - "Revalidation Failed"'
+REVALIDATING_WARNING = b'110 - "Response is Stale"'
 
 
 def cache_headers(outcome: str, cache_control: bytes) -> dict[bytes, bytes]:
@@ -73,6 +75,8 @@ def cache_headers(outcome: str, cache_control: bytes) -> dict[bytes, bytes]:
     headers = {b"x-cache": OUTCOME_HEADER[outcome], b"cache-control": cache_control}
     if outcome == STALE:
         headers[b"warning"] = STALE_WARNING
+    elif outcome == REVALIDATING:
+        headers[b"warning"] = REVALIDATING_WARNING
     return headers
 
 

@@ -88,6 +88,14 @@ def test_a_mistake_names_the_file_the_line_and_the_key(tmp_path: Any, text: str,
         parse(["--config", path])
 
 
+def test_stale_while_revalidate_in_the_file(tmp_path: Any) -> None:
+    assert parse(["--config", write(tmp_path, 'stale-while-revalidate = "12h"\n')])["stale-while-revalidate"] == 43200
+    assert parse(["--config", write(tmp_path, "stale_while_revalidate = 0\n")])["stale-while-revalidate"] == 0
+    with pytest.raises(UsageError, match=r"line 1: key 'stale-while-revalidate': --stale-while-revalidate: "
+                                         r"'often' is not a duration"):
+        parse(["--config", write(tmp_path, 'stale-while-revalidate = "often"\n')])
+
+
 def test_access_has_a_table_of_its_own(tmp_path: Any) -> None:
     options = parse(["--config", write(tmp_path, '[access]\ndefault = "token"\nmetrics = "token"\n')])
     assert (options["access"], options["metrics-access"]) == ("token", "token")

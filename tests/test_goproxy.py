@@ -495,7 +495,9 @@ def test_an_upstream_304_to_an_unconditional_request_is_502(
 def test_stale_if_error_and_502_without_a_copy(
     storage: str, upstream: UpstreamFixture, daemons: list[Daemon]
 ) -> None:
-    daemon = start(storage, "--go-upstream", upstream.url, "--go-sumdb", "off", "--go-metadata-ttl", "0s")
+    # Revalidated before every answer (never in the background): stale only if upstream fails.
+    daemon = start(storage, "--go-upstream", upstream.url, "--go-sumdb", "off", "--go-metadata-ttl", "0s",
+                   "--stale-while-revalidate", "0")
     daemons.append(daemon)
     status, headers, body = request(daemon.url, f"/goproxy/{GREET}/@v/list")
     assert status == 200 and headers["x-cache"] == "MISS"

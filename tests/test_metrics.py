@@ -6,6 +6,7 @@ each counter moves by what happened, no more.
 from __future__ import annotations
 
 import os
+import time
 import zipfile
 from typing import Any, Iterator
 
@@ -44,8 +45,9 @@ def setup(tmp_path: Any) -> Iterator[tuple[Daemon, UpstreamFixture]]:
     with zipfile.ZipFile(bad, "w") as z:
         z.writestr("elsewhere/go.mod", "module x\n")
     upstream = UpstreamFixture(tree)
+    # Every list revalidated before it is answered (never in the background).
     daemon = Daemon(str(tmp_path / "storage"), ["--go-upstream", upstream.url, "--go-sumdb", "off",
-                                                "--go-metadata-ttl", "0s"])
+                                                "--go-metadata-ttl", "0s", "--stale-while-revalidate", "0"])
     yield daemon, upstream
     daemon.stop()
     upstream.stop()
@@ -86,3 +88,30 @@ def test_counters_move_by_what_happened(setup: tuple[Daemon, UpstreamFixture]) -
     request(daemon.url, f"/goproxy/{GREET}/@v/v1.1.0.info")  # nothing cached, upstream gone
     final = scrape(daemon)
     assert delta(after, final, "contentcache_upstream_errors_total", protocol="go") == 1
+
+
+def test_a_revalidation_in_the_background_is_counted_upstream(tmp_path: Any) -> None:
+    upstream = UpstreamFixture(build_tree(str(tmp_path / "proxy"), modules()))
+    daemon = Daemon(str(tmp_path / "storage"), ["--go-upstream", upstream.url, "--go-sumdb", "off",
+                                                "--go-metadata-ttl", "1s", "--workers", "1"])
+    try:
+        path = f"/goproxy/{GREET}/@v/list"
+        assert request(daemon.url, path)[1]["x-cache"] == "MISS"
+        time.sleep(1.2)
+        before = scrape(daemon)
+        upstream.override[f"/{GREET}/@v/list"] = (200, b"v1.0.0\nv1.2.0\nv1.3.0\n")
+        status, headers, body = request(daemon.url, path)
+        assert (status, headers["x-cache"], body) == (200, "STALE", b"v1.0.0\nv1.2.0\n")
+        deadline = time.monotonic() + 10
+        while request(daemon.url, path)[2] != b"v1.0.0\nv1.2.0\nv1.3.0\n" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        after = scrape(daemon)
+        assert upstream.count(f"/{GREET}/@v/list") == 2
+        assert delta(before, after, "contentcache_upstream_requests_total", protocol="go") == 1
+        assert delta(before, after, "contentcache_upstream_fetch_duration_seconds_count", protocol="go") == 1
+        assert delta(before, after, "contentcache_upstream_errors_total", protocol="go") == 0
+        assert delta(before, after, "contentcache_requests_total", cache_result="stale", protocol="go",
+                     status_class="2xx") >= 1
+    finally:
+        daemon.stop()
+        upstream.stop()

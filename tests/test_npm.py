@@ -452,8 +452,9 @@ def test_writes_are_refused(tmp_path: Any, registry: RegistryFixture, daemons: l
 def test_stale_packument_when_upstream_fails(
     tmp_path: Any, registry: RegistryFixture, daemons: list[Daemon]
 ) -> None:
+    # Revalidated before every answer (never in the background): stale only if upstream fails.
     daemon = start(daemons, str(tmp_path / "storage"), "--npm-upstream", registry.url,
-                   "--npm-metadata-ttl", "0s")
+                   "--npm-metadata-ttl", "0s", "--stale-while-revalidate", "0")
     status, headers, body = request(daemon.url, f"/npm/{LEAF}")
     assert headers["x-cache"] == "MISS"
     registry.override[f"/{LEAF}"] = (503, b"down for maintenance\n")
@@ -492,7 +493,8 @@ def test_real_registry_then_offline(tmp_path: Any, daemons: list[Daemon]) -> Non
 
     # Restarted with an upstream that cannot be reached, every packument
     # due for revalidation: the cache alone, stale.
-    offline = start(daemons, storage, "--npm-upstream", "http://127.0.0.1:9", "--npm-metadata-ttl", "0s")
+    offline = start(daemons, storage, "--npm-upstream", "http://127.0.0.1:9", "--npm-metadata-ttl", "0s",
+                    "--stale-while-revalidate", "0")
     npmrc(home, f"{offline.url}/npm/")
     shutil.rmtree(os.path.join(app, "node_modules"))
     shutil.rmtree(os.path.join(home, "npm-cache"))

@@ -163,3 +163,11 @@ def test_min_free_evicts_only_where_evicting_frees_room(tmp_path: object, storag
 def test_the_new_options_are_checked(argv: list[str], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         parse(argv)
+
+
+def test_stale_while_revalidate_is_a_duration() -> None:
+    assert parse([])["stale-while-revalidate"] == 86400
+    assert parse(["--stale-while-revalidate", "0"])["stale-while-revalidate"] == 0
+    assert parse([], {"CONTENTCACHE_STALE_WHILE_REVALIDATE": "2h"})["stale-while-revalidate"] == 7200
+    with pytest.raises(UsageError, match="--stale-while-revalidate: 'sometimes' is not a duration"):
+        parse(["--stale-while-revalidate", "sometimes"])

@@ -22,11 +22,13 @@ from twisted.web.server import Request
 from ...cache import (
     HIT,
     MISS,
+    REVALIDATING,
     STALE,
     Fill,
     IntegrityError,
     Missing,
     ProtocolCache,
+    Revalidate,
     Served,
     _NotModified,
     body_of,
@@ -134,16 +136,21 @@ class NpmRegistry:
         full fetch even when upstream would say 304).
         """
         upstream = self.upstream_for(name)
-
-        async def revalidate(entry: Entry | None) -> Fill | _NotModified:
-            assert upstream is not None
-            return await self._fetch_packument(upstream, name, variant, entry if conditional else None)
-
         return await self.cache.mutable(
             self._packument_key(name, variant),
             self.metadata_ttl if ttl is None else ttl,
-            revalidate if upstream is not None else None,
+            self._revalidator(upstream, name, variant, conditional) if upstream is not None else None,
+            # What is asked for with a TTL of its own is wanted fresh.
+            background=ttl is None,
         )
+
+    def _revalidator(
+        self, upstream: Upstream, name: PackageName, variant: str, conditional: bool = True
+    ) -> Revalidate:
+        async def revalidate(entry: Entry | None) -> Fill | _NotModified:
+            return await self._fetch_packument(upstream, name, variant, entry if conditional else None)
+
+        return revalidate
 
     async def _fetch_packument(
         self, upstream: Upstream, name: PackageName, variant: str, entry: Entry | None
@@ -196,19 +203,40 @@ class NpmRegistry:
         key = f"render:{template_key}:{'gzip' if gzip else 'identity'}:{base}"
         filtered = self.policy.applies(name.full)
         wanted = [(template_key, False), (key, True)]
+        full_key = self._packument_key(name, FULL)
         if filtered:
-            wanted.append((self._times_key(name), False))
+            # The publish times, and the full packument they come from.
+            wanted += [(self._times_key(name), False), (full_key, False)]
         found = await self.cache.find_all(wanted)
         template, render = found[0], found[1]
+        # What must be fresh for the rendered copy to be: the template, and
+        # under a policy the full packument that gives its times.
+        sources = [(template_key, variant, template)]
+        if filtered and variant != FULL:
+            sources.append((full_key, FULL, found[3]))
         if (
             template is not None
             and render is not None
-            and (self.upstream_for(name) is None or self.cache.fresh(template.entry, self.metadata_ttl))
             and render.entry.attrs.get("source") == template.entry.hash.hex
+            and (not filtered or self._times_current(found[2], found[3]))
             and self._render_current(render.entry, filtered, found[2].entry if filtered and found[2] else None)
         ):
-            self.cache.touch(f"dist:{name.full}")
-            return render, Served(template.entry, HIT), False
+            upstream = self.upstream_for(name)
+            stale = [] if upstream is None else [
+                (k, v, f.entry) for k, v, f in sources
+                if f is not None and not self.cache.fresh(f.entry, self.metadata_ttl)
+            ]
+            if not stale:
+                self.cache.touch(f"dist:{name.full}")
+                return render, Served(template.entry, HIT), False
+            if upstream is not None and all(self.cache.within_stale_window(e, self.metadata_ttl) for _, _, e in stale):
+                # As the cache would answer it: at once, revalidated after.
+                for stale_key, stale_variant, _ in stale:
+                    self.cache.revalidate_in_background(
+                        stale_key, self.metadata_ttl, self._revalidator(upstream, name, stale_variant)
+                    )
+                self.cache.touch(f"dist:{name.full}")
+                return render, Served(template.entry, REVALIDATING), False
         served = await self._either_variant(name, variant)
         # The dist index is used with the packument: it expires with it.
         self.cache.touch(f"dist:{name.full}")
@@ -227,6 +255,15 @@ class NpmRegistry:
         entry = await self._renders.run(key, lambda: self._render(key, served.entry, base, gzip, name, times))
         await self._prune_renders(served.entry)
         return Found(entry), served, True
+
+    def _times_current(self, times: Found | None, full: Found | None) -> bool:
+        """
+        Whether the publish times held were taken from the full packument
+        held (else they are taken again before anything is rendered).
+        """
+        if full is None:
+            return True  # none to take them from: what was rendered without stands
+        return times is not None and times.entry.attrs.get("source") == full.entry.hash.hex
 
     def _render_current(self, render: Entry, filtered: bool, times: Entry | None) -> bool:
         """
