@@ -159,7 +159,8 @@ def purge_keys(protocol: str, name: str) -> tuple[list[str], list[str]]:
     if protocol == "npm":
         package = PackageName.parse(name)
         full = package.full
-        exact = [f"packument:{FULL}:{full}", f"packument:{ABBR}:{full}", f"dist:{full}", f"times:{full}"]
+        exact = [f"packument:{FULL}:{full}", f"packument:{ABBR}:{full}", f"dist:{full}", f"times:{full}",
+                 f"filtered:packument:{FULL}:{full}", f"filtered:packument:{ABBR}:{full}"]
         prefixes = [f"render:packument:{v}:{full}:" for v in (FULL, ABBR)] + [f"tarball:{full}/"]
         return exact, prefixes
     raise ValueError(f"unknown protocol {protocol!r}: go or npm")

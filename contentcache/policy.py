@@ -22,10 +22,15 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
 from attrs import field, frozen
+from twisted.logger import Logger
+
+log = Logger()
 
 NPM = "npm"
 GO = "go"
 PROTOCOLS = (NPM, GO)
+#: Changed whenever what filtering makes of a document changes.
+FILTER_VERSION = 1
 
 _NUMBER = r"0|[1-9][0-9]*"
 _IDENT = r"[0-9A-Za-z-]+"
@@ -73,7 +78,13 @@ def parse_time(value: object) -> float | None:
     return parsed.timestamp()
 
 
-def format_time(seconds: float) -> str:
+def format_time(seconds: float, up: bool = False) -> str:
+    """
+    A time to the minute (C{up}: the minute after, for a time from which
+    something is so).
+    """
+    if up:
+        seconds = math.ceil(seconds / 60) * 60
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
@@ -107,7 +118,7 @@ class VersionRange:
     @classmethod
     def parse(cls, text: str) -> VersionRange:
         text = text.strip()
-        if text in ("*", ""):
+        if text == "*":
             return cls("*", ((),))
         alternatives = []
         for part in text.split("||"):
@@ -234,6 +245,9 @@ class Policy:
     deny: tuple[DenyRule, ...] = ()
     _globs: tuple[str, ...] = field(init=False)
     _pins: frozenset[tuple[str, str]] = field(init=False)
+    #: What the policy is, in a few characters: a document filtered under
+    #: another policy (or another version of this code) is filtered again.
+    digest: str = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         globs, pins = [], set()
@@ -242,23 +256,26 @@ class Policy:
             if version is None:
                 globs.append(name)
             else:
-                pins.add((name, version))
+                pins.add((name, version.removeprefix("v")))
         object.__setattr__(self, "_globs", tuple(globs))
         object.__setattr__(self, "_pins", frozenset(pins))
+        text = json.dumps([FILTER_VERSION, self.min_age, sorted(self.exempt),
+                           [[r.name, r.versions.text, r.reason] for r in self.deny]])
+        object.__setattr__(self, "digest", hashlib.sha256(text.encode()).hexdigest()[:16])
+
+    def announce(self) -> None:
+        """
+        Say in the log what the policy is, when there is one.
+        """
+        if not self.active:
+            return
+        age = format_duration(self.min_age) if self.min_age > 0 else "none"
+        log.info("{protocol} policy: minimum release age {age}, {exempt} exemptions, {deny} deny rules",
+                 protocol=self.protocol, age=age, exempt=len(self.exempt), deny=len(self.deny))
 
     @property
     def active(self) -> bool:
         return self.min_age > 0 or bool(self.deny)
-
-    @property
-    def digest(self) -> str:
-        """
-        What the policy is, in a few characters: a document filtered under
-        another policy is filtered again.
-        """
-        text = json.dumps([self.min_age, sorted(self.exempt),
-                           [[r.name, r.versions.text, r.reason] for r in self.deny]])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _name_exempt(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, glob) for glob in self._globs)
@@ -279,17 +296,26 @@ class Policy:
         """
         if self.min_age <= 0 or self._name_exempt(name):
             return False
-        return version is None or (name, version) not in self._pins
+        return version is None or (name, version.removeprefix("v")) not in self._pins
+
+    def denied(self, name: str, version: str) -> Hidden | None:
+        """
+        The deny rule's verdict on C{name@version}, needing no time.
+        """
+        for rule in self.deny:
+            if rule.names(name) and version in rule.versions:
+                return Hidden(f"{name}@{version} is denied by this cache's policy: {rule.reason}", None, "deny")
+        return None
 
     def verdict(self, name: str, version: str, published: float | None, now: float) -> Hidden | None:
         """
         Whether C{name@version}, published at C{published} (L{None}: not
         known), is hidden at C{now}, and why.
         """
-        for rule in self.deny:
-            if rule.names(name) and version in rule.versions:
-                return Hidden(f"{name}@{version} is denied by this cache's policy: {rule.reason}", None, "deny")
-        if self.min_age <= 0 or self._name_exempt(name) or (name, version) in self._pins:
+        denied = self.denied(name, version)
+        if denied is not None:
+            return denied
+        if not self.needs_times(name, version):
             return None
         age = format_duration(self.min_age)
         if published is None:
@@ -301,7 +327,7 @@ class Policy:
         if now < available:
             return Hidden(
                 f"{name}@{version} was published {format_time(published)}, less than {age} ago; "
-                f"this cache makes it available from {format_time(available)}",
+                f"this cache makes it available from {format_time(available, up=True)}",
                 available,
             )
         return None
@@ -328,21 +354,20 @@ def retarget_tags(tags: Mapping[str, Any], remaining: Sequence[str], hidden: Map
     """
     dist-tags with none naming a hidden version: a tag whose version went
     names the highest remaining version by semver precedence (a
-    prerelease only if the tag named one), preferring one not above the
-    tag's own; a tag with no such version goes.
+    prerelease only if the tag named one); a tag with no such version goes.
     """
-    keyed = [(key, v) for v in remaining if (key := version_key(v)) is not None]
+    keyed = sorted((key, v) for v in remaining if (key := version_key(v)) is not None)
+    highest = keyed[-1][1] if keyed else None
+    releases = [v for key, v in keyed if key[3] == 1]
+    highest_release = releases[-1] if releases else None
     out: dict[str, Any] = {}
     for tag, version in tags.items():
         if not isinstance(version, str) or version not in hidden:
             out[tag] = version
             continue
-        candidates = [(key, v) for key, v in keyed if is_prerelease(version) or key[3] == 1]
-        if not candidates:
-            continue
-        own = version_key(version)
-        below = [c for c in candidates if own is None or c[0] <= own]
-        out[tag] = max(below or candidates)[1]
+        moved = highest if is_prerelease(version) else highest_release
+        if moved is not None:
+            out[tag] = moved
     return out
 
 
@@ -400,7 +425,7 @@ def parse_deny(table: Mapping[str, Any], where: str, key_where: Any) -> DenyRule
     for key, value in table.items():
         if key not in allowed:
             raise PolicyError(f"{key_where(key)}: key {key!r} is not a setting of a deny rule ({', '.join(allowed)}).")
-        if not isinstance(value, str) or (key != "versions" and not value.strip()):
+        if not isinstance(value, str) or not value.strip():
             raise PolicyError(f"{key_where(key)}: key {key!r} is a string, not {value!r}.")
     for required in ("protocol", "name"):
         if required not in table:

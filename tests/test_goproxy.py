@@ -251,8 +251,9 @@ def test_a_new_client_verifies_against_the_checksum_database_offline(
         ))
 
         storage = str(tmp_path / "storage")
+        # latest revalidated at every request, waited for.
         args = ["--go-upstream", upstream.url, "--go-sumdb", f"{SUMDB_NAME}={sumdb.url}",
-                "--go-metadata-ttl", "0s"]
+                "--go-metadata-ttl", "0s", "--stale-while-revalidate", "0"]
         daemon = start(storage, *args)
         daemons.append(daemon)
         proxy = f"{daemon.url}/goproxy"

@@ -9,6 +9,7 @@ cached or not).
 from __future__ import annotations
 
 import datetime
+import gzip
 import json
 import os
 import time
@@ -251,6 +252,11 @@ def test_npm_deny_rule_hides_and_refuses_exactly_its_versions(tmp_path: Any, npm
     try:
         for version in ("1.0.0", "1.1.0", "2.0.0"):
             assert request(open_daemon.url, f"/npm/{DENIED}/-/{DENIED}-{version}.tgz")[0] == 200
+        for accept in ("application/json", "application/vnd.npm.install-v1+json"):
+            for encoding in ("identity", "gzip"):
+                status, _, body = request(open_daemon.url, f"/npm/{DENIED}",
+                                          headers={"Accept": accept, "Accept-Encoding": encoding})
+                assert status == 200 and b"1.1.0" in (gzip.decompress(body) if encoding == "gzip" else body)
     finally:
         open_daemon.stop()
     ruled = Daemon(storage, ["--npm-upstream", registry.url, "--config", str(work / "contentcache.toml")])
@@ -259,6 +265,9 @@ def test_npm_deny_rule_hides_and_refuses_exactly_its_versions(tmp_path: Any, npm
             document = packument(ruled, DENIED, abbreviated)
             assert sorted(document["versions"]) == ["1.0.0", "2.0.0"]
             assert document["dist-tags"] == {"latest": "2.0.0"}
+        status, _, body = request(ruled.url, f"/npm/{DENIED}", headers={"Accept-Encoding": "gzip"})
+        assert status == 200 and sorted(json.loads(gzip.decompress(body))["versions"]) == ["1.0.0", "2.0.0"]
+        assert "npm policy: minimum release age none, 3 exemptions, 1 deny rules" in ruled.log()
         status, headers, body = request(ruled.url, f"/npm/{DENIED}/-/{DENIED}-1.1.0.tgz")
         assert status == 403 and headers["content-type"] == "application/json"
         assert json.loads(body) == {"error": f"{DENIED}@1.1.0 is denied by this cache's policy: malicious release"}
@@ -276,6 +285,7 @@ def test_npm_deny_rule_hides_and_refuses_exactly_its_versions(tmp_path: Any, npm
 # Go.
 
 YOUNG_MODULE = "example.com/young"
+SOON_MODULE = "example.com/soon"
 DENIED_MODULE = "example.com/denied"
 
 
@@ -289,6 +299,8 @@ def go_modules(now: float) -> list[ModuleVersion]:
         module(YOUNG_MODULE, "v1.0.0", now - 30 * DAY),
         module(YOUNG_MODULE, "v1.1.0", now - 20 * DAY),
         module(YOUNG_MODULE, "v1.2.0", now - DAY),  # yesterday: the newest
+        module(SOON_MODULE, "v1.0.0", now - 30 * DAY),
+        module(SOON_MODULE, "v1.1.0", now - 7 * DAY + SOON_AFTER),
         module(DENIED_MODULE, "v1.0.0", now - 30 * DAY),
         module(DENIED_MODULE, "v1.1.0", now - 30 * DAY),
         module(DENIED_MODULE, "v1.2.0", now - 30 * DAY),
@@ -340,6 +352,19 @@ def test_go_sees_only_versions_old_enough(tmp_path: Any, go_setup: Any) -> None:
         status, headers, body = request(daemon.url, f"/goproxy/{YOUNG_MODULE}/@v/v1.2.0.{ext}")
         assert status == 403 and headers["content-type"].startswith("text/plain"), ext
         assert body.decode().count("\n") == 1 and YOUNG in body.decode()
+
+
+def test_go_version_appears_once_old_enough(go_setup: Any) -> None:
+    _, daemon = go_setup
+    started = time.time()
+    assert request(daemon.url, f"/goproxy/{SOON_MODULE}/@v/list")[2].split() == [b"v1.0.0"]
+    assert request(daemon.url, f"/goproxy/{SOON_MODULE}/@v/v1.1.0.zip")[0] == 403
+    deadline = started + SOON_AFTER + 30
+    while request(daemon.url, f"/goproxy/{SOON_MODULE}/@v/list")[2].split() != [b"v1.0.0", b"v1.1.0"]:
+        assert time.time() < deadline, "v1.1.0 never appeared"
+        time.sleep(0.5)
+    assert json.loads(request(daemon.url, f"/goproxy/{SOON_MODULE}/@latest")[2])["Version"] == "v1.1.0"
+    assert request(daemon.url, f"/goproxy/{SOON_MODULE}/@v/v1.1.0.zip")[0] == 200
 
 
 def test_go_deny_rule_hides_and_refuses_exactly_its_versions(tmp_path: Any, go_setup: Any) -> None:

@@ -63,7 +63,7 @@ def test_version_ranges(text: str, inside: list[str], outside: list[str]) -> Non
         assert version not in versions, (text, version)
 
 
-@pytest.mark.parametrize("text", ["1.x", ">= ", "1.2", "latest", "<<1.0.0"])
+@pytest.mark.parametrize("text", ["1.x", ">= ", "1.2", "latest", "<<1.0.0", ""])
 def test_invalid_ranges(text: str) -> None:
     with pytest.raises(ValueError):
         VersionRange.parse(text)
@@ -77,6 +77,9 @@ def test_minimum_release_age_with_exemptions() -> None:
     assert hidden is not None and hidden.until == young + 7 * DAY
     assert "left-pad@1.1.0 was published 2026-11-30 12:00 UTC, less than 7d ago" in hidden.reason
     assert "available from 2026-12-07 12:00 UTC" in hidden.reason
+    # Never earlier than it is: the minute after.
+    later = policy.verdict("left-pad", "1.1.1", young + 1, NOW)
+    assert later is not None and "available from 2026-12-07 12:01 UTC" in later.reason
     # Fail closed: no time, hidden, and not by the passing of time.
     missing = policy.verdict("left-pad", "1.2.0", None, NOW)
     assert missing is not None and missing.until is None and "no publish time" in missing.reason
@@ -87,6 +90,12 @@ def test_minimum_release_age_with_exemptions() -> None:
     assert policy.applies("left-pad") and not policy.applies("@corp/tool")
     assert not policy.needs_times("lodash", "4.17.22") and policy.needs_times("lodash", "4.17.23")
     assert not Policy("npm").active and not Policy("npm").applies("x")
+    # A Go pin with or without the v.
+    go = Policy("go", 7 * DAY, ("example.com/m@1.2.0", "example.com/n@v2.0.0"))
+    assert go.verdict("example.com/m", "v1.2.0", young, NOW) is None
+    assert go.verdict("example.com/n", "v2.0.0", young, NOW) is None
+    assert go.verdict("example.com/m", "v1.2.1", young, NOW) is not None
+    assert Policy("npm", 7 * DAY).digest != policy.digest
 
 
 def test_deny_rules_name_exactly_their_versions() -> None:
@@ -127,8 +136,8 @@ def test_a_prerelease_tag_keeps_a_prerelease_and_a_tag_with_nothing_left_goes() 
     tags = {"next": "2.0.0-rc.2", "latest": "1.0.0"}
     assert retarget_tags(tags, ["2.0.0-rc.1", "0.9.0-beta"], hidden) == {"next": "2.0.0-rc.1"}
     assert retarget_tags(tags, [], hidden) == {}
-    # Not above the tag's own version when there is one below it.
-    assert retarget_tags({"latest": "1.0.0"}, ["0.9.0", "3.0.0"], hidden) == {"latest": "0.9.0"}
+    # The highest remaining, as the issue has it, even above the tag's own.
+    assert retarget_tags({"latest": "1.0.0"}, ["0.9.0", "3.0.0"], hidden) == {"latest": "3.0.0"}
 
 
 def write(tmp_path: Any, text: str) -> str:

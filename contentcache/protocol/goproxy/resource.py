@@ -6,12 +6,12 @@ upstream fetches.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 from typing import Awaitable, Callable
 
 from attrs import define, evolve, field, frozen
-from twisted.internet.defer import DeferredSemaphore, gatherResults
+from twisted.internet.defer import DeferredSemaphore, FirstError, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http import NOT_FOUND, OK
@@ -346,6 +346,8 @@ class GoProxy:
         key = f"{module.path}@{version}"
         if key in self._times:
             return self._times[key]
+        if not is_canonical(version):
+            return None  # not a version a list may name: no time, hidden
         served = await self.module_file(module, Version.parse(escape(version)), "info")
         try:
             info = json.loads(await self._body(served))
@@ -357,16 +359,39 @@ class GoProxy:
         self._times[key] = published
         return published
 
+    async def _info(self, served: Served, what: str) -> dict[str, object]:
+        """
+        An .info or @latest answer's JSON; what is not JSON is upstream's
+        failure (the policy cannot say whether it may be served).
+        """
+        try:
+            info = json.loads(await self._body(served))
+        except ValueError:
+            raise UpstreamError(f"{what}: upstream's answer is not JSON") from None
+        if not isinstance(info, dict) or not isinstance(info.get("Version"), str):
+            raise UpstreamError(f"{what}: upstream's answer names no Version")
+        return info
+
     async def check_version(self, module: Module, version: str, published: float | None = None) -> None:
         """
         Raise L{Refused} if the policy hides C{module@version}
-        (C{published}: its time, when the caller has it).
+        (C{published}: its time, when the caller has it). A deny rule is
+        decided before any time is asked for.
         """
         policy = self.policy
         if not policy.applies(module.path):
             return
+        denied = policy.denied(module.path, version)
+        if denied is not None:
+            raise Refused(PROTOCOL, denied)
         if published is None and policy.needs_times(module.path, version):
-            published = await self.published(module, version)
+            try:
+                published = await self.published(module, version)
+            except Missing:
+                if self.upstream_for(module) is not None:
+                    raise  # no such version
+                # Cache-only, its .info never fetched: fail closed with a
+                # 403, not a 404 that sends the go command direct.
         hidden = policy.verdict(module.path, version, published, self._clock.seconds())
         if hidden is not None:
             raise Refused(PROTOCOL, hidden)
@@ -382,9 +407,8 @@ class GoProxy:
             await self.check_version(module, version.name)
             return await self.module_file(module, version, ext)
         served = await self.module_file(module, version, ext)
-        info = json.loads(await self._body(served))
-        if isinstance(info, dict) and isinstance(info.get("Version"), str):
-            await self.check_version(module, info["Version"], parse_time(info.get("Time")))
+        info = await self._info(served, f"{module.path}@{version.name}")
+        await self.check_version(module, str(info["Version"]), parse_time(info.get("Time")))
         return served
 
     async def allowed_list(self, module: Module) -> Served | Made:
@@ -396,56 +420,62 @@ class GoProxy:
         if not policy.applies(module.path):
             return listed
         if isinstance(listed, Made):
-            body, source, outcome = listed.body, "", listed.outcome
+            body, outcome = listed.body, listed.outcome
+            source = hashlib.sha256(body).hexdigest()
         else:
             body, source, outcome = await self._body(listed), listed.entry.hash.hex, listed.outcome
         now = self._clock.seconds()
         # (Two modules' lists may be the same blob.)
         memo = (module.path, source, policy.digest)
-        held = self._lists.get(memo) if source else None
+        held = self._lists.get(memo)
         if held is not None and now < held[1]:
             return Made(held[0], outcome)
         versions = [line.strip() for line in body.decode("utf-8", "replace").splitlines() if line.strip()]
         times: dict[str, float | None] = {}
-        if policy.needs_times(module.path):
+        timed = [v for v in versions if policy.denied(module.path, v) is None and policy.needs_times(module.path, v)]
+        if timed:
             limit = DeferredSemaphore(INFO_FETCHES)
 
             async def one(version: str) -> None:
-                if policy.needs_times(module.path, version):
-                    try:
-                        times[version] = await self.published(module, version)
-                    except (Missing, UpstreamError, IntegrityError, InvalidPath):
-                        times[version] = None  # hidden, and asked again soon
+                try:
+                    times[version] = await self.published(module, version)
+                except (Missing, UpstreamError, IntegrityError, InvalidPath):
+                    times[version] = None  # hidden, and asked again soon
 
-            await gatherResults([limit.run(one, v) for v in versions], consumeErrors=True)
+            try:
+                await gatherResults([limit.run(one, v) for v in timed], consumeErrors=True)
+            except FirstError as e:
+                # The first failure as itself (an index or storage fault).
+                e.subFailure.raiseException()
         hidden, until = policy.hidden_versions(module.path, versions, times, now)
         if any(times.get(v) is None and h.rule == "min-age" for v, h in hidden.items()):
             until = min(until, now + TIME_RETRY)
         filtered = "".join(f"{v}\n" for v in versions if v not in hidden).encode("utf-8")
-        if source:
-            if len(self._lists) >= MAX_LISTS_HELD:
-                del self._lists[next(iter(self._lists))]
-            self._lists[memo] = (filtered, until)
+        if len(self._lists) >= MAX_LISTS_HELD:
+            del self._lists[next(iter(self._lists))]
+        self._lists[memo] = (filtered, until)
         return Made(filtered, outcome)
 
     async def allowed_latest(self, module: Module) -> Served:
         """
         L{latest}, or when the policy hides the version it names, the
         .info of the newest version it allows (a release before a
-        prerelease, as the go command chooses).
+        prerelease, as the go command chooses); refused if there is none,
+        so that the go command does not fetch it direct.
         """
         served = await self.latest(module)
         if not self.policy.applies(module.path):
             return served
-        info = json.loads(await self._body(served))
-        if not isinstance(info, dict) or not isinstance(info.get("Version"), str):
-            return served
+        info = await self._info(served, f"{module.path}@latest")
         try:
-            await self.check_version(module, info["Version"], parse_time(info.get("Time")))
+            await self.check_version(module, str(info["Version"]), parse_time(info.get("Time")))
             return served
         except Refused as refused:
             hidden = refused
-        listed = await self.allowed_list(module)
+        try:
+            listed = await self.allowed_list(module)
+        except (Missing, UpstreamError):
+            raise hidden from None
         body = listed.body if isinstance(listed, Made) else await self._body(listed)
         keyed = [(key, v) for v in body.decode("utf-8", "replace").split() if (key := version_key(v)) is not None]
         if not keyed:

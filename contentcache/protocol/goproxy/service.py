@@ -89,6 +89,7 @@ class GoProxyService(Service):
                      patterns=self.proxy.nosumdb)
         if not sumdbs:
             log.info("no checksum database: Go downloads are stored unverified")
+        self.proxy.policy.announce()
         super().startService()
 
     def stopService(self) -> Deferred[Any]:

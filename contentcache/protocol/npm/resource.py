@@ -201,30 +201,42 @@ class NpmRegistry:
         """
         template_key = self._packument_key(name, variant)
         key = f"render:{template_key}:{'gzip' if gzip else 'identity'}:{base}"
-        filtered = self.policy.applies(name.full)
-        wanted = [(template_key, False), (key, True)]
+        policy = self.policy
+        filtered = policy.applies(name.full)
+        timed = filtered and policy.needs_times(name.full)
         full_key = self._packument_key(name, FULL)
+        wanted = [(template_key, False), (key, True)]
         if filtered:
-            # The publish times, and the full packument they come from.
-            wanted += [(self._times_key(name), False), (full_key, False)]
+            # The template without what the policy hides, and the publish
+            # times with the full packument they come from.
+            wanted.append((f"filtered:{template_key}", False))
+            if timed:
+                wanted += [(self._times_key(name), False), (full_key, False)]
         found = await self.cache.find_all(wanted)
         template, render = found[0], found[1]
-        # What must be fresh for the rendered copy to be: the template, and
-        # under a policy the full packument that gives its times.
-        sources = [(template_key, variant, template)]
-        if filtered and variant != FULL:
-            sources.append((full_key, FULL, found[3]))
+        times_found, full = (found[3], found[4]) if timed else (None, None)
+        source = found[2] if filtered else template
         if (
             template is not None
             and render is not None
-            and render.entry.attrs.get("source") == template.entry.hash.hex
-            and (not filtered or self._times_current(found[2], found[3]))
-            and self._render_current(render.entry, filtered, found[2].entry if filtered and found[2] else None)
+            and source is not None
+            and render.entry.attrs.get("source") == source.entry.hash.hex
+            and (
+                not filtered
+                or (
+                    self._filtered_current(source.entry, template.entry, times_found)
+                    and (not timed or self._times_current(times_found, full))
+                )
+            )
         ):
+            # What must be fresh for the rendered copy to be: the template,
+            # and under an age the full packument that gives its times.
             upstream = self.upstream_for(name)
+            sources = [(template_key, variant, template.entry)]
+            if full is not None and variant != FULL:
+                sources.append((full_key, FULL, full.entry))
             stale = [] if upstream is None else [
-                (k, v, f.entry) for k, v, f in sources
-                if f is not None and not self.cache.fresh(f.entry, self.metadata_ttl)
+                (k, v, e) for k, v, e in sources if not self.cache.fresh(e, self.metadata_ttl)
             ]
             if not stale:
                 self.cache.touch(f"dist:{name.full}")
@@ -240,19 +252,15 @@ class NpmRegistry:
         served = await self._either_variant(name, variant)
         # The dist index is used with the packument: it expires with it.
         self.cache.touch(f"dist:{name.full}")
-        times: tuple[Entry | None, Mapping[str, float | None]] | None = None
+        source_entry = served.entry
         if filtered:
-            times = await self._times(name)
-        source = served.entry.hash.hex
+            times = await self._times(name) if timed else (None, {})
+            source_entry = await self._filtered(name, served.entry, times)
         key = f"render:{served.entry.key}:{'gzip' if gzip else 'identity'}:{base}"
         found_render = await self.cache.find(key, body=True)
-        if (
-            found_render is not None
-            and found_render.entry.attrs.get("source") == source
-            and self._render_current(found_render.entry, filtered, times[0] if times else None)
-        ):
+        if found_render is not None and found_render.entry.attrs.get("source") == source_entry.hash.hex:
             return found_render, served, False
-        entry = await self._renders.run(key, lambda: self._render(key, served.entry, base, gzip, name, times))
+        entry = await self._renders.run(key, lambda: self._render(key, source_entry, base, gzip))
         await self._prune_renders(served.entry)
         return Found(entry), served, True
 
@@ -261,24 +269,68 @@ class NpmRegistry:
         Whether the publish times held were taken from the full packument
         held (else they are taken again before anything is rendered).
         """
-        if full is None:
-            return True  # none to take them from: what was rendered without stands
-        return times is not None and times.entry.attrs.get("source") == full.entry.hash.hex
+        return full is not None and times is not None and times.entry.attrs.get("source") == full.entry.hash.hex
 
-    def _render_current(self, render: Entry, filtered: bool, times: Entry | None) -> bool:
+    def _filtered_current(self, filtered: Entry, template: Entry, times: Found | None) -> bool:
         """
-        Whether a rendered copy was made under the policy in force, with
-        the publish times known now, and nothing it hid is old enough yet.
+        Whether a filtered template was made from C{template} under the
+        policy in force, with the publish times held now, and nothing it
+        hid is old enough yet.
         """
-        attrs = render.attrs
-        if not filtered:
-            return "policy" not in attrs
+        attrs = filtered.attrs
         until = attrs.get("until")
         return (
-            attrs.get("policy") == self.policy.digest
-            and attrs.get("times") == (times.hash.hex if times is not None else None)
+            attrs.get("source") == template.hash.hex
+            and attrs.get("policy") == self.policy.digest
+            and attrs.get("times") == (times.entry.hash.hex if times is not None else None)
             and (until is None or self._clock.seconds() < until)
         )
+
+    async def _filtered(
+        self, name: PackageName, template: Entry, times: tuple[Entry | None, Mapping[str, float | None]]
+    ) -> Entry:
+        """
+        The template without what the policy hides (the versions, their
+        times, the dist-tags naming them): parsed and written again once
+        per revision, policy and change as time passes, whatever the
+        number of bases and encodings it is then rendered for.
+        """
+        key = f"filtered:{template.key}"
+        found = await self.cache.find(key)
+        times_found = Found(times[0]) if times[0] is not None else None
+        if found is not None and self._filtered_current(found.entry, template, times_found):
+            return found.entry
+        return await self._renders.run(key, lambda: self._make_filtered(key, name, template, times))
+
+    async def _make_filtered(
+        self, key: str, name: PackageName, template: Entry, times: tuple[Entry | None, Mapping[str, float | None]]
+    ) -> Entry:
+        body = await read_blob(self.store, template.blob, MAX_PACKUMENT_SIZE)
+        policy, now = self.policy, self._clock.seconds()
+
+        def filtered() -> tuple[bytes, float]:
+            document = json.loads(body)
+            until = filter_packument(document, policy, name.full, times[1], now)
+            return json.dumps(document, ensure_ascii=True, separators=(",", ":")).encode("ascii"), until
+
+        data, until = await self._disk.run(filtered)
+        del body
+        return await self._put_small(key, data, {
+            "source": template.hash.hex,
+            "policy": policy.digest,
+            "times": times[0].hash.hex if times[0] is not None else None,
+            "until": until if math.isfinite(until) else None,
+        })
+
+    async def _put_small(self, key: str, data: bytes, attrs: Mapping[str, Any]) -> Entry:
+        spool = await self.store.spool()
+        try:
+            await spool.write(data)
+        except BaseException:
+            await spool.abort()
+            raise
+        result = await spool.commit()
+        return await self.cache.put(key, result.blob, attrs)
 
     # Publish times, for the minimum release age.
 
@@ -288,14 +340,12 @@ class NpmRegistry:
     async def _times(self, name: PackageName) -> tuple[Entry | None, Mapping[str, float | None]]:
         """
         The publish time of each version of C{name}, from its full
-        packument (the abbreviated one has none), kept as a small entry of
-        its own that follows the packument's revisions. Without any
-        packument, no version has a time (and none is old enough).
+        packument (the abbreviated one has none; a stale copy when
+        upstream fails), kept as a small entry of its own that follows the
+        packument's revisions. Without a full packument: L{Missing} or
+        L{UpstreamError}, never a guess.
         """
-        try:
-            served = await self._either_variant(name, FULL)
-        except (UpstreamError, Missing):
-            return None, {}
+        served = await self.packument(name, FULL)
         key = self._times_key(name)
         found = await self.cache.find(key, body=True)
         if found is None or found.entry.attrs.get("source") != served.entry.hash.hex:
@@ -306,43 +356,48 @@ class NpmRegistry:
     async def _derive_times(self, key: str, template: Entry) -> Entry:
         body = await read_blob(self.store, template.blob, MAX_PACKUMENT_SIZE)
         data = await self._disk.run(lambda: json.dumps(publish_times(json.loads(body))).encode())
-        spool = await self.store.spool()
-        try:
-            await spool.write(data)
-        except BaseException:
-            await spool.abort()
-            raise
-        result = await spool.commit()
-        return await self.cache.put(key, result.blob, {"source": template.hash.hex})
+        return await self._put_small(key, data, {"source": template.hash.hex})
 
     async def _read_times(self, found: Found) -> Mapping[str, float | None]:
-        held = self._times_held.get(found.entry.hash.hex)
-        if held is not None:
-            return held
-        body = found.body
-        if body is None:
-            body = await read_blob(self.store, found.entry.blob, MAX_PACKUMENT_SIZE)
-        times: Mapping[str, float | None] = await self._disk.run(json.loads, body)
-        if len(self._times_held) >= MAX_TIMES_HELD:
-            del self._times_held[next(iter(self._times_held))]
-        self._times_held[found.entry.hash.hex] = times
-        return times
+        held = self._times_held.pop(found.entry.hash.hex, None)
+        if held is None:
+            body = found.body
+            if body is None:
+                body = await read_blob(self.store, found.entry.blob, MAX_PACKUMENT_SIZE)
+            held = await self._disk.run(json.loads, body)
+            assert held is not None
+            if len(self._times_held) >= MAX_TIMES_HELD:
+                del self._times_held[next(iter(self._times_held))]
+        # Least recently used first.
+        self._times_held[found.entry.hash.hex] = held
+        return held
 
     async def check_version(self, name: PackageName, version: str) -> None:
         """
-        Raise L{Refused} if the policy hides C{name@version}.
+        Raise L{Refused} if the policy hides C{name@version}, L{Missing} if
+        there is no such version. A version the publish times held allow
+        is decided without asking upstream.
         """
-        times: Mapping[str, float | None] = {}
-        if self.policy.needs_times(name.full):
+        policy = self.policy
+        denied = policy.denied(name.full, version)
+        if denied is not None:
+            raise Refused(PROTOCOL, denied)
+        if not policy.needs_times(name.full, version):
+            return
+        now = self._clock.seconds()
+        held = await self.cache.find(self._times_key(name), body=True)
+        if held is not None:
+            times = await self._read_times(held)
+            if version in times and policy.verdict(name.full, version, times[version], now) is None:
+                return
+        _, times = await self._times(name)
+        if version not in times and self.upstream_for(name) is not None:
+            # Newer than the packument held: ask upstream once more.
+            await self.packument(name, FULL, ttl=0)
             _, times = await self._times(name)
-            if version not in times and self.upstream_for(name) is not None:
-                # Newer than the packument held: ask upstream once more.
-                try:
-                    await self.packument(name, FULL, ttl=0)
-                except (UpstreamError, Missing):
-                    pass
-                _, times = await self._times(name)
-        hidden = self.policy.verdict(name.full, version, times.get(version), self._clock.seconds())
+        if version not in times:
+            raise Missing(f"{name.full}@{version}")
+        hidden = policy.verdict(name.full, version, times[version], now)
         if hidden is not None:
             raise Refused(PROTOCOL, hidden)
 
@@ -350,13 +405,19 @@ class NpmRegistry:
         """
         A packument's dist-tags as the policy lets clients see them.
         """
-        if not self.policy.applies(name.full):
+        policy = self.policy
+        if not policy.applies(name.full):
             return dict(tags)
         times: Mapping[str, float | None] = {}
-        if self.policy.needs_times(name.full):
+        if policy.needs_times(name.full):
             _, times = await self._times(name)
-        hidden, _ = self.policy.hidden_versions(name.full, versions, times, self._clock.seconds())
-        return retarget_tags(tags, [v for v in versions if v not in hidden], hidden)
+        now = self._clock.seconds()
+
+        def visible() -> dict[str, Any]:
+            hidden, _ = policy.hidden_versions(name.full, versions, times, now)
+            return retarget_tags(tags, [v for v in versions if v not in hidden], hidden)
+
+        return await self._disk.run(visible)
 
     async def _prune_renders(self, template: Entry) -> None:
         """
@@ -389,12 +450,7 @@ class NpmRegistry:
                 raise
             return Served(entry, STALE, str(e))
 
-    async def _render(
-        self, key: str, template: Entry, base: str, gzip: bool, name: PackageName,
-        times: tuple[Entry | None, Mapping[str, float | None]] | None,
-    ) -> Entry:
-        if times is not None:
-            return await self._render_filtered(key, template, base, gzip, name, times)
+    async def _render(self, key: str, template: Entry, base: str, gzip: bool) -> Entry:
         renderer = Renderer(base, gzip)
         reader = await self.store.get(template.blob)
         spool = await self.store.spool()
@@ -412,40 +468,6 @@ class NpmRegistry:
             raise
         result = await spool.commit()
         return await self.cache.put(key, result.blob, {"source": template.hash.hex})
-
-    async def _render_filtered(
-        self, key: str, template: Entry, base: str, gzip: bool, name: PackageName,
-        times: tuple[Entry | None, Mapping[str, float | None]],
-    ) -> Entry:
-        """
-        A rendered copy without what the policy hides: parsed and written
-        again (on the disk pool), and remade when the policy, the publish
-        times or the passing of time change what it hides.
-        """
-        body = await read_blob(self.store, template.blob, MAX_PACKUMENT_SIZE)
-        policy, now = self.policy, self._clock.seconds()
-
-        def render() -> tuple[bytes, float]:
-            document = json.loads(body)
-            until = filter_packument(document, policy, name.full, times[1], now)
-            renderer = Renderer(base, gzip)
-            out = renderer.feed(json.dumps(document, ensure_ascii=True, separators=(",", ":")).encode("ascii"))
-            return out + renderer.finish(), until
-
-        data, until = await self._disk.run(render)
-        spool = await self.store.spool()
-        try:
-            await spool.write(data)
-        except BaseException:
-            await spool.abort()
-            raise
-        result = await spool.commit()
-        return await self.cache.put(key, result.blob, {
-            "source": template.hash.hex,
-            "policy": policy.digest,
-            "times": times[0].hash.hex if times[0] is not None else None,
-            "until": until if math.isfinite(until) else None,
-        })
 
     async def dist_index(self, name: PackageName) -> dict[str, Any] | None:
         entry = await self.cache.lookup(f"dist:{name.full}")
@@ -467,7 +489,13 @@ class NpmRegistry:
         key = f"tarball:{name.full}/{file}"
         if self.policy.applies(name.full):
             # Refused whether it is cached or not.
-            await self.check_version(name, file[len(name.base) + 1 : -len(".tgz")])
+            if key in self.cache.negative:
+                raise Missing(key)
+            try:
+                await self.check_version(name, file[len(name.base) + 1 : -len(".tgz")])
+            except Missing:
+                self.cache.negative.add(key)
+                raise
         upstream = self.upstream_for(name)
         if upstream is None:
             return await self.cache.immutable(key, None, body=True)
@@ -631,9 +659,13 @@ class NpmResource(ProtocolResource):
             if gzip:
                 headers[b"content-encoding"] = b"gzip"
             content_type = str(served.entry.attrs.get("content_type", "application/json")).encode()
+            last_modified = served.entry.attrs.get("fetched", served.entry.created)
+            if registry.policy.applies(name.full):
+                # What the policy hides changes without upstream's doing.
+                last_modified = max(last_modified, found.entry.created)
             await send_blob(
                 request, registry.store, found.entry.blob, content_type, headers,
-                last_modified=served.entry.attrs.get("fetched", served.entry.created), body=found.body,
+                last_modified=last_modified, body=found.body,
             )
 
         await refetching(request, registry.cache, answer)

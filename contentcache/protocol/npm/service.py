@@ -43,6 +43,7 @@ class NpmService(Service):
         )
         if url is not None:
             self.registry.upstream = Upstream.create(url, self._reactor, self._timeouts, protocol="npm")
+        self.registry.policy.announce()
         super().startService()
 
     def stopService(self) -> Deferred[Any]:
