@@ -23,7 +23,7 @@ from collections import deque
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
-from attrs import define, field
+from attrs import Factory, define, field
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
@@ -105,12 +105,12 @@ class Activity:
     """
 
     clock: Callable[[], float] = time.time
-    started: float = field(factory=time.time)
+    started: float = field(default=Factory(lambda self: self.clock(), takes_self=True))
     upstreams: dict[tuple[str, str], _Upstream] = field(factory=dict)
     errors: deque[dict[str, Any]] = field(factory=lambda: deque(maxlen=ERRORS_KEPT))
     #: This minute's counts of names, and the hour's minutes before it.
     names: dict[tuple[str, str], int] = field(factory=dict)
-    minute: int = field(factory=lambda: _minute(time.time()))
+    minute: int = field(default=Factory(lambda self: _minute(self.clock()), takes_self=True))
     earlier_names: deque[tuple[int, dict[tuple[str, str], int]]] = field(factory=lambda: deque(maxlen=60))
     #: protocol -> minute -> stale answers
     stale: dict[str, dict[int, int]] = field(factory=dict)
