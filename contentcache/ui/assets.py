@@ -31,6 +31,8 @@ header input[type=search] { flex: 1; min-width: 0; padding: 5px 8px; border: 1px
 header button { padding: 5px 10px; border: 1px solid var(--accent); background: var(--accent); color: #fff;
   border-radius: 4px; font: inherit; }
 h2 { font-size: 16px; margin: 20px 0 8px; }
+#overview { margin-top: 14px; }
+td.mono { min-width: 14em; }
 section { margin-bottom: 8px; }
 .cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(170px, 1fr)); gap: 10px; }
 .card { background: var(--panel); border: 1px solid var(--line); border-radius: 6px; padding: 8px 12px; }
@@ -72,6 +74,8 @@ a { color: var(--accent); }
   body { font-size: 14px; }
   .card .value { font-size: 19px; }
   th, td { padding: 4px 5px; }
+  svg.chart text { font-size: 20px; }
+  header .facts { flex-basis: 100%; }
 }
 """
 

@@ -153,11 +153,14 @@ def _overview(figures: Mapping[str, Any]) -> str:
     upstreams = (f'<span class="bad">{len(failing)} failing</span>' if failing
                  else f'<span class="good">{len(figures["upstreams"])} answering</span>' if figures["upstreams"]
                  else '<span class="muted">none</span>')
+    last = history[-1] if history else None
     cards = [
-        _card("Hit ratio", e(percent(everything["hit_ratio"])),
-              f"{number(everything['hit'] + everything['stale'])} hits, {number(everything['miss'])} misses"),
-        _card("Requests a second", f"{history[-1]['rps']['all']:.2f}" if history else "-",
-              f"over the last {e(human_seconds(history[-1]['seconds']))}" if history else ""),
+        _card("Hit ratio", f'<span data-ratio="{e(everything["hit_ratio"])}">{e(percent(everything["hit_ratio"]))}</span>',
+              f"{number(everything['hit'] + everything['stale'])} hits, {number(everything['miss'])} misses",
+              id="hit-ratio"),
+        _card("Requests", number(everything["total"]),
+              (f"{last['rps']['all']:.2f}/s over the last {e(human_seconds(last['seconds']))}" if last else ""),
+              id="requests"),
         _card("Bandwidth saved", e(percent(saved["saved_ratio"])), f"{e(human_bytes(saved['saved_bytes']))}"),
         _card("Store", e(human_bytes(stored)), of),
         _card("Upstreams", upstreams, ", ".join(e(u["url"]) for u in failing)),
@@ -174,16 +177,6 @@ def _card(label: str, value: str, detail: str = "", id: str = "") -> str:
 def _traffic(figures: Mapping[str, Any]) -> str:
     requests = figures["requests"]
     history = figures["history"]
-    last = history[-1] if history else None
-    everything = requests["all"]
-    cards = [
-        _card("Hit ratio", f'<span data-ratio="{e(everything["hit_ratio"])}">{e(percent(everything["hit_ratio"]))}</span>',
-              f"{number(everything['hit'] + everything['stale'])} hits, {number(everything['miss'])} misses",
-              id="hit-ratio"),
-        _card("Requests", number(everything["total"]),
-              (f"{last['rps']['all']:.2f}/s over the last {e(human_seconds(last['seconds']))}" if last else ""),
-              id="requests"),
-    ]
     rows = []
     for protocol, t in requests.items():
         rows.append(
@@ -209,7 +202,7 @@ def _traffic(figures: Mapping[str, Any]) -> str:
                  ratio, now, 1.0, lambda v: f"{v * 100:.0f}%")
         + "</div>"
     )
-    return (f'<section id="traffic"><h2>Traffic</h2><div class="cards">{"".join(cards)}</div>'
+    return (f'<section id="traffic"><h2>Traffic</h2>'
             f"<p class=\"muted\">Hit ratio: hits ÷ (hits + misses); stale and revalidated answers count as hits, "
             f"errors as neither.</p>{table}{charts}</section>")
 
@@ -353,7 +346,8 @@ def _upstreams(upstreams: Sequence[Mapping[str, Any]], now: float) -> str:
             failure += f': <span class="{"bad" if u["failing"] else "muted"}">{e(u["reason"])}</span>'
         stale = ('<span class="warn">yes</span>' if u["serving_stale"] else "no")
         if u["stale_answers_last_hour"]:
-            stale += f' <span class="muted">({number(u["stale_answers_last_hour"])} stale answers in the last hour)</span>'
+            count = u["stale_answers_last_hour"]
+            stale += f' <span class="muted">({number(count)} stale answer{"s" if count != 1 else ""} in the last hour)</span>'
         rate = percent(u["error_rate"])
         if u["requests"]:
             rate += f' <span class="muted">({number(u["errors"])} of {number(u["requests"])})</span>'
