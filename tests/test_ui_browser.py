@@ -216,6 +216,21 @@ def test_status_page_figures_are_what_metrics_and_stats_say(setup: dict[str, Any
     assert not console_errors(browser), console_errors(browser)
 
 
+def test_the_activity_is_every_workers(setup: dict[str, Any]) -> None:
+    # Whichever worker answers, what both recorded: the requests for each
+    # name (spread over both workers), the upstream's last failure.
+    daemon = setup["daemon"]
+    for _ in range(4):
+        status, _, body = raw_get(daemon.url, "/-/stats")
+        figures = json.loads(body)
+        assert figures["processes_reporting"] == 2
+        top = {(t["protocol"], t["name"]): t["requests"] for t in figures["top"]}
+        assert top[("go", GREET)] == 2 * len(FETCHED_GO) * 3 + 2
+        assert top[("npm", LEAF)] == 2 * (2 + len(FETCHED_NPM))
+        [go] = [u for u in figures["upstreams"] if u["protocol"] == "go"]
+        assert go["reason"] == "upstream answered 500" and go["failing"] and go["serving_stale"]
+
+
 def test_the_page_refreshes_itself_without_errors(setup: dict[str, Any], browser: WebDriver) -> None:
     daemon = setup["daemon"]
     browser.set_window_size(1280, 800)
