@@ -315,6 +315,8 @@ def _store(store: Mapping[str, Any]) -> str:
     limit = (f"of {e(human_bytes(max_size))} (--max-size, {e(percent(store.get('used_of_max')))} used)"
              if max_size else "(no --max-size)")
     full = ' <span class="bad">the disk is full: nothing new is stored</span>' if store.get("full") else ""
+    if store.get("error"):
+        full += f' <span class="bad">the index does not answer: {e(store["error"])}</span>'
     summary = (f'<p id="store-summary"><strong data-bytes="{stored}">{e(human_bytes(stored))}</strong> '
                f'({number(stored)} bytes) on disk {limit} · {e(human_bytes(free))} free on the filesystem'
                f"{full}</p>")
