@@ -1,6 +1,6 @@
 """
 contrib/: the Prometheus alert rules pass promtool (Debian's prometheus
-package), every expression of the Grafana dashboard is PromQL promtool
+package) and its unit tests of them (contrib/prometheus/alerts_test.yml), every expression of the Grafana dashboard is PromQL promtool
 accepts, and every metric either uses is in /metrics of a real daemon with
 workers, from its start and after traffic.
 """
@@ -25,6 +25,7 @@ from .upstream import UpstreamFixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALERTS = os.path.join(ROOT, "contrib", "prometheus", "alerts.yml")
+ALERT_TESTS = os.path.join(ROOT, "contrib", "prometheus", "alerts_test.yml")
 DASHBOARD = os.path.join(ROOT, "contrib", "grafana", "contentcache.json")
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 METRIC = re.compile(r"\bcontentcache_[a-z_]+\b")
@@ -74,6 +75,16 @@ def test_alert_rules_pass_promtool() -> None:
         "ContentcacheStoreNearlyFull", "ContentcacheDiskFull", "ContentcacheDiskNearlyFull",
         "ContentcacheExpiryNotRunning", "ContentcacheCorruptBlobsFound",
     }
+
+
+def test_each_alert_fires_when_its_trouble_happens_and_not_otherwise() -> None:
+    # promtool's unit tests: series of a healthy cache and of one where
+    # everything goes wrong, and which alerts each fires.
+    result = promtool("test", "rules", ALERT_TESTS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    tested = {rule["alertname"] for test in yaml.safe_load(open(ALERT_TESTS))["tests"]
+              for rule in test["alert_rule_test"] if rule.get("exp_alerts")}
+    assert len(tested) == 8
 
 
 def test_every_dashboard_expression_is_promql(tmp_path: Any) -> None:
