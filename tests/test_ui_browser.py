@@ -278,6 +278,8 @@ def test_package_views_list_exactly_the_versions_fetched(setup: dict[str, Any], 
     for path, fetched, protocol, name in ((f"/-/ui/npm/{LEAF}", FETCHED_NPM, "npm", LEAF),
                                           (f"/-/ui/go/{GREET}", FETCHED_GO, "go", GREET)):
         load(browser, daemon.url + path)
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        browser.save_screenshot(os.path.join(ARTIFACTS, f"package-{protocol}.png"))
         rows = browser.find_elements(By.CSS_SELECTOR, "#versions tbody tr")
         assert [r.get_attribute("data-version") for r in rows] == fetched
         assert browser.find_element(By.ID, "purge").text == (
