@@ -201,7 +201,7 @@ def test_every_string_on_the_status_page_is_escaped(client: StubTreq, recorder: 
     recorder.error("npm", "GET", f"/npm/{XSS}", 404, f"invalid package name {XSS}")
     recorder.requested("npm", XSS)
     key = recorder.upstream("npm", "http://upstream.test/")
-    recorder.fetched(key, 0.1, f'upstream failed ("><img src=x onerror=alert(1)>)')
+    recorder.fetched(key, 0.1, 'upstream failed ("><img src=x onerror=alert(1)>)')
     page = get(client, "/")[1].decode()
     assert XSS not in page and "<img" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
