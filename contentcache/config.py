@@ -235,13 +235,13 @@ def load(path: str, options: Sequence[str], repeatable: Sequence[str], flags: Se
                 policy(value)
                 continue
             if isinstance(value, dict) and not table and key == "access":
-                # [access] default = "token", metrics = "token"
+                # [access] default = "token", metrics = "token", ui = "token"
                 for inner, setting in value.items():
                     inner_line = _line_of(text, ["access"], inner)
-                    named = {"default": "access", "metrics": "metrics-access"}.get(inner)
+                    named = {"default": "access", "metrics": "metrics-access", "ui": "ui-access"}.get(inner)
                     if named is None or not isinstance(setting, str):
-                        raise ConfigError(f"{path}, line {inner_line}: key {inner!r} in [access] is default or "
-                                          "metrics, each public or token.")
+                        raise ConfigError(f"{path}, line {inner_line}: key {inner!r} in [access] is default, "
+                                          "metrics or ui, each public or token.")
                     settings.append(Setting(named, [setting], inner_line, inner))
                 continue
             if len(table) == 1 and table[0] in PROTOCOL_TABLES and key == "routes":

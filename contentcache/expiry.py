@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from . import metrics
+from . import activity, metrics
 from .hash import Hash
 from .backend import StorageUnavailable
 from .index import BlobRow, IIndex, IndexUnavailable, Used
@@ -325,7 +325,18 @@ class ExpiryService(Service):
         metrics.expiry_evicted_entries.inc(report.expired + report.evicted)
         metrics.expiry_deleted_blobs.inc(report.blobs_deleted)
         metrics.expiry_duration.observe(report.seconds)
+        next_at = self._next_at()
+        metrics.expiry_next_pass.set(next_at)
+        activity.current.expiry_passed(report.as_dict(), next_at)
         log.info("expiry pass: {summary}", summary=report.summary(), **report.as_dict())
+
+    def _next_at(self) -> float:
+        """
+        When the timer runs the next pass: on the interval's beat since it started.
+        """
+        now = self._clock.seconds()
+        started = self._loop.starttime if self._loop.starttime is not None else now
+        return now + self._interval - ((now - started) % self._interval)
 
     def _pass(self) -> Deferred[None] | None:
         if self._running is not None and not self._running.called:
@@ -350,11 +361,16 @@ class ExpiryService(Service):
     def startService(self) -> None:
         super().startService()
         self._loop.start(self._interval, now=False)
+        next_at = self._clock.seconds() + self._interval
+        metrics.expiry_interval.set(self._interval)
+        metrics.expiry_next_pass.set(next_at)
+        activity.current.expiry_scheduled(next_at, self._interval)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
         if self._loop.running:
             self._loop.stop()
+        activity.current.expiry_scheduled(None, self._interval)  # another process's now, if any
         # A pass under way finishes before the index and the pool stop.
         running, self._running = self._running, None
         return running if running is not None and not running.called else None

@@ -34,6 +34,28 @@ def collect() -> bytes:
     multiprocess.MultiProcessCollector(registry, MULTIPROCESS_DIRECTORY)
     return generate_latest(registry)
 
+Sample = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def values() -> dict[Sample, float]:
+    """
+    Every sample of the whole daemon's metrics, the same figures as
+    L{collect}, by name and sorted labels. With workers this reads their
+    files: call it on the disk pool.
+    """
+    registry = REGISTRY
+    if MULTIPROCESS_DIRECTORY is not None:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, MULTIPROCESS_DIRECTORY)
+    found: dict[Sample, float] = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            found[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
 #: The protocol label of each top-level path.
 PROTOCOLS = {b"goproxy": "go", b"npm": "npm"}
 #: Cache results: what X-Cache says, else bypass (or error for a 4xx/5xx,
@@ -46,7 +68,8 @@ requests = Counter(
     registry=REGISTRY,
 )
 response_bytes = Counter(
-    "contentcache_response_bytes", "Response body bytes sent.", ["protocol"], registry=REGISTRY
+    "contentcache_response_bytes", "Response body bytes sent, by cache result (hit, miss and stale: "
+    "served from the store).", ["protocol", "cache_result"], registry=REGISTRY
 )
 request_duration = Histogram(
     "contentcache_request_duration_seconds", "Time from request to the end of the response.",
@@ -58,6 +81,10 @@ upstream_requests = Counter(
 upstream_errors = Counter(
     "contentcache_upstream_errors", "Upstream requests that failed (unreachable, timeout, broken body).",
     ["protocol"], registry=REGISTRY,
+)
+upstream_bytes = Counter(
+    "contentcache_upstream_bytes", "Body bytes received from upstream to be stored (what the cache fetched; "
+    "pass-through answers are not counted).", ["protocol"], registry=REGISTRY,
 )
 upstream_duration = Histogram(
     "contentcache_upstream_fetch_duration_seconds", "Time to an upstream response's headers.",
@@ -130,6 +157,22 @@ storage_full = Gauge(
     "contentcache_storage_full", "1 from a write that found the storage full until one succeeds again "
     "(in any worker).", registry=REGISTRY, multiprocess_mode="mostrecent",
 )
+expiry_interval = Gauge(
+    "contentcache_expiry_interval_seconds", "How often expiry runs (--expiry-interval).", registry=REGISTRY,
+    multiprocess_mode="max",
+)
+expiry_next_pass = Gauge(
+    "contentcache_expiry_next_pass_timestamp_seconds", "When the next expiry pass is due (Unix time), as "
+    "the process that runs expiry last scheduled it.", registry=REGISTRY, multiprocess_mode="max",
+)
+store_max_bytes = Gauge(
+    "contentcache_store_max_bytes", "The store's size limit (--max-size); 0: none.", registry=REGISTRY,
+    multiprocess_mode="max",
+)
+storage_size_bytes = Gauge(
+    "contentcache_storage_size_bytes", "Size of the filesystem of the storage (with S3: of the spool "
+    "directory), as last measured.", registry=REGISTRY, multiprocess_mode="mostrecent",
+)
 scrub_bytes = Counter(
     "contentcache_scrub_bytes", "Stored bytes the background scrub has read and checked.", registry=REGISTRY,
 )
@@ -148,6 +191,39 @@ hot_entries = Gauge(
     "contentcache_memory_cache_entries", "Entries the in-memory hot set holds (in every worker).",
     registry=REGISTRY, multiprocess_mode="livesum",
 )
+
+#: The request protocols and the upstreams' (the checksum databases' too).
+REQUEST_PROTOCOLS = ("go", "npm")
+UPSTREAM_PROTOCOLS = ("go", "gosumdb", "npm")
+#: Where damaged blobs are found.
+FOUND_BY = ("read", "stream", "scrub")
+
+
+def _initialise() -> None:
+    """
+    Every series a dashboard or an alert reads, at 0 from the start (in
+    every worker), so that a rate over it is 0 rather than nothing.
+    """
+    for protocol in REQUEST_PROTOCOLS:
+        for result in ("hit", "miss", "stale"):
+            requests.labels(protocol, "2xx", result)
+            response_bytes.labels(protocol, result)
+        for status_class in ("4xx", "5xx"):
+            requests.labels(protocol, status_class, "error")
+        request_duration.labels(protocol)
+        integrity_failures.labels(protocol)
+        client_aborts.labels(protocol)
+        coalesced.labels(protocol)
+    for protocol in UPSTREAM_PROTOCOLS:
+        upstream_requests.labels(protocol)
+        upstream_errors.labels(protocol)
+        upstream_bytes.labels(protocol)
+        upstream_duration.labels(protocol)
+    for where in FOUND_BY:
+        corrupt_blobs.labels(where)
+
+
+_initialise()
 
 #: Seconds this request has spent waiting for upstream: a one-item list
 #: set per request (in the context its handler runs in), added to by every
@@ -184,7 +260,7 @@ def observe_request(request: http.Request, started: float) -> None:
         # children, a handful of them, for the hot path.
         counters = _per_request[protocol, code // 100, result] = (
             requests.labels(protocol, f"{code // 100}xx", result),
-            response_bytes.labels(protocol),
+            response_bytes.labels(protocol, result),
             request_duration.labels(protocol),
         )
     count, sent, duration = counters

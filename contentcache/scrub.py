@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from . import metrics, tempfiles
+from . import activity, metrics, tempfiles
 from .backend import StorageUnavailable
 from .index import IIndex
 from .pool import Runner
@@ -159,6 +159,7 @@ class ScrubService(Service):
         while self.running:
             started = self._clock.seconds()
             finished = False
+            activity.current.scrub_scheduled(True, self.scrub.interval)
             try:
                 report = await self.scrub.run_pass()
             except CancelledError:
@@ -181,8 +182,14 @@ class ScrubService(Service):
             # interval at most. A pass that failed is tried again later.
             if finished:
                 wait = started + self.scrub.interval - self._clock.seconds()
+                assert self.last is not None
+                activity.current.scrub_passed(
+                    {"blobs": self.last.blobs, "bytes": self.last.bytes, "damaged": self.last.damaged},
+                    self._clock.seconds() + max(wait, 0),
+                )
             else:
                 wait = min(self.scrub.interval, IDLE_WAIT)
+                activity.current.scrub_scheduled(False, self.scrub.interval, self._clock.seconds() + wait)
             if wait > 0:
                 try:
                     await deferLater(self._clock, wait, lambda: None)
@@ -195,6 +202,7 @@ class ScrubService(Service):
 
     def stopService(self) -> Deferred[Any] | None:
         super().stopService()
+        activity.current.scrub_scheduled(False, self.scrub.interval)
         running, self._running = self._running, None
         if running is not None and not running.called:
             running.cancel()

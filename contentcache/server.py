@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from typing import Any, Callable, Mapping
+from urllib.parse import unquote
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -16,7 +17,7 @@ from twisted.web.resource import IResource, Resource
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.web.server import Request, Site
 
-from . import __version__, metrics
+from . import __version__, activity, metrics
 from .channel import CacheChannel, CacheRequest, Deadlines, Watch, peer
 from .logs import AccessLog
 from .index import IIndex, IndexUnavailable
@@ -97,6 +98,7 @@ class Metrics(AsyncResource):
                 self._stats_at = time.monotonic()
         room = await self._store.room()
         metrics.storage_free_bytes.set(room.free)
+        metrics.storage_size_bytes.set(room.total)
         # The storage's state as every worker sees it (the last to write
         # says whether it is full): set by whichever answers.
         full = await Deferred.fromCoroutine(self._full_now())
@@ -154,6 +156,10 @@ class CacheSite(Site):
         outcome = request.responseHeaders.getRawHeaders(b"x-cache", [b"-"])[0]
         aborted = getattr(request, "aborted", False)
         cut = getattr(request, "cut", False)
+        if outcome == b"STALE":
+            activity.current.served_stale(metrics.protocol_of(request))
+        elif request.code >= 400 and not aborted and not getattr(request, "not_here", False):
+            _record_error(request)
         self.access.log(
             end=" client left" if aborted else " cut off" if cut else "",
             method=request.method.decode("latin-1"),
@@ -193,6 +199,17 @@ class CacheSite(Site):
         log.debug("answered {status} to {peer}: {reason}", status=code, reason=reason, peer=peer(channel))
 
 
+def _record_error(request: http.Request) -> None:
+    """
+    An error answered, for the status page: the path without its query
+    (which may hold what is not ours to show), and what the client was told.
+    """
+    path = unquote(request.uri.split(b"?", 1)[0].decode("latin-1"), errors="replace")
+    reason = getattr(request, "reason", None) or http.RESPONSES.get(request.code, b"error").decode("latin-1")
+    activity.current.error(metrics.protocol_of(request), request.method.decode("latin-1"), path,
+                           int(request.code), reason)
+
+
 def _client(request: http.Request) -> str:
     address = request.getClientAddress()
     return str(getattr(address, "host", "-"))
@@ -210,6 +227,7 @@ class Root(Resource):
         protocols: Mapping[bytes, IResource] | None = None,
         disk: Runner | None = None,
         gauges: Callable[[], None] | None = None,
+        ui: tuple[IResource, IResource, IResource] | None = None,
     ) -> None:
         super().__init__()
         self.putChild(b"health", Health(store, index))
@@ -217,10 +235,16 @@ class Root(Resource):
         self.putChild(b"metrics", self.metrics)
         for name, resource in (protocols or {}).items():
             self.putChild(name, resource)
+        #: The status page, without one a line that names the daemon.
+        self.home: IResource = _Home()
+        if ui is not None:
+            self.home, below, icon = ui
+            self.putChild(b"-", below)
+            self.putChild(b"favicon.ico", icon)
 
     def getChild(self, path: bytes, request: Request) -> IResource:
         if path == b"":
-            return _Home()
+            return self.home
         return NotFoundResource()
 
 

@@ -16,7 +16,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
-from . import metrics
+from . import __version__, activity, metrics
+from .activity import ActivityService
 from .protocol.goproxy.sumdb import InvalidSumDB, parse_gosumdb
 from .protocol.goproxy.sumdb import parse_flag as parse_sumdb_flag
 from .units import parse_duration, parse_size
@@ -54,6 +55,8 @@ from .space import DEFAULT_MIN_FREE, DiskSpace, MinFree
 from .backend import StorageUnavailable
 from .storage import StorageConfig
 from .tracing import TracingService
+from .ui import Dashboard, Settings
+from .ui.resource import resources as ui_resources
 from .upstream import NegativeCache, Timeouts
 from .web import AsyncResource
 from .workers import AdoptedPort, NotifySupervisor, Supervisor, worker_slot
@@ -197,6 +200,8 @@ class Options(usage.Options):
         ["access", None, "public", "Who may use /goproxy and /npm: public (anyone who reaches the port) or "
          "token (a client token, from `contentcache token create NAME`)."],
         ["metrics-access", None, "public", "Who may read /metrics: public or token. /health is always open."],
+        ["ui-access", None, None, "Who may see the status page (/), /-/stats and the package views: public or "
+         "token (default: as --metrics-access)."],
         ["log-level", None, "info", "The least severe events logged: debug, info, warn, error "
          "or critical."],
         ["connect-timeout", None, "10s", "Timeout for connecting to an upstream."],
@@ -398,7 +403,9 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--max-size: {e}.") from None
         if self["log-format"] not in FORMATS:
             raise usage.UsageError(f"--log-format is text or json, not {self['log-format']!r}.")
-        for name in ("access", "metrics-access"):
+        if self["ui-access"] is None:
+            self["ui-access"] = self["metrics-access"]
+        for name in ("access", "metrics-access", "ui-access"):
             if self[name] not in ACCESS:
                 raise usage.UsageError(f"--{name} is public or token, not {self[name]!r}.")
         if self["log-level"] not in LEVELS:
@@ -662,7 +669,14 @@ def _daemon(options: Options) -> IService:
     go_resource = GoProxyResource(goproxy, options["access"], guard)
     npm_resource = NpmResource(npm, options["access"], guard)
     protocols: dict[bytes, AsyncResource] = {b"goproxy": go_resource, b"npm": npm_resource}
-    root = Root(store, index, protocols, disk, gauges)
+    # The status page: the whole daemon's figures whichever worker answers.
+    activity_directory = metrics.MULTIPROCESS_DIRECTORY if slot is not None else None
+    dashboard = Dashboard(index, store, disk, reactor, ui_settings(options, index.description),
+                          directory=activity_directory, slot=slot)
+    ActivityService(activity.current, reactor, disk, dashboard.sample, activity_directory, slot).setServiceParent(top)
+    metrics.store_max_bytes.set(options["max-size"] or 0)
+    ui = ui_resources(dashboard, guard if options["ui-access"] == "token" else None)
+    root = Root(store, index, protocols, disk, gauges, ui)
     if options["metrics-access"] == "token":
         root.metrics.guard = guard
     site = CacheSite(root, deadlines, reactor=reactor)
@@ -679,6 +693,27 @@ def _daemon(options: Options) -> IService:
         AdoptedPort(reactor, factory).setServiceParent(top)
         NotifySupervisor(reactor).setServiceParent(top)
     return top
+
+
+def ui_settings(options: Options, index_description: str) -> Settings:
+    """
+    What the status page says of the configuration, and the storage
+    options a C{contentcache purge} of this daemon's storage needs.
+    """
+    storage: StorageConfig = options["storage"]
+    purge: list[str] = ["--storage", str(storage.blobs)]
+    if not isinstance(storage.blobs, str) or storage.state_dir != storage.blobs:
+        purge += ["--state-dir", storage.state_dir]
+    for flag, value in (("--s3-endpoint", storage.s3_endpoint), ("--s3-region", storage.s3_region),
+                        ("--index", options["index"])):
+        if value:
+            purge += [flag, str(value)]
+    return Settings(
+        version=__version__, workers=options["workers"], storage=str(storage.blobs), index=index_description,
+        shared_index=options["index"] is not None, max_size=options["max-size"],
+        expiry_interval=options["expiry-interval"], scrub_interval=options["scrub-interval"],
+        purge_options=tuple(purge),
+    )
 
 
 def tls_options(description: str) -> Any:

@@ -43,7 +43,7 @@ from twisted.web.http import NOT_MODIFIED, OK
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from . import metrics, outbound
+from . import activity, metrics, outbound
 from .tracing import recording, tracer
 from .store import Spool, Store
 
@@ -313,7 +313,13 @@ class Upstream:
         pool.maxPersistentPerHost = 8
         agent = outbound.current.agent(reactor, timeouts.connect, pool)
         origins = credential_origins(base, extra_hosts) if credential else frozenset()
-        return cls(base.rstrip("/"), HTTPClient(agent), reactor, timeouts, pool, protocol, credential, origins)
+        upstream = cls(base.rstrip("/"), HTTPClient(agent), reactor, timeouts, pool, protocol, credential, origins)
+        activity.current.upstream(protocol, base)  # on the status page from the start
+        return upstream
+
+    @property
+    def _activity_key(self) -> tuple[str, str]:
+        return (self.protocol, activity.display_url(self.base))
 
     def close(self) -> Deferred[None]:
         """
@@ -333,8 +339,9 @@ class Upstream:
         started = time.monotonic()
         try:
             return await self._send(method, url, headers, data)
-        except UpstreamError:
+        except UpstreamError as e:
             metrics.upstream_errors.labels(self.protocol).inc()
+            activity.current.fetched(self._activity_key, time.monotonic() - started, str(e))
             raise
         finally:
             elapsed = time.monotonic() - started
@@ -402,10 +409,15 @@ class Upstream:
     async def _fetch(
         self, store: Store, url: str, headers: Mapping[str, str] | None, limit: int | None
     ) -> Fetched:
+        started = time.monotonic()
         response = await self._request("GET", url, headers or {})
+        elapsed = time.monotonic() - started
         received = _headers(response)
         if response.code != OK:
             _discard(response)
+            # 304, 404 and 410 are answers; anything else, upstream's failure.
+            failed = None if response.code in (NOT_MODIFIED, 404, 410) else f"upstream answered {response.code}"
+            activity.current.fetched(self._activity_key, elapsed, failed)
             return Fetched(response.code, received)
         try:
             spool = await store.spool()
@@ -421,8 +433,11 @@ class Upstream:
         except BaseException as e:
             if isinstance(e, UpstreamError):
                 metrics.upstream_errors.labels(self.protocol).inc()
+                activity.current.fetched(self._activity_key, elapsed, str(e))
             await spool.abort()
             raise
+        metrics.upstream_bytes.labels(self.protocol).inc(spool.size)
+        activity.current.fetched(self._activity_key, elapsed)
         return Fetched(OK, received, spool)
 
     async def forward(
@@ -432,7 +447,9 @@ class Upstream:
         Send a request on for a client, for pass-through endpoints; the
         caller streams the response body.
         """
+        started = time.monotonic()
         response = await self._request(method, url, headers, data)
+        activity.current.fetched(self._activity_key, time.monotonic() - started)
         received = _headers(response)
         return response, received
 

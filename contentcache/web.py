@@ -95,7 +95,10 @@ def text(request: Request, code: int, message: str) -> bytes:
     """
     Set up a one-line plain-text response and return its body.
     """
-    body = (message.splitlines() or [""])[0].encode("utf-8") + b"\n"
+    line = (message.splitlines() or [""])[0]
+    body = line.encode("utf-8") + b"\n"
+    if code >= 400:
+        request.reason = line  # type: ignore[attr-defined]  # for the status page's last errors
     request.setResponseCode(code)
     request.setHeader(b"content-type", TEXT)
     request.setHeader(b"content-length", b"%d" % len(body))
@@ -144,6 +147,8 @@ def _known(failure: Failure, request: Request) -> tuple[int, str] | None:
     if failure.check(HTTPError):
         return e.code, e.message
     if failure.check(Missing):
+        # Not here, or not upstream either: an answer, not an error to list.
+        request.not_here = True  # type: ignore[attr-defined]
         return NOT_FOUND, f"not found: {e}"
     if failure.check(Refused):
         metrics.policy_refusals.labels(e.protocol, e.hidden.rule).inc()

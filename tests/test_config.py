@@ -98,8 +98,10 @@ def test_stale_while_revalidate_in_the_file(tmp_path: Any) -> None:
 
 def test_access_has_a_table_of_its_own(tmp_path: Any) -> None:
     options = parse(["--config", write(tmp_path, '[access]\ndefault = "token"\nmetrics = "token"\n')])
-    assert (options["access"], options["metrics-access"]) == ("token", "token")
-    with pytest.raises(UsageError, match=r"line 2: key 'everyone' in \[access\] is default or metrics"):
+    assert (options["access"], options["metrics-access"], options["ui-access"]) == ("token", "token", "token")
+    options = parse(["--config", write(tmp_path, '[access]\nmetrics = "token"\nui = "public"\n')])
+    assert (options["metrics-access"], options["ui-access"]) == ("token", "public")
+    with pytest.raises(UsageError, match=r"line 2: key 'everyone' in \[access\] is default, metrics or ui"):
         parse(["--config", write(tmp_path, '[access]\neveryone = "token"\n')])
 
 

@@ -629,3 +629,22 @@ def test_a_sqlite_index_locked_too_long_is_unavailable_not_an_error(
     finally:
         other.close()
         db.close()
+
+
+def test_nodes_are_the_machines_whose_processes_hold_lock_connections(pg_dsn: str, storage: str) -> None:
+    from contentcache.index.postgresql import AdvisoryLocks, PostgreSQLDatabase
+    from contentcache.locks import LEADER
+
+    os.makedirs(storage)
+    assert index_module.SQLiteDatabase(os.path.join(storage, INDEX_FILENAME)).nodes() is None
+    db = PostgreSQLDatabase(pg_dsn, 1)
+    workers = [AdvisoryLocks(pg_dsn), AdvisoryLocks(pg_dsn)]
+    try:
+        assert db.nodes() == 0
+        for locks in workers:  # two workers of one machine's daemon
+            locks.try_lock(LEADER)
+        assert db.nodes() == 1
+    finally:
+        for locks in workers:
+            locks.close()
+        db.close()

@@ -78,7 +78,7 @@ def test_counters_move_by_what_happened(setup: tuple[Daemon, UpstreamFixture]) -
     assert delta(before, after, "contentcache_upstream_requests_total", protocol="go") == 4
     assert delta(before, after, "contentcache_upstream_errors_total", protocol="go") == 0
     assert delta(before, after, "contentcache_request_duration_seconds_count", protocol="go") == 6
-    assert delta(before, after, "contentcache_response_bytes_total", protocol="go") > 0
+    assert delta(before, after, "contentcache_response_bytes_total", protocol="go", cache_result="hit") > 0
     # Store gauges (refreshed at most every 30 s) and the pool's queue.
     for gauge in ("contentcache_store_blobs", "contentcache_store_bytes",
                   "contentcache_store_logical_bytes", "contentcache_disk_pool_queue_depth"):

@@ -380,6 +380,12 @@ class IDatabase(Interface):
         fold the counters' deltas in).
         """
 
+    def nodes() -> int | None:
+        """
+        How many machines run daemons on this index now (L{None}: the
+        engine cannot say, an index of one machine).
+        """
+
     def writable() -> bool:
         """
         Whether the index answers and accepts writes now (raises if not).
@@ -566,6 +572,11 @@ class IIndex(Interface):
     def prune_changes(keep: float) -> Deferred[int]:
         """
         See L{IDatabase.prune_changes}.
+        """
+
+    def nodes() -> Deferred[int | None]:
+        """
+        See L{IDatabase.nodes}.
         """
 
     def writable() -> Deferred[bool]:

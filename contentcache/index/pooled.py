@@ -217,6 +217,9 @@ class PooledIndex:
     def prune_changes(self, keep: float) -> Deferred[int]:
         return self._write("prune changes", self.database.prune_changes, keep)
 
+    def nodes(self) -> Deferred[int | None]:
+        return self._read(self.database.nodes)
+
     def writable(self) -> Deferred[bool]:
         return self._write("writable", self.database.writable)
 

@@ -770,6 +770,15 @@ class PostgreSQLDatabase:
 
         return self._transaction(work)
 
+    def nodes(self) -> int | None:
+        # Every process of every node holds one locks connection: the
+        # machines they come from (a socket's, this one's).
+        rows = self._query(
+            "SELECT count(DISTINCT coalesce(host(client_addr), 'local')) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'contentcache-locks'"
+        )
+        return int(rows[0][0]) if rows else None
+
     def writable(self) -> bool:
         def work(conn: Any) -> bool:
             with conn.transaction():

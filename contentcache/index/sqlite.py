@@ -633,6 +633,9 @@ class SQLiteDatabase:
                 "WHERE at < (julianday('now') - 2440587.5) * 86400.0 - ?)", (keep,)
             ).rowcount
 
+    def nodes(self) -> int | None:
+        return None  # one machine's index
+
     def writable(self) -> bool:
         db = self._connection()
         db.execute("BEGIN IMMEDIATE")

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.web.http import NOT_FOUND, OK
 from twisted.web.server import Request
 
-from ... import metrics
+from ... import activity, metrics
 from ...cache import (
     HIT,
     MISS,
@@ -625,10 +625,12 @@ class GoProxyResource(ProtocolResource):
             return self._route_sumdb(segments[1:])
         if segments[-1] == "@latest":
             module = Module.parse("/".join(segments[:-1]))
+            activity.current.requested(PROTOCOL, module.path)
             return lambda r: self._answer(r, lambda: proxy.allowed_latest(module), JSON, False)
         if len(segments) < 3 or segments[-2] != "@v":
             raise InvalidPath("not found: not a GOPROXY path")
         module = Module.parse("/".join(segments[:-2]))
+        activity.current.requested(PROTOCOL, module.path)
         last = segments[-1]
         if last == "list":
             return lambda r: self._answer(r, lambda: proxy.allowed_list(module), TEXT, False)

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.web.http import BAD_REQUEST, NOT_ALLOWED, NOT_FOUND, OK, REQUEST_ENTITY_TOO_LARGE
 from twisted.web.server import Request
 
+from ... import activity
 from ...cache import (
     HIT,
     MISS,
@@ -600,6 +601,7 @@ class NpmResource(ProtocolResource):
         if method not in (b"GET", b"HEAD"):
             return self._read_only, None
         name, rest = split_request(segments)
+        activity.current.requested(PROTOCOL, name.full)
         if rest in ([], [""]):
             if request.args is not None and request.args.get(b"write") == [b"true"]:
                 return (lambda r: self._pass_through(r, name.path, name)), name
