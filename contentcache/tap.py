@@ -673,6 +673,10 @@ def _daemon(options: Options) -> IService:
     activity_directory = metrics.MULTIPROCESS_DIRECTORY if slot is not None else None
     dashboard = Dashboard(index, store, disk, reactor, ui_settings(options, index.description),
                           directory=activity_directory, slot=slot)
+    dashboard.verdicts = {
+        NPM: lambda name, versions: npm.held_verdicts(PackageName.parse(name), versions),
+        GO: lambda name, versions: goproxy.held_verdicts(Module.parse(escape(name)), versions),
+    }
     ActivityService(activity.current, reactor, disk, dashboard.sample, activity_directory, slot).setServiceParent(top)
     metrics.store_max_bytes.set(options["max-size"] or 0)
     ui = ui_resources(dashboard, guard if options["ui-access"] == "token" else None)

@@ -14,7 +14,7 @@ anyway.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
@@ -51,6 +51,9 @@ class Dashboard:
     directory: str | None = None
     slot: int | None = None
     _nodes: tuple[float, int | None] = (float("-inf"), None)
+    #: Per protocol: why a policy hides each of a package's versions,
+    #: from what is held ((name, versions) -> {version: reason}).
+    verdicts: dict[str, Callable[[str, list[str]], Awaitable[dict[str, str]]]] = field(factory=dict)
 
     def _read_all(self) -> tuple[dict[metrics.Sample, float], list[dict[str, Any]]]:
         # On the disk pool: every worker's files.

@@ -48,6 +48,8 @@ class VersionRow:
     verified: str
     #: A second digest (a Go version's go.mod h1:).
     other_digest: str | None = None
+    #: Why a policy hides it from clients (minimum release age, deny rule).
+    hidden: str | None = None
 
 
 @frozen

@@ -441,6 +441,7 @@ VERSION_COLUMNS: list[tuple[str, Callable[[VersionRow, float], str]]] = [
     ("Digest", lambda row, now: (f'<span class="mono">{e(row.digest)}</span>' if row.digest else "-")
      + (f'<br><span class="mono muted">go.mod {e(row.other_digest)}</span>' if row.other_digest else "")),
     ("Checked", lambda row, now: e(row.verified)),
+    ("Policy", lambda row, now: f'<span class="warn">hidden: {e(row.hidden)}</span>' if row.hidden else "served"),
 ]
 
 

@@ -8,6 +8,8 @@ the stylesheet, the refresher and the icon never do.
 
 from __future__ import annotations
 
+from attrs import evolve
+
 import json
 
 from twisted.web.http import NOT_FOUND, OK
@@ -97,6 +99,10 @@ class PackageView(AsyncResource):
         except NotAName as e:
             _send(request, NOT_FOUND, HTML, not_a_name_page(kind, text, str(e)))
             return
+        verdicts = self.dashboard.verdicts.get(self.protocol)
+        if verdicts is not None and view.versions:
+            hidden = await verdicts(view.name, [row.version for row in view.versions])
+            view = evolve(view, versions=[evolve(row, hidden=hidden.get(row.version)) for row in view.versions])
         body = package_page(view, self.dashboard.clock.seconds(), self.dashboard.settings.purge_options)
         _send(request, OK, HTML, body)
 

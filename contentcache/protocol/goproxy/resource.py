@@ -396,6 +396,37 @@ class GoProxy:
         if hidden is not None:
             raise Refused(PROTOCOL, hidden)
 
+    async def held_verdicts(self, module: Module, versions: list[str]) -> dict[str, str]:
+        """
+        Why the policy hides each of C{versions} that it hides, by what is
+        held (upstream is not asked and no use is recorded: for the status
+        page). A version whose .info is not held is decided by deny rules
+        alone.
+        """
+        policy = self.policy
+        if not policy.applies(module.path):
+            return {}
+        now = self._clock.seconds()
+        out = {}
+        for version in versions:
+            hidden = policy.denied(module.path, version)
+            if hidden is None and policy.needs_times(module.path, version):
+                key = f"{module.path}@{version}"
+                if key not in self._times:
+                    info_key = f"{module.escaped}/@v/{escape(version)}.info"
+                    rows = await self.cache.index.lookup(PROTOCOL, [(info_key, None)])
+                    if rows[0] is None:
+                        continue
+                    try:
+                        info = json.loads(await read_blob(self.store, rows[0][0].blob, MAX_METADATA_SIZE))
+                    except (ValueError, BlobNotFound):
+                        continue
+                    self._times[key] = parse_time(info.get("Time")) if isinstance(info, dict) else None
+                hidden = policy.verdict(module.path, version, self._times[key], now)
+            if hidden is not None:
+                out[version] = hidden.reason
+        return out
+
     async def allowed_file(self, module: Module, version: Version, ext: str) -> Served:
         """
         L{module_file}, refused if the policy hides the version (for a

@@ -402,6 +402,30 @@ class NpmRegistry:
         if hidden is not None:
             raise Refused(PROTOCOL, hidden)
 
+    async def held_verdicts(self, name: PackageName, versions: list[str]) -> dict[str, str]:
+        """
+        Why the policy hides each of C{versions} that it hides, by what is
+        held (upstream is not asked and no use is recorded: for the status
+        page). A version whose time is not held is decided by deny rules
+        alone.
+        """
+        policy = self.policy
+        if not policy.applies(name.full):
+            return {}
+        times: Mapping[str, float | None] = {}
+        if policy.needs_times(name.full):
+            rows = await self.cache.index.lookup(PROTOCOL, [(self._times_key(name), None)])
+            if rows[0] is not None:
+                times = await self._read_times(Found(rows[0][0]))
+        now = self._clock.seconds()
+        out = {}
+        for version in versions:
+            hidden = (policy.verdict(name.full, version, times[version], now) if version in times
+                      else policy.denied(name.full, version))
+            if hidden is not None:
+                out[version] = hidden.reason
+        return out
+
     async def dist_tags(self, name: PackageName, tags: Mapping[str, Any], versions: list[str]) -> dict[str, Any]:
         """
         A packument's dist-tags as the policy lets clients see them.
