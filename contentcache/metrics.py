@@ -119,6 +119,10 @@ sumdb_derived_tiles = Counter(
 )
 for _kind in ("hash", "data"):
     sumdb_derived_tiles.labels(_kind)
+sumdb_prefetched_tiles = Counter(
+    "contentcache_sumdb_prefetched_tiles", "Checksum-database tiles fetched ahead of the go clients: those that "
+    "prove the record of a lookup answer the cache stored, in the tree that answer names.", registry=REGISTRY,
+)
 # Gauges of the shared storage: the last any worker measured.
 store_blobs = Gauge("contentcache_store_blobs", "Blobs in the store.", registry=REGISTRY,
                     multiprocess_mode="mostrecent")

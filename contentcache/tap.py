@@ -42,6 +42,8 @@ from .protocol.goproxy.resource import SUMDB_PROTOCOL as GOSUMDB
 from .protocol.goproxy.resource import GoProxy, GoProxyResource
 from .protocol.goproxy.service import GoProxyService
 from .protocol.npm.resource import PROTOCOL as NPM
+from .protocol.npm.names import PackageName
+from .protocol.goproxy.paths import Module, escape
 from .protocol.npm.resource import NpmRegistry, NpmResource
 from .protocol.npm.service import NpmService
 from . import logs

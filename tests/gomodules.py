@@ -146,11 +146,18 @@ def build_gosumdb(directory: str) -> str:
     """
     Build the checksum-database fixture (GOPATH mode, Debian's x/mod).
     """
+    return build_go_program(directory, "gosumdb")
+
+
+def build_go_program(directory: str, name: str) -> str:
+    """
+    Build the program in tests/go/C{name} (GOPATH mode, Debian's x/mod).
+    """
     gopath = os.path.join(directory, "gopath")
-    source = os.path.join(gopath, "src", "gosumdb")
+    source = os.path.join(gopath, "src", name)
     os.makedirs(source, exist_ok=True)
-    shutil.copy(os.path.join(HERE, "go", "gosumdb", "main.go"), source)
-    binary = os.path.join(directory, "gosumdb")
+    shutil.copy(os.path.join(HERE, "go", name, "main.go"), source)
+    binary = os.path.join(directory, name)
     subprocess.run(
         ["go", "build", "-o", binary, "."],
         cwd=source,

@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from typing import Any, Iterator
 
@@ -22,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from contentcache.hash import Hash
 from contentcache.protocol.goproxy.paths import escape
+from contentcache.protocol.goproxy.sumdb import parse_lookup, proof_tiles
 
 from .daemon import TWISTD, Backing, Daemon, concurrent_gets
 from .gomodules import (
@@ -230,8 +232,9 @@ def test_a_new_client_verifies_against_the_checksum_database_offline(
     nothing, while the cache looks every download up itself: the tree
     those lookups name is one no client asked the tiles of. A new client
     (no go.sum, an empty module cache) checks each lookup against the
-    tiles of that tree; offline, the cache cuts them from the wider tiles
-    of the grown tree a later client asked for.
+    tiles of that tree; offline, the cache has the hash tile (fetched
+    ahead when it stored the lookups) and cuts the data tile a log
+    auditor reads from the wider one of the grown tree.
     """
     # A tree of its own: a version is published during the test.
     root = build_tree(str(tmp_path / "proxy"), modules())
@@ -284,7 +287,7 @@ def test_a_new_client_verifies_against_the_checksum_database_offline(
         # A log auditor reads the records through the cache.
         assert request(daemon.url, f"{sumdb_path}/tile/8/data/000.p/7")[0] == 200
         # What the database itself serves for the tree CI's lookups name:
-        # the cache never asked for these.
+        # no client asked for these.
         hash_tile = request(sumdb.url, "/tile/8/0/000.p/6")[2]
         data_tile = request(sumdb.url, "/tile/8/data/000.p/6")[2]
         assert f"{sumdb_path}/tile/8/0/000.p/6" not in daemon.log()
@@ -323,8 +326,122 @@ def test_a_new_client_verifies_against_the_checksum_database_offline(
     # The records as the database wrote them, cut from the wider tile.
     status, headers, body = request(daemon.url, f"{sumdb_path}/tile/8/data/000.p/6")
     assert (status, headers["x-cache"], body) == (200, "HIT", data_tile)
-    # One of each, whichever worker answered the go command.
-    assert derived_tiles(daemon) == {"hash": 1, "data": 1}
+    # The data tile, whichever worker answered; the hash tile was held.
+    assert derived_tiles(daemon) == {"hash": 0, "data": 1}
+
+
+def prefetched_tiles(daemon: Daemon) -> float:
+    """
+    contentcache_sumdb_prefetched_tiles_total, from /metrics.
+    """
+    status, _, body = request(daemon.url, "/metrics")
+    assert status == 200
+    return next(
+        sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name == "contentcache_sumdb_prefetched_tiles_total"
+    )
+
+
+#: Another module's versions the checksum database records besides the
+#: test's, so that its tree spans tiles and tile levels (2**8 records a
+#: tile): 200 before the test's 6, 94 after.
+FILLER = "example.com/filler"
+FILLERS_BEFORE, FILLERS_AFTER = 200, 94
+
+
+@pytest.mark.parametrize("fill", ["go.sum", "warm"])
+def test_a_new_client_verifies_offline_what_the_cache_verified(
+    tmp_path: Any, gosumdb_binary: str, daemons: list[Daemon], fill: str
+) -> None:
+    """
+    A cache filled by go clients that had go.sum (they ask the database
+    nothing), or by C{contentcache warm go.sum}, looked every download up
+    itself and fetched ahead the tiles that prove those records: cut off
+    from every upstream, it serves a new go client (no go.sum, an empty
+    module cache) every tile that client checks the lookups against.
+    """
+    filler = [ModuleVersion(FILLER, f"v0.0.{i}", {"go.mod": f"module {FILLER}\n", "f.go": "package filler\n"})
+              for i in range(FILLERS_BEFORE + FILLERS_AFTER)]
+    root = build_tree(str(tmp_path / "proxy"), [*modules(), *filler])
+    upstream = UpstreamFixture(root)
+    sumdb = SumDBFixture(gosumdb_binary, SUMDB_NAME, root)
+    try:
+        # The database records the test's modules among others (its test
+        # server adds a record at its first lookup).
+        for mv in filler[:FILLERS_BEFORE]:
+            assert request(sumdb.url, f"/lookup/{FILLER}@{mv.version}")[0] == 200
+        direct = download(str(tmp_path / "direct"), upstream.url, sumdb.gosumdb)
+        for mv in filler[FILLERS_BEFORE:]:
+            assert request(sumdb.url, f"/lookup/{FILLER}@{mv.version}")[0] == 200
+        project = tmp_path / "project"
+        project.mkdir()
+        (project / "go.mod").write_text("module example.com/project\n\ngo 1.19\n")
+        (project / "go.sum").write_text("".join(
+            f"{key.replace('@', ' ')} {d['Sum']}\n{key.replace('@', ' ')}/go.mod {d['GoModSum']}\n"
+            for key, d in direct.items()
+        ))
+
+        storage = str(tmp_path / "storage")
+        args = ["--go-upstream", upstream.url, "--go-sumdb", f"{SUMDB_NAME}={sumdb.url}"]
+        daemon = start(storage, *args)
+        daemons.append(daemon)
+        proxy = f"{daemon.url}/goproxy"
+        sumdb_path = f"/goproxy/sumdb/{SUMDB_NAME}"
+        if fill == "go.sum":
+            ci = go(str(tmp_path / "ci"), "mod", "download", "-json", *DOWNLOADS, cwd=str(project),
+                    GOPROXY=proxy, GOSUMDB=sumdb.vkey)
+            assert ci.returncode == 0, ci.stderr
+        else:
+            warmed = subprocess.run(
+                [sys.executable, "-m", "contentcache.cli", "warm", "--url", daemon.url, str(project / "go.sum")],
+                capture_output=True, text=True, timeout=300,
+            )
+            assert warmed.returncode == 0, warmed.stderr
+        assert "unverified" not in daemon.log()
+        assert f"{sumdb_path}/" not in daemon.log()  # no client asked the database anything
+
+        # The cache's lookups (its own, to verify the downloads): records
+        # 200 to 205 of a tree of 300. Each one's proof: the full first
+        # tile, and the tiles of both levels that make the tree's hash.
+        lookups = {}
+        for key in DOWNLOADS:
+            path, version = key.split("@")
+            status, headers, body = request(daemon.url, f"{sumdb_path}/lookup/{escape(path)}@{escape(version)}")
+            assert (status, headers["x-cache"]) == (200, "HIT"), key
+            lookups[key] = parse_lookup(body)
+        assert sorted(lookups.values()) == [(FILLERS_BEFORE + i, 300) for i in range(len(DOWNLOADS))]
+        proofs = {tile.path() for record, size in lookups.values() for tile in proof_tiles(record, size)}
+        assert proofs == {"tile/8/0/000", "tile/8/1/000.p/1", "tile/8/0/001.p/44"}
+        # Fetched ahead, in the background.
+        deadline = time.monotonic() + 30
+        while prefetched_tiles(daemon) < len(proofs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert prefetched_tiles(daemon) == len(proofs)
+    finally:
+        upstream.stop()
+        sumdb.stop()
+
+    # Offline, restarted.
+    daemon.stop()
+    daemon = start(storage, *args)
+    daemons.append(daemon)
+    proxy = f"{daemon.url}/goproxy"
+    offline = download(str(tmp_path / "new"), proxy, sumdb.vkey)
+    for key in DOWNLOADS:
+        assert offline[key]["Sum"] == direct[key]["Sum"], key
+        assert offline[key]["GoModSum"] == direct[key]["GoModSum"], key
+    # The tiles the go command asked for are those computed, and it
+    # verified with them: it keeps the tiles it authenticated.
+    asked = set(re.findall(rf"GET {re.escape(sumdb_path)}/(tile/\S+)", daemon.log()))
+    assert asked == proofs
+    kept = os.path.join(str(tmp_path / "new"), "modcache", "cache", "download", "sumdb", SUMDB_NAME)
+    assert {
+        os.path.relpath(os.path.join(d, f), kept) for d, _, files in os.walk(kept) for f in files
+    } >= proofs
+    assert prefetched_tiles(daemon) == 0
+    assert derived_tiles(daemon) == {"hash": 0, "data": 0}
 
 
 def test_concurrent_misses_make_one_upstream_request(

@@ -1,27 +1,39 @@
 """
 Checksum-database tiles answered from the tiles the cache holds: a partial
-tile cut from a wider one at the same coordinates, through the GOPROXY
+tile cut from a wider one at the same coordinates, and the tiles that
+prove a stored lookup fetched ahead of the go clients, through the GOPROXY
 resource, with a scripted checksum database upstream.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import random
+import subprocess
+from typing import Any, Iterator
+
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from contentcache import metrics
 from contentcache.cache import ProtocolCache
 from contentcache.index import SQLiteIndex
 from contentcache.pool import SynchronousRunner
-from contentcache.protocol.goproxy.resource import GoProxy, GoProxyResource
-from contentcache.protocol.goproxy.sumdb import SumDB
+from contentcache.protocol.goproxy import resource
+from contentcache.protocol.goproxy.resource import PREFETCH_FETCHES, GoProxy, GoProxyResource
+from contentcache.protocol.goproxy.sumdb import (
+    GO_TILE_HEIGHT, MAX_TREE_SIZE, InvalidSumDB, SumDB, parse_lookup, proof_tiles,
+)
 from contentcache.store import Store
 from contentcache.upstream import NegativeCache, Upstream
 
 from .conftest import resolve
+from .gomodules import build_go_program
 
 NAME = "sum.test"
 HASH = 32
@@ -48,7 +60,8 @@ def records(start: int, count: int) -> bytes:
 class Database(Resource):
     """
     The checksum database upstream: what it serves by path, the requests
-    it saw, and whether it is gone (every request a 503).
+    it saw, and whether it is gone (every request a 503). With C{hold},
+    tile requests wait in C{held} until L{release}.
     """
 
     isLeaf = True
@@ -58,10 +71,24 @@ class Database(Resource):
         self.files: dict[str, bytes] = {}
         self.requests: list[str] = []
         self.gone = False
+        self.hold = False
+        self.held: list[Request] = []
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         path = request.path.decode()
         self.requests.append(path)
+        if self.hold and path.startswith("/tile/"):
+            self.held.append(request)
+            return NOT_DONE_YET
+        return self._answer(request, path)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for request in held:
+            request.write(self._answer(request, request.path.decode()))
+            request.finish()
+
+    def _answer(self, request: Request, path: str) -> bytes:
         if self.gone:
             request.setResponseCode(503)
             return b"gone\n"
@@ -96,16 +123,29 @@ class Harness:
         return self.get_path(f"tile/{tile}")
 
     def get_path(self, path: str) -> tuple[int, str | None, bytes]:
-        d = self._client.get(f"http://cache.test/sumdb/{NAME}/{path}")
+        return self.get_url(f"sumdb/{NAME}/{path}")
+
+    def get_url(self, path: str) -> tuple[int, str | None, bytes]:
+        """
+        GET C{/<path>} of the GOPROXY resource, the database answering
+        what it is asked on the way (tiles fetched ahead too, unless held).
+        """
+        d = self._client.get(f"http://cache.test/{path}")
         for _ in range(100):
             if d.called:
                 break
-            self._upstream_client.flush()
-            self._client.flush()
+            self.flush()
         response = resolve(d)
         content = response.content()
         self._client.flush()
-        return response.code, (response.headers.getRawHeaders("x-cache") or [None])[0], resolve(content)
+        result = response.code, (response.headers.getRawHeaders("x-cache") or [None])[0], resolve(content)
+        self.flush()
+        return result
+
+    def flush(self) -> None:
+        for _ in range(20):
+            self._upstream_client.flush()
+            self._client.flush()
 
     def upstream_asked(self, tile: str) -> int:
         return self.database.requests.count(f"/tile/{tile}")
@@ -255,3 +295,233 @@ def test_latest_is_served_stale_when_the_database_is_gone(harness: Harness) -> N
     assert harness.get_path("latest") == (200, "MISS", note)
     harness.database.gone = True
     assert harness.get_path("latest") == (200, "STALE", note)
+
+
+def lookup_answer(record: int, size: int, module: str = "example.com/m", version: str = "v1.0.0",
+                  mod_h1: str = "h1:mod=") -> bytes:
+    """
+    A C{lookup} answer as the sumdb server writes it: the record number,
+    its go.sum lines, a blank line, the signed note of a tree of C{size}.
+    """
+    return (
+        f"{record}\n{module} {version} h1:zip=\n{module} {version}/go.mod {mod_h1}\n\n"
+        f"go.sum database tree\n{size}\nhash=\n\n\u2014 {NAME} sig\n"
+    ).encode()
+
+
+def prefetched() -> float:
+    value = metrics.REGISTRY.get_sample_value("contentcache_sumdb_prefetched_tiles_total")
+    assert value is not None  # the series exists from the start
+    return value
+
+
+@pytest.fixture
+def warnings() -> Iterator[list[str]]:
+    """
+    The text of every warning logged during the test.
+    """
+    said: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_level") == LogLevel.warn:
+            said.append(event["log_format"].format(**event))
+
+    globalLogPublisher.addObserver(observe)
+    yield said
+    globalLogPublisher.removeObserver(observe)
+
+
+#: Record 200 of a tree of 300: the full first tile holds its hash, the
+#: first tile of level 1 and the partial second tile of level 0 (records
+#: 256 to 299) make the tree's hash.
+PROOF_200_OF_300 = ["8/1/000.p/1", "8/0/001.p/44", "8/0/000"]
+
+
+def test_the_tiles_that_prove_a_stored_lookup_are_fetched_ahead(harness: Harness) -> None:
+    harness.database.files["/lookup/example.com/m@v1.0.0"] = lookup_answer(200, 300)
+    harness.database.files["/lookup/example.com/n@v1.0.0"] = lookup_answer(201, 300, "example.com/n")
+    tiles = {"8/1/000.p/1": hashes(1), "8/0/001.p/44": hashes(44, 1), "8/0/000": hashes(256, 2)}
+    for tile, body in tiles.items():
+        harness.database.files[f"/tile/{tile}"] = body
+    before = prefetched()
+
+    # A go client looks the module up (or the cache does, to verify a
+    # download): the answer, then the tiles, each asked for once.
+    assert harness.get_path("lookup/example.com/m@v1.0.0") == (200, "MISS", lookup_answer(200, 300))
+    assert [harness.upstream_asked(tile) for tile in PROOF_200_OF_300] == [1, 1, 1]
+    assert prefetched() == before + 3
+    # Another record of the same tree: nothing more to fetch.
+    assert harness.get_path("lookup/example.com/n@v1.0.0")[0] == 200
+    assert [harness.upstream_asked(tile) for tile in PROOF_200_OF_300] == [1, 1, 1]
+    assert prefetched() == before + 3
+
+    # The database gone: a new go client's tiles, from the cache.
+    harness.database.gone = True
+    for tile, body in tiles.items():
+        assert harness.get(tile) == (200, "HIT", body)
+    # A lookup answered from the cache again fetches nothing.
+    assert harness.get_path("lookup/example.com/m@v1.0.0") == (200, "HIT", lookup_answer(200, 300))
+    assert len(harness.database.requests) == 5
+
+
+def test_a_tile_held_wider_is_cut_rather_than_fetched_ahead(harness: Harness) -> None:
+    # A client asked for the grown tree's tile; a lookup stored now names
+    # an older tree (the database answered it from a lagging replica).
+    harness.database.files["/tile/8/0/000.p/9"] = hashes(9)
+    harness.get("8/0/000.p/9")
+    harness.database.files["/lookup/example.com/m@v1.0.0"] = lookup_answer(3, 6)
+    before, derived_before = prefetched(), derived()
+    assert harness.get_path("lookup/example.com/m@v1.0.0")[0] == 200
+    assert harness.upstream_asked("8/0/000.p/6") == 0
+    assert (prefetched(), derived()) == (before, derived_before + 1)
+    harness.database.gone = True
+    assert harness.get("8/0/000.p/6") == (200, "HIT", hashes(6))
+
+
+def test_a_verified_download_fetches_its_tiles_ahead(harness: Harness, clock: Clock) -> None:
+    # The cache looks a download up itself (a client with go.sum asks the
+    # database nothing): the tiles of that lookup come too.
+    go_mod = b"module example.com/m\n"
+    h1 = "h1:" + base64.b64encode(hashlib.sha256(
+        b"%s  go.mod\n" % hashlib.sha256(go_mod).hexdigest().encode()
+    ).digest()).decode()
+    harness.proxy.upstream = Upstream("http://proxy.test", harness._upstream_client, clock)  # type: ignore[arg-type]
+    harness.database.files["/example.com/m/@v/v1.0.0.mod"] = go_mod
+    harness.database.files["/lookup/example.com/m@v1.0.0"] = lookup_answer(200, 300, mod_h1=h1)
+    for tile in PROOF_200_OF_300:
+        harness.database.files[f"/tile/{tile}"] = b"tile " + tile.encode()
+    assert harness.get_url("example.com/m/@v/v1.0.0.mod") == (200, "MISS", go_mod)
+    entry = resolve(harness.proxy.cache.lookup("example.com/m/@v/v1.0.0.mod"))
+    assert entry is not None and entry.attrs["verified"] is True
+    assert [harness.upstream_asked(tile) for tile in PROOF_200_OF_300] == [1, 1, 1]
+
+
+def test_an_answer_never_waits_for_its_tiles_and_few_are_fetched_at_once(harness: Harness) -> None:
+    record, size = 0, MAX_TREE_SIZE  # 15 tiles
+    tiles = [tile.path().removeprefix("tile/") for tile in proof_tiles(record, size)]
+    assert len(tiles) > 2 * PREFETCH_FETCHES
+    harness.database.files["/lookup/example.com/m@v1.0.0"] = lookup_answer(record, size)
+    for tile in tiles:
+        harness.database.files[f"/tile/{tile}"] = b"tile " + tile.encode()
+    harness.database.hold = True
+    before = prefetched()
+    assert harness.get_path("lookup/example.com/m@v1.0.0") == (200, "MISS", lookup_answer(record, size))
+    # While the tiles are on their way: a few at a time.
+    assert len(harness.database.held) == PREFETCH_FETCHES
+    while harness.database.held:
+        harness.database.release()
+        harness.flush()
+        assert len(harness.database.held) <= PREFETCH_FETCHES
+    assert [harness.upstream_asked(tile) for tile in tiles] == [1] * len(tiles)
+    assert prefetched() == before + len(tiles)
+
+
+def test_prefetches_in_flight_are_given_up_at_stop(harness: Harness) -> None:
+    harness.database.files["/lookup/example.com/m@v1.0.0"] = lookup_answer(0, MAX_TREE_SIZE)
+    harness.database.hold = True
+    harness.get_path("lookup/example.com/m@v1.0.0")
+    assert len(harness.database.held) == PREFETCH_FETCHES
+    harness.proxy.stop_prefetching()
+    assert harness.proxy._prefetching == {}
+    # What was on its way when the daemon stopped finishes without error;
+    # nothing more is asked for.
+    harness.database.hold = False
+    harness.database.release()
+    harness.flush()
+    assert len([r for r in harness.database.requests if r.startswith("/tile/")]) == PREFETCH_FETCHES
+
+
+def test_the_tiles_waiting_to_be_fetched_are_bounded(
+    harness: Harness, warnings: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(resource, "MAX_PREFETCHES", 6)
+    harness.database.files["/lookup/example.com/m@v1.0.0"] = lookup_answer(0, MAX_TREE_SIZE)
+    for tile in proof_tiles(0, MAX_TREE_SIZE):
+        harness.database.files[f"/{tile.path()}"] = b"a tile"
+    harness.database.hold = True
+    assert harness.get_path("lookup/example.com/m@v1.0.0")[0] == 200
+    assert len(harness.proxy._prefetching) == 6
+    assert [w for w in warnings if "prefetch" in w] == [
+        f"could not prefetch {NAME} tiles (6 tiles waiting already); go clients fetch them when they ask"
+    ]
+    harness.database.hold = False
+    while harness.database.held:
+        harness.database.release()
+        harness.flush()
+    assert len([r for r in harness.database.requests if r.startswith("/tile/")]) == 6
+
+
+def test_prefetch_failures_are_logged_once_and_never_reach_a_client(
+    harness: Harness, warnings: list[str]
+) -> None:
+    harness.database.files["/lookup/example.com/m@v1.0.0"] = lookup_answer(200, 300)
+    harness.database.files["/lookup/example.com/n@v1.0.0"] = lookup_answer(201, 300, "example.com/n")
+    # The database answers lookups, but has none of the tiles.
+    assert harness.get_path("lookup/example.com/m@v1.0.0") == (200, "MISS", lookup_answer(200, 300))
+    assert harness.get_path("lookup/example.com/n@v1.0.0")[0] == 200
+    said = [w for w in warnings if "prefetch" in w]
+    assert said == [
+        f"could not prefetch {NAME} tiles (tile/8/1/000.p/1: the database does not have it); "
+        "go clients fetch them when they ask"
+    ]
+    # A partial tile missing: the full one (complete since) was tried.
+    assert harness.upstream_asked("8/0/001.p/44") == 1
+    assert harness.upstream_asked("8/0/001") == 1
+
+
+def test_a_lookup_that_names_no_tree_is_answered_without_prefetching(
+    harness: Harness, warnings: list[str]
+) -> None:
+    harness.database.files["/lookup/example.com/m@v1.0.0"] = b"7\nexample.com/m v1.0.0 h1:zip=\n\n"
+    assert harness.get_path("lookup/example.com/m@v1.0.0")[0] == 200
+    assert not [r for r in harness.database.requests if r.startswith("/tile/")]
+    assert [w for w in warnings if "prefetch" in w] == [
+        f"could not prefetch {NAME} tiles (reading a lookup answer: a lookup answer without a record "
+        "and a tree note); go clients fetch them when they ask"
+    ]
+
+
+def test_parse_lookup() -> None:
+    assert parse_lookup(lookup_answer(200, 300)) == (200, 300)
+    assert parse_lookup(lookup_answer(0, MAX_TREE_SIZE)) == (0, MAX_TREE_SIZE)
+    for bad in [
+        b"",
+        b"200\nexample.com/m v1.0.0 h1:zip=\n",  # no note
+        lookup_answer(300, 300),  # not in the tree
+        lookup_answer(0, MAX_TREE_SIZE + 1),
+        lookup_answer(200, 300).replace(b"go.sum database tree", b"another tree"),
+        lookup_answer(200, 300).replace(b"\n300\n", b"\n0300\n"),
+        lookup_answer(200, 300).replace(b"200\n", b"-200\n", 1),
+    ]:
+        with pytest.raises(InvalidSumDB):
+            parse_lookup(bad)
+
+
+@pytest.fixture(scope="module")
+def tlogtiles(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return build_go_program(str(tmp_path_factory.mktemp("tlogtiles")), "tlogtiles")
+
+
+def test_the_tiles_are_those_tlog_reads(tlogtiles: str) -> None:
+    """
+    The tiles computed for a record and a tree size are, in order, those
+    golang.org/x/mod/sumdb/tlog asks for: every record of every small tree
+    at small heights, and records of trees up to the largest tlog handles.
+    """
+    queries = [(height, record, size) for height in (1, 2, 3, GO_TILE_HEIGHT)
+               for size in range(1, 120) for record in range(size)]
+    rng = random.Random(15)
+    for _ in range(2000):
+        size = rng.randrange(1, 1 << rng.choice([10, 20, 30, 40, 62]))
+        queries.append((GO_TILE_HEIGHT, rng.randrange(size), size))
+    queries += [(GO_TILE_HEIGHT, 0, MAX_TREE_SIZE), (GO_TILE_HEIGHT, MAX_TREE_SIZE - 1, MAX_TREE_SIZE),
+                (GO_TILE_HEIGHT, 255, 256), (GO_TILE_HEIGHT, 256, 257), (GO_TILE_HEIGHT, 0, 65536),
+                (GO_TILE_HEIGHT, 65535, 65537)]
+    out = subprocess.run(
+        [tlogtiles], input="".join(f"{h} {r} {n}\n" for h, r, n in queries),
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout.splitlines()
+    assert len(out) == len(queries)
+    for (height, record, size), expected in zip(queries, out):
+        got = " ".join(tile.path() for tile in proof_tiles(record, size, height))
+        assert got == expected, (height, record, size)

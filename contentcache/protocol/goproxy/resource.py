@@ -11,9 +11,10 @@ import json
 from typing import Awaitable, Callable
 
 from attrs import define, evolve, field, frozen
-from twisted.internet.defer import DeferredSemaphore, FirstError, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, FirstError, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import NOT_FOUND, OK
 from twisted.web.server import Request
 
@@ -30,7 +31,7 @@ from ...cache import (
     _NotModified,
     body_or_status,
 )
-from ...index import Entry
+from ...index import Entry, IndexUnavailable
 from ...policy import Policy, Refused, is_prerelease, parse_time, version_key
 from ...pool import Runner
 from ...store import BlobNotFound, Store
@@ -42,7 +43,9 @@ from ...web import (
 )
 from .modzip import MAX_GO_MOD_SIZE, MAX_ZIP_SIZE, ZipRuleError, check_and_hash_zip, hash_go_mod
 from .paths import InvalidPath, Module, Version, escape, is_canonical, match_prefix_patterns, unescape
-from .sumdb import InvalidSumDB, SumDB, Tile, check_tile, parse_record, parse_tile, tile_prefix
+from .sumdb import (
+    InvalidSumDB, SumDB, Tile, check_tile, parse_lookup, parse_record, parse_tile, proof_tiles, tile_prefix,
+)
 
 log = Logger()
 
@@ -69,6 +72,10 @@ MAX_DERIVATION_SOURCES = 3
 #: At most this many tiles at one N are considered (2**H + 1 with the full
 #: one, for the sumdb's own height of 8).
 MAX_HELD_TILES = 1025
+#: Tiles fetched ahead of the go clients at once, and at most this many
+#: waiting their turn (more are left to the clients that ask for them).
+PREFETCH_FETCHES = 4
+MAX_PREFETCHES = 1024
 
 
 @frozen
@@ -113,6 +120,11 @@ class GoProxy:
     _lists: dict[tuple[str, str, str], tuple[bytes, float]] = field(factory=dict)
     #: Each canonical version's .info Time ("module@version" -> seconds).
     _times: dict[str, float | None] = field(factory=dict)
+    #: Checksum-database tiles being fetched ahead of the go clients, by
+    #: (database, tile path), at most PREFETCH_FETCHES of them at once.
+    _prefetching: dict[tuple[str, str], Deferred[None]] = field(factory=dict)
+    _prefetch_limit: DeferredSemaphore = field(factory=lambda: DeferredSemaphore(PREFETCH_FETCHES))
+    _prefetch_warned: bool = False
 
     def route_for(self, module: Module) -> GoRoute | None:
         for route in self.routes:
@@ -267,9 +279,94 @@ class GoProxy:
     async def sumdb_lookup(self, name: str, module: Module, version: Version) -> Served:
         sumdb, upstream = self.sumdbs[name]
         path = f"lookup/{module.escaped}@{version.escaped}"
-        return await self.sumdb_cache.immutable(
+        served = await self.sumdb_cache.immutable(
             f"{name}/{path}", lambda: self._get_new(upstream, path, MAX_METADATA_SIZE)
         )
+        if served.outcome == MISS:
+            # A go client with an empty module cache checks this record
+            # against the tiles of the tree the answer names: fetched now,
+            # while the database is there, in the background.
+            Deferred.fromCoroutine(self._prefetch_proof(name, served.entry))
+        return served
+
+    async def _prefetch_proof(self, name: str, entry: Entry) -> None:
+        """
+        Fetch the tiles that prove the record of lookup answer C{entry} in
+        the tree it names, through the cache (what it holds or can cut
+        from a wider tile is not fetched again).
+        """
+        try:
+            body = await read_blob(self.store, entry.blob, MAX_METADATA_SIZE)
+            tiles = proof_tiles(*parse_lookup(body))
+        except (BlobNotFound, InvalidSumDB) as e:
+            self._prefetch_failed(name, f"reading a lookup answer: {e}")
+            return
+        except Exception:
+            log.failure("reading a {sumdb} lookup answer to prefetch its tiles", sumdb=name)
+            return
+        for tile in tiles:
+            key = (name, tile.path())
+            if key in self._prefetching:
+                continue  # on its way already
+            if len(self._prefetching) >= MAX_PREFETCHES:
+                self._prefetch_failed(name, f"{MAX_PREFETCHES} tiles waiting already")
+                return
+            d = self._prefetch_limit.run(self._prefetch_tile, name, tile)
+            # (Removed at once by the callback if it is done already.)
+            self._prefetching[key] = d
+            d.addBoth(self._prefetched, key)
+
+    def _prefetched(self, result: None | Failure, key: tuple[str, str]) -> None:
+        del self._prefetching[key]
+        if isinstance(result, Failure):
+            result.trap(CancelledError)  # the daemon stopping
+
+    async def _prefetch_tile(self, name: str, tile: Tile) -> None:
+        try:
+            try:
+                served = await self.sumdb_path(name, tile.path())
+            except Missing:
+                if tile.width == tile.full_width:
+                    raise
+                # A database may keep only the full tile once it is
+                # complete (the go command then asks for that one).
+                served = await self.sumdb_path(name, tile.path(tile.full_width))
+        except Missing:
+            self._prefetch_failed(name, f"{tile.path()}: the database does not have it")
+            return
+        except (UpstreamError, IndexUnavailable, BlobNotFound) as e:
+            self._prefetch_failed(name, f"{tile.path()}: {e}")
+            return
+        except CancelledError:
+            raise
+        except Exception:
+            log.failure("prefetching {sumdb} {tile}", sumdb=name, tile=tile.path())
+            return
+        if served.outcome != MISS:
+            return  # held already, or cut from a wider tile
+        metrics.sumdb_prefetched_tiles.inc()
+        if self._prefetch_warned:
+            self._prefetch_warned = False
+            log.info("prefetching {sumdb} tiles again", sumdb=name)
+
+    def _prefetch_failed(self, name: str, error: str) -> None:
+        # Once until a prefetch works again: a client asking for the tile
+        # fetches it then, or sees the error itself.
+        if not self._prefetch_warned:
+            self._prefetch_warned = True
+            log.warn(
+                "could not prefetch {sumdb} tiles ({error}); go clients fetch them when they ask",
+                sumdb=name, error=error,
+            )
+
+    def stop_prefetching(self) -> None:
+        """
+        Give up the tiles still being fetched ahead (the daemon stops).
+        """
+        # The last first: those waiting their turn, then those it would
+        # go to.
+        for d in reversed(list(self._prefetching.values())):
+            d.cancel()
 
     # Answers to each route.
 
