@@ -12,6 +12,7 @@ import datetime
 import gzip
 import json
 import os
+import re
 import time
 from typing import Any, Iterator
 
@@ -276,6 +277,13 @@ def test_npm_deny_rule_hides_and_refuses_exactly_its_versions(tmp_path: Any, npm
             assert status == 200 and headers["x-cache"] == "HIT"
         status, _, body = request(ruled.url, f"/npm/-/package/{DENIED}/dist-tags")
         assert status == 200 and json.loads(body) == {"latest": "2.0.0"}
+        # The status page's view of the package says which is hidden.
+        status, _, page = request(ruled.url, f"/-/ui/npm/{DENIED}")
+        assert status == 200
+        rows = dict(re.findall(r'<tr data-version="([^"]+)">(.*?)</tr>', page.decode()))
+        assert sorted(rows) == ["1.0.0", "1.1.0", "2.0.0"]
+        assert "hidden: cc-policy-denied@1.1.0 is denied by this cache&#x27;s policy: malicious release" in rows["1.1.0"]
+        assert "hidden" not in rows["1.0.0"] + rows["2.0.0"]
         metrics = request(ruled.url, "/metrics")[2].decode()
         assert 'contentcache_policy_refusals_total{protocol="npm",rule="deny"} 1.0' in metrics
     finally:
