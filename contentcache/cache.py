@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Hashable, Mapping, Seque
 
 from attrs import Factory, define, field, frozen
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -137,14 +137,24 @@ Revalidate = Callable[[Entry | None], Awaitable["Fill | _NotModified"]]
 class Background(Service):
     """
     What the cache does after it has answered (revalidations in the
-    background): at most one piece of work per key at a time, and none
-    left running when the daemon stops: stopping cancels what runs and
-    waits for it to end, before the upstreams, the index and the disk
-    pool it uses go.
+    background): at most one piece of work per key at a time, at most
+    L{BACKGROUND_CONCURRENCY} running at once (the rest queued, at most
+    L{BACKGROUND_QUEUE} in all: beyond that a request that would start
+    more starts none, and the next one past its TTL does), and the last
+    failure of each key remembered for a while. Stopping drops what is
+    queued, gives what runs L{STOP_PATIENCE} seconds to end (its disk and
+    index work cannot be interrupted), then cancels it, before the
+    upstreams, the index and the disk pool it uses go.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime | None = None) -> None:
         self._running: dict[Hashable, Deferred[None]] = {}
+        self._limit = DeferredSemaphore(BACKGROUND_CONCURRENCY)
+        #: Keys whose work has its turn (the others are queued).
+        self._active: set[Hashable] = set()
+        #: key -> (when, why) of the last failed attempt, oldest first.
+        self._failures: dict[Hashable, tuple[float, str]] = {}
+        self._clock = clock
         #: Set once stopping: errors of cancelled work are nobody's news.
         self.stopping = False
 
@@ -154,16 +164,34 @@ class Background(Service):
     def __len__(self) -> int:
         return len(self._running)
 
+    def underway(self, key: Hashable) -> Deferred[None] | None:
+        """
+        What fires when the work for C{key} has ended, if some runs.
+        """
+        d = self._running.get(key)
+        return None if d is None else _ended(d)
+
     def start(self, key: Hashable, work: Callable[[], Coroutine[Any, Any, None]]) -> bool:
         """
         Run C{work} unless work for C{key} runs already (or the daemon is
-        stopping); whether it was started. C{work} handles its own errors.
+        stopping, or too much is queued); whether it was started. C{work}
+        handles its own errors.
         """
-        if self.stopping or key in self._running:
+        if self.stopping or key in self._running or len(self._running) >= BACKGROUND_QUEUE:
             return False
+
+        async def limited() -> None:
+            await self._limit.acquire()
+            self._active.add(key)
+            try:
+                await work()
+            finally:
+                self._active.discard(key)
+                self._limit.release()
+
         # In a context of its own, not the request's: the work outlives
         # the request, whose span and upstream time it is not part of.
-        d: Deferred[None] = contextvars.Context().run(Deferred.fromCoroutine, work())
+        d: Deferred[None] = contextvars.Context().run(Deferred.fromCoroutine, limited())
         if d.called:
             # Done at once (nothing to revalidate, or no lock to be had).
             d.addErrback(self._failed, key)
@@ -171,6 +199,24 @@ class Background(Service):
         self._running[key] = d
         d.addBoth(self._finished, key)
         return True
+
+    def failed(self, key: Hashable, reason: str, now: float) -> None:
+        """
+        Remember that the last attempt for C{key} failed, and why.
+        """
+        self._failures.pop(key, None)
+        if len(self._failures) >= MAX_FAILURES_HELD:
+            del self._failures[next(iter(self._failures))]
+        self._failures[key] = (now, reason)
+
+    def succeeded(self, key: Hashable) -> None:
+        self._failures.pop(key, None)
+
+    def failure(self, key: Hashable) -> tuple[float, str] | None:
+        """
+        When the last attempt for C{key} failed and why, if it did.
+        """
+        return self._failures.get(key)
 
     def _finished(self, result: object, key: Hashable) -> None:
         del self._running[key]
@@ -181,19 +227,42 @@ class Background(Service):
         if not (failure.check(CancelledError) or self.stopping):
             log.failure("background work for {key!r} failed", failure, key=key)
 
-    def wait(self) -> Deferred[Any]:
-        """
-        Fires when the work running now has ended (for tests).
-        """
-        return gatherResults([_ended(d) for d in self._running.values()])
-
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         self.stopping = True
-        running = list(self._running.values())
-        for d in running:
-            d.cancel()
-        return gatherResults([_ended(d) for d in running])
+        running = dict(self._running)
+        ended = gatherResults([_ended(d) for d in running.values()])
+        # Queued work ends at once (cancelled waiting for its turn).
+        for key, d in running.items():
+            if key not in self._active or self._clock is None:
+                d.cancel()
+        if self._clock is None or not self._active:
+            return ended
+        def cancel() -> None:
+            for d in running.values():
+                d.cancel()
+
+        late = self._clock.callLater(STOP_PATIENCE, cancel)
+
+        def done(result: object) -> object:
+            if late.active():
+                late.cancel()
+            return result
+
+        return ended.addBoth(done)
+
+
+#: Background revalidations running at once (more wait their turn), and
+#: waiting in all.
+BACKGROUND_CONCURRENCY = 8
+BACKGROUND_QUEUE = 1024
+#: Keys whose last background failure is remembered.
+MAX_FAILURES_HELD = 4096
+#: After a failed background revalidation, its stale copy is answered as
+#: stale-if-error (Warning 111), and revalidated again no sooner than this.
+BACKGROUND_RETRY = 10.0
+#: Seconds stopping waits for background work before cancelling it.
+STOP_PATIENCE = 5.0
 
 
 def _ended(d: Deferred[None]) -> Deferred[None]:
@@ -387,7 +456,8 @@ class ProtocolCache:
         Whether C{entry}, past C{ttl}, may still be answered at once while
         it is revalidated in the background.
         """
-        return self._clock.seconds() - entry.created < ttl + self.stale_while_revalidate
+        # A TTL of 0 asks for every answer revalidated first.
+        return ttl > 0 and self._clock.seconds() - entry.created < ttl + self.stale_while_revalidate
 
     def revalidate_in_background(self, key: str, ttl: float, revalidate: Revalidate) -> None:
         """
@@ -398,7 +468,30 @@ class ProtocolCache:
         """
         if self._coalescer.waiting(key):
             return
+        failure = self.background.failure((self.protocol, key))
+        if failure is not None and self._clock.seconds() - failure[0] < BACKGROUND_RETRY:
+            return
         self.background.start((self.protocol, key), lambda: self._revalidate_in_background(key, ttl, revalidate))
+
+    def answer_stale(self, key: str, found: Found, ttl: float, revalidate: Revalidate) -> Served:
+        """
+        The stale copy of C{key}, answered at once within the window, its
+        revalidation started in the background: as stale-while-revalidate
+        (Warning 110), or, while its last revalidation failed, as
+        stale-if-error (111, with the reason).
+        """
+        reason = self.last_failure(key)  # before this attempt
+        self.revalidate_in_background(key, ttl, revalidate)
+        if reason is not None:
+            return Served(found.entry, STALE, reason, body=found.body)
+        return Served(found.entry, REVALIDATING, body=found.body)
+
+    def last_failure(self, key: str) -> str | None:
+        """
+        Why the last background revalidation of C{key} failed, if it did.
+        """
+        failure = self.background.failure((self.protocol, key))
+        return None if failure is None else failure[1]
 
     async def mutable(
         self, key: str, ttl: float, revalidate: Revalidate | None, body: bool = False, background: bool = True
@@ -419,8 +512,16 @@ class ProtocolCache:
         if revalidate is None or (entry is None and key in self.negative):
             raise Missing(key)
         if found is not None and background and self.within_stale_window(found.entry, ttl):
-            self.revalidate_in_background(key, ttl, revalidate)
-            return Served(found.entry, REVALIDATING, "revalidating in the background", body=found.body)
+            return self.answer_stale(key, found, ttl, revalidate)
+        running = self.background.underway((self.protocol, key))
+        if running is not None:
+            # Join the background revalidation rather than ask upstream
+            # beside it (a PostgreSQL advisory lock is this process's
+            # already), then answer what it made if that is fresh.
+            await running
+            current = await self.index.get(self.protocol, key)
+            if current is not None and self.fresh(current, ttl):
+                return Served(current, HIT)
         try:
             return await self._coalescer.run(key, lambda: self._refresh(key, entry, ttl, revalidate))
         except IndexUnavailable as e:
@@ -462,6 +563,7 @@ class ProtocolCache:
                     self.hot.drop([(self.protocol, key)])  # the stale copy it held
                     return
                 served = await self._revalidate(key, current, revalidate, background=True)
+                self.background.succeeded((self.protocol, key))
                 log.debug("revalidated {protocol} {key} in the background: {outcome}",
                           protocol=self.protocol, key=key, outcome=served.outcome)
         except Missing:
@@ -469,6 +571,7 @@ class ProtocolCache:
                      protocol=self.protocol, key=key)
         except (UpstreamError, IntegrityError, IndexUnavailable, StorageUnavailable) as e:
             if not self.background.stopping:  # else cancelled, and nobody's news
+                self.background.failed((self.protocol, key), str(e), self._clock.seconds())
                 log.warn("revalidating {protocol} {key} in the background failed: {error}; "
                          "its stale copy is served meanwhile", protocol=self.protocol, key=key, error=e)
         except Exception as e:

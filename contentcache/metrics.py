@@ -58,8 +58,9 @@ def values() -> dict[Sample, float]:
 
 #: The protocol label of each top-level path.
 PROTOCOLS = {b"goproxy": "go", b"npm": "npm"}
-#: Cache results: what X-Cache says, else bypass (or error for a 4xx/5xx,
-#: aborted for a request whose client left before it was answered).
+#: Cache results: what X-Cache says (a STALE one being revalidated in the
+#: background counts as revalidating), else bypass (or error for a
+#: 4xx/5xx, aborted for a request whose client left before it was answered).
 RESULTS = {b"HIT": "hit", b"REVALIDATED": "hit", b"MISS": "miss", b"STALE": "stale"}
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -68,7 +69,7 @@ requests = Counter(
     registry=REGISTRY,
 )
 response_bytes = Counter(
-    "contentcache_response_bytes", "Response body bytes sent, by cache result (hit, miss and stale: "
+    "contentcache_response_bytes", "Response body bytes sent, by cache result (hit, miss, stale and revalidating: "
     "served from the store).", ["protocol", "cache_result"], registry=REGISTRY
 )
 request_duration = Histogram(
@@ -209,7 +210,7 @@ def _initialise() -> None:
     every worker), so that a rate over it is 0 rather than nothing.
     """
     for protocol in REQUEST_PROTOCOLS:
-        for result in ("hit", "miss", "stale"):
+        for result in ("hit", "miss", "stale", "revalidating"):
             requests.labels(protocol, "2xx", result)
             response_bytes.labels(protocol, result)
         for status_class in ("4xx", "5xx"):
@@ -243,6 +244,16 @@ def protocol_of(request: http.Request) -> str:
     return PROTOCOLS.get(prepath[0], "other")
 
 
+def is_revalidating(request: http.Request) -> bool:
+    """
+    Whether a stale answer is one being revalidated in the background
+    (stale-while-revalidate's Warning 110), not one served because upstream
+    failed (stale-if-error's 111).
+    """
+    warning = request.responseHeaders.getRawHeaders(b"warning", [b""])[0]
+    return warning.startswith(b"110")
+
+
 def observe_request(request: http.Request, started: float) -> None:
     """
     Count a finished request: called once per request by the site.
@@ -252,6 +263,8 @@ def observe_request(request: http.Request, started: float) -> None:
     outcome = request.responseHeaders.getRawHeaders(b"x-cache", [None])[0]
     if outcome in RESULTS:
         result = RESULTS[outcome]
+        if outcome == b"STALE" and is_revalidating(request):
+            result = "revalidating"
     elif getattr(request, "aborted", False):
         result = "aborted"
     elif code >= 400:

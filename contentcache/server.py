@@ -157,7 +157,8 @@ class CacheSite(Site):
         aborted = getattr(request, "aborted", False)
         cut = getattr(request, "cut", False)
         if outcome == b"STALE":
-            activity.current.served_stale(metrics.protocol_of(request))
+            if not metrics.is_revalidating(request):
+                activity.current.served_stale(metrics.protocol_of(request))
         elif request.code >= 400 and not aborted and not getattr(request, "not_here", False):
             _record_error(request)
         self.access.log(

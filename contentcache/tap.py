@@ -618,7 +618,7 @@ def _daemon(options: Options) -> IService:
     negative_ttl = options["negative-ttl"]
     # Revalidations after a stale answer: one set for the daemon, stopped
     # before the upstreams, the index and the disk pool they use.
-    background = Background()
+    background = Background(reactor)
 
     def protocol_cache(protocol: str) -> ProtocolCache:
         return ProtocolCache(protocol, index, store, reactor, NegativeCache(reactor, negative_ttl), hot, locks,

@@ -73,11 +73,15 @@ def cache_headers(outcome: str, cache_control: bytes) -> dict[bytes, bytes]:
     Warning of a stale one, and its Cache-Control.
     """
     headers = {b"x-cache": OUTCOME_HEADER[outcome], b"cache-control": cache_control}
-    if outcome == STALE:
-        headers[b"warning"] = STALE_WARNING
-    elif outcome == REVALIDATING:
-        headers[b"warning"] = REVALIDATING_WARNING
+    if outcome in (STALE, REVALIDATING):
+        headers[b"warning"] = STALE_WARNING if outcome == STALE else REVALIDATING_WARNING
+        # Not kept as fresh by the client or a cache in front: the next
+        # request should find the revalidated copy.
+        headers[b"cache-control"] = _MAX_AGE.sub(b"max-age=0", cache_control)
     return headers
+
+
+_MAX_AGE = re.compile(rb"max-age=[0-9]+")
 
 
 class HTTPError(Exception):

@@ -23,6 +23,7 @@ from contentcache.cache import (
     REVALIDATED,
     REVALIDATING,
     STALE,
+    BACKGROUND_RETRY,
     Background,
     Fill,
     Missing,
@@ -291,12 +292,15 @@ def test_a_failed_background_revalidation_is_logged_and_the_stale_copy_kept(
     assert lines == ["revalidating go example.com/m/@v/list in the background failed: upstream refused "
                      "the connection; its stale copy is served meanwhile"]
     assert not clean_reactor  # no traceback
-    # Kept, and still answered at once (each time revalidated again).
+    # Kept, and still answered at once, now as stale-if-error says (111,
+    # the reason); not asked again for BACKGROUND_RETRY seconds.
     served = answer(cache, upstream)
-    assert served.outcome == REVALIDATING and body(cache, served) == b"v1.0.0\n"
-    assert len(upstream.asked) == 2
+    assert served.outcome == STALE and served.reason == "upstream refused the connection"
+    assert body(cache, served) == b"v1.0.0\n" and len(upstream.asked) == 1
+    clock.advance(BACKGROUND_RETRY)
     upstream.error = None
-    answer(cache, upstream)
+    assert answer(cache, upstream).outcome == STALE  # the failure stands until the retry ends
+    assert len(upstream.asked) == 2
     served = answer(cache, upstream)
     assert served.outcome == HIT and body(cache, served) == b"v1.0.0\nv1.1.0\n"
 

@@ -139,7 +139,7 @@ def test_stale_answers_at_once_and_one_revalidation_for_both_workers(
                 assert body == old_list
             else:
                 assert versions(body) == ["1.0.0", "1.1.0"]
-        answered = per_worker(storage, "counter", "contentcache_requests_total", '"stale"')
+        answered = per_worker(storage, "counter", "contentcache_requests_total", '"revalidating"')
         assert len(answered) == 2 and all(answered.values()), answered  # both workers answered some
 
         # Once upstream has answered (and each worker has read the index's

@@ -15,9 +15,9 @@ from ..metrics import Sample
 
 #: Results that count as hits: a revalidated answer is a hit (metrics
 #: label it so); a stale one was served from the store too.
-HIT_RESULTS = ("hit", "stale")
+HIT_RESULTS = ("hit", "stale", "revalidating")
 #: Results served from the store (a miss is, once it is stored).
-STORE_RESULTS = ("hit", "stale", "miss")
+STORE_RESULTS = ("hit", "stale", "revalidating", "miss")
 PROTOCOLS = ("go", "npm")
 #: The request protocol of each upstream protocol's answers.
 REQUEST_PROTOCOL = {"go": "go", "gosumdb": "go", "npm": "npm"}
@@ -224,7 +224,7 @@ def _traffic(results: Mapping[str, float]) -> dict[str, Any]:
     hits = sum(results.get(r, 0.0) for r in HIT_RESULTS)
     misses = results.get("miss", 0.0)
     return {
-        **{r: int(results.get(r, 0.0)) for r in ("hit", "stale", "miss", "error", "bypass", "aborted")},
+        **{r: int(results.get(r, 0.0)) for r in ("hit", "stale", "revalidating", "miss", "error", "bypass", "aborted")},
         "total": int(sum(results.values())),
         "hit_ratio": hit_ratio(hits, misses),
     }

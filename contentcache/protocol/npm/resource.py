@@ -243,13 +243,18 @@ class NpmRegistry:
                 self.cache.touch(f"dist:{name.full}")
                 return render, Served(template.entry, HIT), False
             if upstream is not None and all(self.cache.within_stale_window(e, self.metadata_ttl) for _, _, e in stale):
-                # As the cache would answer it: at once, revalidated after.
+                # As the cache would answer it: at once, revalidated after
+                # (stale-if-error while the last revalidation failed).
+                outcome, reason = REVALIDATING, None
                 for stale_key, stale_variant, _ in stale:
+                    failed = self.cache.last_failure(stale_key)  # before this attempt
+                    if failed is not None:
+                        outcome, reason = STALE, failed
                     self.cache.revalidate_in_background(
                         stale_key, self.metadata_ttl, self._revalidator(upstream, name, stale_variant)
                     )
                 self.cache.touch(f"dist:{name.full}")
-                return render, Served(template.entry, REVALIDATING), False
+                return render, Served(template.entry, outcome, reason), False
         served = await self._either_variant(name, variant)
         # The dist index is used with the packument: it expires with it.
         self.cache.touch(f"dist:{name.full}")
@@ -261,7 +266,10 @@ class NpmRegistry:
         found_render = await self.cache.find(key, body=True)
         if found_render is not None and found_render.entry.attrs.get("source") == source_entry.hash.hex:
             return found_render, served, False
-        entry = await self._renders.run(key, lambda: self._render(key, source_entry, base, gzip))
+        # (Keyed by the source too: a request that sees a newer template
+        # does not take a copy rendered from the older.)
+        entry = await self._renders.run(f"{key}\0{source_entry.hash.hex}",
+                                        lambda: self._render(key, source_entry, base, gzip))
         await self._prune_renders(served.entry)
         return Found(entry), served, True
 
