@@ -340,3 +340,47 @@ def test_stopping_cancels_the_background_work_quietly(
     # Nothing more starts once stopping.
     assert answer(cache, upstream).outcome == REVALIDATING
     assert len(cache.background) == 0 and len(upstream.asked) == 1
+
+
+class ReentrantLocks(FileLocks):
+    """
+    Locks as a PostgreSQL session holds advisory locks: the process's one
+    session takes a lock it holds already.
+    """
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(directory)
+        self.held: dict[str, Any] = {}
+
+    def try_lock(self, name: str) -> Any:
+        if name in self.held:
+            return self.held[name]
+        token = super().try_lock(name)
+        if token is not None:
+            self.held[name] = token
+        return token
+
+    def unlock(self, token: Any) -> None:
+        for name, held in list(self.held.items()):
+            if held is token:
+                del self.held[name]
+        super().unlock(token)
+
+
+def test_a_waited_for_revalidation_joins_the_one_in_the_background(
+    tmp_path: Any, index: SQLiteIndex, store: Store, clock: Clock, disk: SynchronousRunner, upstream: Upstream,
+) -> None:
+    locks = KeyLocks(ReentrantLocks(os.path.join(str(tmp_path), "pg")), disk, clock)
+    cache = make_cache(index, store, clock, locks)
+    filled(cache, upstream, clock)
+    clock.advance(TTL + 1)
+    upstream.held = True
+    assert answer(cache, upstream).outcome == REVALIDATING
+    # A request that may not be answered stale (a forced refresh) while
+    # the background revalidation runs: it waits for that one.
+    waiting = ask(cache, upstream, background=False)
+    assert not waiting.called
+    upstream.release()
+    served = resolve(waiting)
+    assert served.outcome == HIT and body(cache, served) == b"v1.0.0\nv1.1.0\n"
+    assert len(upstream.asked) == 1
