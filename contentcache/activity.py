@@ -118,8 +118,11 @@ class Activity:
     expiry: dict[str, Any] | None = None
     scrub: dict[str, Any] | None = None
     history: deque[dict[str, Any]] = field(factory=lambda: deque(maxlen=HISTORY_POINTS))
-    #: Counts every change, so that a writer knows whether to write.
+    #: Counts every change, so that a writer knows whether to write; and
+    #: those of the hour's part (earlier minutes, the history), which
+    #: change once a minute and are written apart.
     changes: int = 0
+    hour_changes: int = 0
 
     # Recording.
 
@@ -223,6 +226,7 @@ class Activity:
         """
         self.history.append({"t": self.clock(), **figures})
         self.changes += 1
+        self.hour_changes += 1
 
     def tick(self) -> None:
         """
@@ -235,23 +239,35 @@ class Activity:
             self.names = {}
             self.minute = minute
             self.changes += 1
+            self.hour_changes += 1
 
     # As JSON, for the file and the page.
 
     def snapshot(self) -> dict[str, Any]:
-        names = [*self.earlier_names, (self.minute, self.names)]
-        return {
+        now, hour = self.snapshot_parts()
+        return combined(now, hour)
+
+    def snapshot_parts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """
+        The snapshot as what changes all the time and the hour's part
+        (the earlier minutes' names, the history), written apart.
+        """
+        now = {
             "pid": os.getpid(),
             "started": self.started,
             "upstreams": [u.as_json() for u in self.upstreams.values()],
             "errors": list(self.errors),
-            "names": [[m, [[p, n, c] for (p, n), c in counts.items()]] for m, counts in names if counts],
+            "names": [[self.minute, [[p, n, c] for (p, n), c in self.names.items()]]] if self.names else [],
             "stale": {p: {"last": self.last_stale.get(p), "minutes": {str(m): c for m, c in ms.items()}}
                       for p, ms in self.stale.items()},
             "expiry": self.expiry,
             "scrub": self.scrub,
+        }
+        hour = {
+            "names": [[m, [[p, n, c] for (p, n), c in counts.items()]] for m, counts in self.earlier_names if counts],
             "history": list(self.history),
         }
+        return now, hour
 
     def restore(self, snapshot: Mapping[str, Any]) -> None:
         """
@@ -279,6 +295,7 @@ class Activity:
         except (KeyError, TypeError, ValueError) as e:
             log.warn("not going on from the last worker's activity: {error!r}", error=e)
         self.changes += 1
+        self.hour_changes += 1
 
 
 #: This process's record.
@@ -353,8 +370,28 @@ def merge(snapshots: Iterable[Mapping[str, Any]], now: float) -> dict[str, Any]:
     }
 
 
-def _file(directory: str, slot: int) -> str:
-    return os.path.join(directory, f"{FILE_PREFIX}{slot}.json")
+def _file(directory: str, slot: int, part: str = "") -> str:
+    return os.path.join(directory, f"{FILE_PREFIX}{slot}{part}.json")
+
+
+#: The name part of the file of the hour's part of a snapshot.
+HOUR_PART = ".hour"
+
+
+def combined(now: dict[str, Any], hour: Mapping[str, Any] | None) -> dict[str, Any]:
+    """
+    A snapshot from its two parts (see L{Activity.snapshot_parts}).
+    """
+    hour = hour or {}
+    return {**now, "names": [*hour.get("names", []), *now.get("names", [])], "history": hour.get("history", [])}
+
+
+def _read(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None  # being replaced, or gone: the next read has it
 
 
 def read_snapshots(directory: str, skip: int | None = None) -> list[dict[str, Any]]:
@@ -367,24 +404,23 @@ def read_snapshots(directory: str, skip: int | None = None) -> list[dict[str, An
     except OSError:
         return []
     for name in sorted(names):
-        if not (name.startswith(FILE_PREFIX) and name.endswith(".json")):
+        slot = name.removeprefix(FILE_PREFIX).removesuffix(".json")
+        if not (name.startswith(FILE_PREFIX) and name.endswith(".json") and slot.isdigit()):
             continue
-        if skip is not None and name == f"{FILE_PREFIX}{skip}.json":
+        if skip is not None and int(slot) == skip:
             continue
-        try:
-            with open(os.path.join(directory, name), encoding="utf-8") as f:
-                found.append(json.load(f))
-        except (OSError, ValueError):
-            continue  # being replaced, or gone: the next read has it
+        snapshot = read_snapshots_of(directory, int(slot))
+        if snapshot is not None:
+            found.append(snapshot)
     return found
 
 
-def _write(directory: str, slot: int, body: bytes) -> None:
+def _write(directory: str, slot: int, body: bytes, part: str = "") -> None:
     path, handle = tempfiles.create(directory)
     try:
         handle.write(body)
         handle.close()
-        os.replace(path, _file(directory, slot))
+        os.replace(path, _file(directory, slot, part))
     except BaseException:
         tempfiles.discard(path, handle)
         raise
@@ -407,6 +443,7 @@ class ActivityService(Service):
         self.directory = directory
         self.slot = slot
         self._written = -1
+        self._written_hour = -1
         self._writing: Deferred[None] | None = None
         self._ticks = LoopingCall(self._tick)
         self._ticks.clock = clock
@@ -439,14 +476,24 @@ class ActivityService(Service):
 
     async def _write(self) -> None:
         assert self.directory is not None and self.slot is not None
-        changes = self.activity.changes
-        body = json.dumps(self.activity.snapshot(), separators=(",", ":")).encode("utf-8")
+        changes, hour_changes = self.activity.changes, self.activity.hour_changes
+        now, hour = self.activity.snapshot_parts()
+        write_hour = hour_changes != self._written_hour
+        directory, slot = self.directory, self.slot
+
+        def write() -> None:
+            # The hour's part (the bulk: an hour of names) once a minute,
+            # the rest when it changed, at most once a second.
+            if write_hour:
+                _write(directory, slot, json.dumps(hour, separators=(",", ":")).encode("utf-8"), HOUR_PART)
+            _write(directory, slot, json.dumps(now, separators=(",", ":")).encode("utf-8"))
+
         try:
-            await self._disk.run(_write, self.directory, self.slot, body)
+            await self._disk.run(write)
         except OSError as e:
             log.debug("could not write this worker's activity: {error}", error=e)
             return
-        self._written = changes
+        self._written, self._written_hour = changes, hour_changes
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
@@ -468,9 +515,8 @@ def read_snapshots_of(directory: str, slot: int) -> dict[str, Any] | None:
     """
     What slot C{slot}'s worker last wrote, if anything. Blocking.
     """
-    try:
-        with open(_file(directory, slot), encoding="utf-8") as f:
-            found: dict[str, Any] = json.load(f)
-            return found
-    except (OSError, ValueError):
+    now = _read(_file(directory, slot))
+    if not isinstance(now, dict):
         return None
+    hour = _read(_file(directory, slot, HOUR_PART))
+    return combined(now, hour if isinstance(hour, dict) else None)

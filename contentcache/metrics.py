@@ -80,7 +80,8 @@ upstream_requests = Counter(
     "contentcache_upstream_requests", "Requests sent upstream.", ["protocol"], registry=REGISTRY
 )
 upstream_errors = Counter(
-    "contentcache_upstream_errors", "Upstream requests that failed (unreachable, timeout, broken body).",
+    "contentcache_upstream_errors", "Upstream requests that failed (unreachable, timeout, broken body, "
+    "an answer other than 200, 304, 404 or 410; a 5xx to a request passed through).",
     ["protocol"], registry=REGISTRY,
 )
 upstream_bytes = Counter(

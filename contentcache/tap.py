@@ -203,7 +203,8 @@ class Options(usage.Options):
          "token (a client token, from `contentcache token create NAME`)."],
         ["metrics-access", None, "public", "Who may read /metrics: public or token. /health is always open."],
         ["ui-access", None, None, "Who may see the status page (/), /-/stats and the package views: public or "
-         "token (default: as --metrics-access)."],
+         "token (default: token when --access is token or a route's content needs one, else as "
+         "--metrics-access)."],
         ["log-level", None, "info", "The least severe events logged: debug, info, warn, error "
          "or critical."],
         ["connect-timeout", None, "10s", "Timeout for connecting to an upstream."],
@@ -406,7 +407,11 @@ class Options(usage.Options):
         if self["log-format"] not in FORMATS:
             raise usage.UsageError(f"--log-format is text or json, not {self['log-format']!r}.")
         if self["ui-access"] is None:
-            self["ui-access"] = self["metrics-access"]
+            # The pages name packages and versions: private as soon as any
+            # package is (--access token, or a route's content).
+            routes = [*self.config.npm_routes, *self.config.go_routes] if self.config is not None else []
+            private = self["access"] == "token" or any(r.access == "token" for r in routes)
+            self["ui-access"] = "token" if private else self["metrics-access"]
         for name in ("access", "metrics-access", "ui-access"):
             if self[name] not in ACCESS:
                 raise usage.UsageError(f"--{name} is public or token, not {self[name]!r}.")

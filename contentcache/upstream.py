@@ -416,7 +416,9 @@ class Upstream:
         if response.code != OK:
             _discard(response)
             # 304, 404 and 410 are answers; anything else, upstream's failure.
-            failed = None if response.code in (NOT_MODIFIED, 404, 410) else f"upstream answered {response.code}"
+            failed = _failure(response.code)
+            if failed is not None:
+                metrics.upstream_errors.labels(self.protocol).inc()
             activity.current.fetched(self._activity_key, elapsed, failed)
             return Fetched(response.code, received)
         try:
@@ -449,9 +451,20 @@ class Upstream:
         """
         started = time.monotonic()
         response = await self._request(method, url, headers, data)
-        activity.current.fetched(self._activity_key, time.monotonic() - started)
+        failed = _failure(response.code) if response.code >= 500 else None  # a 4xx is the client's
+        if failed is not None:
+            metrics.upstream_errors.labels(self.protocol).inc()
+        activity.current.fetched(self._activity_key, time.monotonic() - started, failed)
         received = _headers(response)
         return response, received
+
+
+def _failure(code: int) -> str | None:
+    """
+    What an upstream's status means for its health: 200, 304, 404 and 410
+    are answers; anything else is upstream's failure.
+    """
+    return None if code in (OK, NOT_MODIFIED, 404, 410) else f"upstream answered {code}"
 
 
 def _headers(response: IResponse) -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import struct
 import time
 from typing import Any
@@ -59,9 +60,12 @@ SETTINGS = Settings(version="9.9", workers=2, storage="/srv/cache", index="SQLit
 
 
 def test_hit_ratio_counts_stale_and_revalidated_as_hits_and_errors_as_neither() -> None:
-    # Revalidated answers are counted with the label hit already.
+    # Revalidated answers are counted with the label hit already; stale
+    # ones are upstream's failures (stale-if-error) and those revalidated
+    # in the background (stale-while-revalidate).
     values = dict([
-        requests("go", "hit", 6), requests("go", "stale", 2), requests("go", "miss", 2),
+        requests("go", "hit", 4), requests("go", "revalidating", 2), requests("go", "stale", 2),
+        requests("go", "miss", 2),
         requests("go", "error", 50, "5xx"), requests("npm", "miss", 3), requests("npm", "bypass", 7),
     ])
     figures = compute(values, merge([], NOW), {}, None, False, SETTINGS, NOW)
@@ -313,10 +317,16 @@ def test_ui_access_token(store: Store, index: SQLiteIndex, dashboard: Dashboard,
     (["--metrics-access", "token"], "token"),
     (["--metrics-access", "token", "--ui-access", "public"], "public"),
     (["--ui-access", "token"], "token"),
+    # The pages name packages: private when they are.
+    (["--access", "token"], "token"),
+    (["--access", "token", "--ui-access", "public"], "public"),
+    (["--config", "ROUTED"], "token"),
 ])
-def test_ui_access_defaults_to_metrics_access(argv: list[str], expected: str) -> None:
+def test_ui_access_defaults_to_metrics_access(argv: list[str], expected: str, tmp_path: Any) -> None:
+    config = tmp_path / "routed.toml"
+    config.write_text('[[npm.routes]]\npackages = ["@corp/*"]\nupstream = "http://127.0.0.1:9/"\n')
     options = Options(environ={})
-    options.parseOptions(argv)
+    options.parseOptions([str(config) if a == "ROUTED" else a for a in argv])
     assert options["ui-access"] == expected
 
 
@@ -325,3 +335,39 @@ def test_ui_access_is_public_or_token() -> None:
 
     with pytest.raises(UsageError, match="--ui-access is public or token, not 'everyone'"):
         Options(environ={}).parseOptions(["--ui-access", "everyone"])
+
+
+def test_the_hours_part_is_written_once_a_minute(tmp_path: Any) -> None:
+    from twisted.internet.task import Clock
+
+    from contentcache.activity import ActivityService
+    from contentcache.pool import SynchronousRunner
+
+    clock = Clock()
+    clock.advance(NOW - NOW % 60)
+    recorder = Activity(clock=clock.seconds)
+
+    async def sample() -> dict[str, Any]:
+        return {"requests": 1}
+
+    directory = str(tmp_path)
+    service = ActivityService(recorder, clock, SynchronousRunner(), sample, directory, 1)
+    service.startService()
+    hour_file = os.path.join(directory, "activity-1.hour.json")
+    try:
+        recorder.requested("npm", "left-pad")
+        clock.advance(1)
+        written = os.stat(hour_file).st_mtime_ns
+        os.utime(hour_file, ns=(0, 0))
+        for _ in range(30):  # requests every second, within one minute
+            recorder.requested("npm", "left-pad")
+            clock.advance(1)
+        assert os.stat(hour_file).st_mtime_ns == 0 and written > 0
+        current = activity_module.read_snapshots_of(directory, 1)
+        assert current is not None and current["names"] == [[recorder.minute, [["npm", "left-pad", 31]]]]
+        clock.advance(30)  # the minute turns: its names join the hour's part
+        assert os.stat(hour_file).st_mtime_ns != 0
+        merged = merge(activity_module.read_snapshots(directory), clock.seconds())
+        assert merged["top"][0]["name"] == "left-pad" and merged["top"][0]["requests"] == 31
+    finally:
+        service.stopService()

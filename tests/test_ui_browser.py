@@ -77,7 +77,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     storage = str(tmp_path_factory.mktemp("storage"))
     daemon = Daemon(storage, [
         "--workers", "2", "--go-upstream", goproxy.url, "--go-sumdb", "off", "--npm-upstream", registry.url,
-        "--go-metadata-ttl", "0s", "--max-size", "64MiB",
+        "--go-metadata-ttl", "0s", "--npm-metadata-ttl", "1s", "--max-size", "64MiB",
     ])
     try:
         traffic(daemon, registry, goproxy)
@@ -102,6 +102,10 @@ def traffic(daemon: Daemon, registry: RegistryFixture, goproxy: UpstreamFixture)
         for version in FETCHED_GO:
             for ext in ("info", "mod", "zip"):
                 assert raw_get(daemon.url, f"/goproxy/{GREET}/@v/{version}.{ext}")[0] == 200
+    # A packument past its TTL: answered at once, revalidated behind.
+    time.sleep(1.2)
+    status, headers, _ = raw_get(daemon.url, f"/npm/{LEAF}")
+    assert (status, headers.get("x-cache"), headers.get("warning", "")[:3]) == (200, "STALE", "110")
     assert raw_get(daemon.url, f"/goproxy/{GREET}/@v/list")[0] == 200
     goproxy.override[f"/{GREET}/@v/list"] = (500, b"down\n")
     goproxy.override[f"/{HELLO}/@v/v1.0.0.info"] = (500, b"down\n")
@@ -177,13 +181,15 @@ def test_status_page_figures_are_what_metrics_and_stats_say(setup: dict[str, Any
     browser.get_log("browser")  # what came before is not this page's
     samples = scrape(daemon)
     load(browser, daemon.url + "/")
-    hits = total(samples, "contentcache_requests_total", cache_result=("hit", "stale"))
+    hits = total(samples, "contentcache_requests_total", cache_result=("hit", "stale", "revalidating"))
     misses = total(samples, "contentcache_requests_total", cache_result="miss")
     assert hits > 0 and misses > 0
+    assert total(samples, "contentcache_requests_total", cache_result="revalidating") >= 1
     shown = browser.find_element(By.CSS_SELECTOR, "#hit-ratio [data-ratio]")
     assert float(shown.get_attribute("data-ratio") or "nan") == pytest.approx(hits / (hits + misses))
     assert f"{hits / (hits + misses) * 100:.1f}%" in shown.text
-    served = total(samples, "contentcache_response_bytes_total", cache_result=("hit", "stale", "miss"))
+    served = total(samples, "contentcache_response_bytes_total",
+                   cache_result=("hit", "stale", "revalidating", "miss"))
     fetched = total(samples, "contentcache_upstream_bytes_total")
     assert served > fetched > 0
     saved = browser.find_element(By.CSS_SELECTOR, "#saved [data-bytes]")
@@ -227,7 +233,7 @@ def test_the_activity_is_every_workers(setup: dict[str, Any]) -> None:
         assert figures["processes_reporting"] == 2
         top = {(t["protocol"], t["name"]): t["requests"] for t in figures["top"]}
         assert top[("go", GREET)] == 2 * len(FETCHED_GO) * 3 + 2
-        assert top[("npm", LEAF)] == 2 * (2 + len(FETCHED_NPM))
+        assert top[("npm", LEAF)] == 2 * (2 + len(FETCHED_NPM)) + 1  # and the packument past its TTL
         [go] = [u for u in figures["upstreams"] if u["protocol"] == "go"]
         assert go["reason"] == "upstream answered 500" and go["failing"] and go["serving_stale"]
 

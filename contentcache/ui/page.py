@@ -156,7 +156,8 @@ def _overview(figures: Mapping[str, Any]) -> str:
     last = history[-1] if history else None
     cards = [
         _card("Hit ratio", f'<span data-ratio="{e(everything["hit_ratio"])}">{e(percent(everything["hit_ratio"]))}</span>',
-              f"{number(everything['hit'] + everything['stale'])} hits, {number(everything['miss'])} misses",
+              f"{number(everything['hit'] + everything['stale'] + everything['revalidating'])} hits, "
+              f"{number(everything['miss'])} misses",
               id="hit-ratio"),
         _card("Requests", number(everything["total"]),
               (f"{last['rps']['all']:.2f}/s over the last {e(human_seconds(last['seconds']))}" if last else ""),
@@ -181,13 +182,17 @@ def _traffic(figures: Mapping[str, Any]) -> str:
     for protocol, t in requests.items():
         rows.append(
             f'<tr data-protocol="{e(protocol)}"><td>{e(protocol)}</td><td class="num">{number(t["total"])}</td>'
-            f'<td class="num">{number(t["hit"])}</td><td class="num">{number(t["stale"])}</td>'
-            f'<td class="num">{number(t["miss"])}</td><td class="num">{number(t["error"])}</td>'
+            f'<td class="num">{number(t["hit"])}</td><td class="num">{number(t["revalidating"])}</td>'
+            f'<td class="num">{number(t["stale"])}</td><td class="num">{number(t["miss"])}</td><td class="num">{number(t["error"])}</td>'
             f'<td class="num">{number(t["bypass"])}</td>'
             f'<td class="num" data-ratio="{e(t["hit_ratio"])}">{e(percent(t["hit_ratio"]))}</td></tr>'
         )
     table = ('<div class="table-wrap"><table id="requests-table"><thead><tr><th>Protocol</th><th class="num">Requests</th>'
-             '<th class="num">Hits</th><th class="num">Stale</th><th class="num">Misses</th><th class="num">Errors</th>'
+             '<th class="num" title="answered from the store">Hits</th>'
+             '<th class="num" title="answered from the store while revalidated in the background (stale-while-revalidate)">'
+             'Revalidating</th>'
+             '<th class="num" title="answered from the store because upstream failed (stale-if-error)">Stale</th>'
+             '<th class="num">Misses</th><th class="num">Errors</th>'
              '<th class="num">Passed through</th><th class="num">Hit ratio</th></tr></thead><tbody>'
              + "".join(rows) + "</tbody></table></div>")
     now = figures["now"]

@@ -451,10 +451,13 @@ class GoProxy:
         except ValueError:
             info = None
         published = parse_time(info.get("Time")) if isinstance(info, dict) else None
+        self._remember_time(key, published)
+        return published
+
+    def _remember_time(self, key: str, published: float | None) -> None:
         if len(self._times) >= MAX_TIMES_HELD:
             del self._times[next(iter(self._times))]
         self._times[key] = published
-        return published
 
     async def _info(self, served: Served, what: str) -> dict[str, object]:
         """
@@ -518,8 +521,8 @@ class GoProxy:
                         info = json.loads(await read_blob(self.store, rows[0][0].blob, MAX_METADATA_SIZE))
                     except (ValueError, BlobNotFound):
                         continue
-                    self._times[key] = parse_time(info.get("Time")) if isinstance(info, dict) else None
-                hidden = policy.verdict(module.path, version, self._times[key], now)
+                    self._remember_time(key, parse_time(info.get("Time")) if isinstance(info, dict) else None)
+                hidden = policy.verdict(module.path, version, self._times.get(key), now)
             if hidden is not None:
                 out[version] = hidden.reason
         return out
@@ -753,22 +756,20 @@ class GoProxyResource(ProtocolResource):
             return self._route_sumdb(segments[1:])
         if segments[-1] == "@latest":
             module = Module.parse("/".join(segments[:-1]))
-            activity.current.requested(PROTOCOL, module.path)
-            return lambda r: self._answer(r, lambda: proxy.allowed_latest(module), JSON, False)
+            return lambda r: self._answer(r, lambda: proxy.allowed_latest(module), JSON, False, module)
         if len(segments) < 3 or segments[-2] != "@v":
             raise InvalidPath("not found: not a GOPROXY path")
         module = Module.parse("/".join(segments[:-2]))
-        activity.current.requested(PROTOCOL, module.path)
         last = segments[-1]
         if last == "list":
-            return lambda r: self._answer(r, lambda: proxy.allowed_list(module), TEXT, False)
+            return lambda r: self._answer(r, lambda: proxy.allowed_list(module), TEXT, False, module)
         name, dot, ext = last.rpartition(".")
         if not dot or ext not in ("info", "mod", "zip"):
             raise InvalidPath("not found: not a GOPROXY path")
         version = Version.parse(name)
         content_type = {"info": JSON, "mod": TEXT, "zip": ZIP}[ext]
         return lambda r: self._answer(
-            r, lambda: proxy.allowed_file(module, version, ext), content_type, version.canonical
+            r, lambda: proxy.allowed_file(module, version, ext), content_type, version.canonical, module
         )
 
     def _route_sumdb(self, segments: list[str]) -> Callable[[Request], Awaitable[None]]:
@@ -808,7 +809,12 @@ class GoProxyResource(ProtocolResource):
         lookup: Callable[[], Awaitable[Served | Made]],
         content_type: bytes,
         immutable: bool,
+        module: Module | None = None,
     ) -> None:
+        if module is not None:
+            # (Once the request may be answered: a name a token protects
+            # is not counted for whoever asks without one.)
+            activity.current.requested(PROTOCOL, module.path)
         async def answer() -> None:
             await self._send(request, await lookup(), content_type, immutable)
 

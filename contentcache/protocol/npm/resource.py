@@ -619,6 +619,10 @@ class NpmResource(ProtocolResource):
         route = self.registry.route_for(name) if name is not None else None
         if self.needs_token(route.access if route is not None else None):
             await self.check_token(request)
+        if name is not None:
+            # (Once the request may be answered: a name a token protects
+            # is not counted for whoever asks without one.)
+            activity.current.requested(PROTOCOL, name.full)
         await handler(request)
 
     def _route(
@@ -633,7 +637,6 @@ class NpmResource(ProtocolResource):
         if method not in (b"GET", b"HEAD"):
             return self._read_only, None
         name, rest = split_request(segments)
-        activity.current.requested(PROTOCOL, name.full)
         if rest in ([], [""]):
             if request.args is not None and request.args.get(b"write") == [b"true"]:
                 return (lambda r: self._pass_through(r, name.path, name)), name
