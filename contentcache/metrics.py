@@ -115,15 +115,15 @@ auth_failures = Counter(
 for _reason in ("missing", "unknown"):
     auth_failures.labels(_reason)
 sumdb_derived_tiles = Counter(
-    "contentcache_sumdb_derived_tiles", "Checksum-database partial tiles answered from a wider tile the "
-    "cache held (its first entries) without asking upstream, by kind: hash or data.", ["kind"],
-    registry=REGISTRY,
+    "contentcache_sumdb_derived_tiles", "Checksum-database partial tiles a client asked for that were cut "
+    "from a wider tile the cache held (its first entries) without asking upstream, once a cut, by kind: hash "
+    "or data.", ["kind"], registry=REGISTRY,
 )
 for _kind in ("hash", "data"):
     sumdb_derived_tiles.labels(_kind)
 sumdb_prefetched_tiles = Counter(
     "contentcache_sumdb_prefetched_tiles", "Checksum-database tiles fetched ahead of the go clients: those that "
-    "prove the record of a lookup answer the cache stored, in the tree that answer names.", registry=REGISTRY,
+    "prove the stored lookup answers' records and trees in the largest tree they name.", registry=REGISTRY,
 )
 # Gauges of the shared storage: the last any worker measured.
 store_blobs = Gauge("contentcache_store_blobs", "Blobs in the store.", registry=REGISTRY,

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from contentcache.hash import Hash
 from contentcache.protocol.goproxy.paths import escape
-from contentcache.protocol.goproxy.sumdb import parse_lookup, proof_tiles
+from contentcache.protocol.goproxy.sumdb import client_tiles, lookup_places, parse_lookup, proof_tiles
 
 from .daemon import TWISTD, Backing, Daemon, concurrent_gets
 from .gomodules import (
@@ -122,14 +122,16 @@ def go(home: str, *args: str, cwd: str | None = None, **env: str) -> subprocess.
     )
 
 
-def download(home: str, proxy: str, gosumdb: str = "off") -> dict[str, dict[str, Any]]:
-    result = go(home, "mod", "download", "-json", *DOWNLOADS, GOPROXY=proxy, GOSUMDB=gosumdb)
+def download(
+    home: str, proxy: str, gosumdb: str = "off", downloads: list[str] = DOWNLOADS
+) -> dict[str, dict[str, Any]]:
+    result = go(home, "mod", "download", "-json", *downloads, GOPROXY=proxy, GOSUMDB=gosumdb)
     assert result.returncode == 0, result.stderr + result.stdout
     documents = [json.loads(d) for d in re.split(r"(?<=\n})\n(?={)", result.stdout.strip())]
     found = {f"{d['Path']}@{d['Version']}": d for d in documents}
     for d in found.values():
         assert "Error" not in d, d
-    assert set(found) == set(DOWNLOADS)
+    assert set(found) == set(downloads)
     return found
 
 
@@ -442,6 +444,98 @@ def test_a_new_client_verifies_offline_what_the_cache_verified(
     } >= proofs
     assert prefetched_tiles(daemon) == 0
     assert derived_tiles(daemon) == {"hash": 0, "data": 0}
+
+
+def go_sum(downloaded: dict[str, dict[str, Any]]) -> str:
+    """
+    The go.sum lines of what C{download} got.
+    """
+    return "".join(
+        f"{key.replace('@', ' ')} {d['Sum']}\n{key.replace('@', ' ')}/go.mod {d['GoModSum']}\n"
+        for key, d in downloaded.items()
+    )
+
+
+def test_a_new_client_verifies_offline_lookups_the_cache_made_either_side_of_a_tile_boundary(
+    tmp_path: Any, gosumdb_binary: str, daemons: list[Daemon]
+) -> None:
+    """
+    The checksum database grows past 256 records between two of the
+    cache's lookups. A new go client checks the older lookups' tree
+    against the newer one, and their records in it: the full first tile
+    of the newer tree, which neither lookup's own proof reads. The cache
+    fetched ahead every tile as the newer tree has them.
+    """
+    first, second = DOWNLOADS[:3], DOWNLOADS[3:]
+    filler = [ModuleVersion(FILLER, f"v0.0.{i}", {"go.mod": f"module {FILLER}\n", "f.go": "package filler\n"})
+              for i in range(300)]
+    root = build_tree(str(tmp_path / "proxy"), [*modules(), *filler])
+    upstream = UpstreamFixture(root)
+    sumdb = SumDBFixture(gosumdb_binary, SUMDB_NAME, root)
+    storage = str(tmp_path / "storage")
+    args = ["--go-upstream", upstream.url, "--go-sumdb", f"{SUMDB_NAME}={sumdb.url}"]
+    sumdb_path = f"/goproxy/sumdb/{SUMDB_NAME}"
+    try:
+        daemon = start(storage, *args)
+        daemons.append(daemon)
+        proxy = f"{daemon.url}/goproxy"
+        project = tmp_path / "project"
+        project.mkdir()
+        (project / "go.mod").write_text("module example.com/project\n\ngo 1.19\n")
+        direct: dict[str, dict[str, Any]] = {}
+        lookups: dict[str, tuple[int, int]] = {}
+        # Records 0 to 199 are others'; the first modules are published
+        # (records 200 to 202) and CI builds them through the cache with
+        # go.sum (the cache looks them up itself: a tree of 203). Then 100
+        # more records, the second modules (303 to 305), and CI again: a
+        # tree of 306.
+        for before, some in [(filler[:200], first), (filler[200:], second)]:
+            for mv in before:
+                assert request(sumdb.url, f"/lookup/{FILLER}@{mv.version}")[0] == 200
+            direct.update(download(str(tmp_path / "direct"), upstream.url, sumdb.gosumdb, some))
+            (project / "go.sum").write_text(go_sum(direct))
+            ci = go(str(tmp_path / "ci"), "mod", "download", "-json", *some, cwd=str(project),
+                    GOPROXY=proxy, GOSUMDB=sumdb.vkey)
+            assert ci.returncode == 0, ci.stderr
+            # No client asked the database anything (but this test).
+            assert daemon.log().count(f"GET {sumdb_path}/") == len(lookups)
+            for key in some:
+                path, version = key.split("@")
+                status, _, body = request(daemon.url, f"{sumdb_path}/lookup/{escape(path)}@{escape(version)}")
+                assert status == 200
+                lookups[key] = parse_lookup(body)
+        assert "unverified" not in daemon.log()
+        assert sorted(lookups.values()) == [(200, 203), (201, 203), (202, 203), (303, 306), (304, 306), (305, 306)]
+        # Fetched ahead: the first lookups' tile in their own tree, then
+        # the tiles of both trees' lookups in the larger.
+        places = set().union(*(lookup_places(record, tree) for record, tree in lookups.values()))
+        larger = {tile.path() for tile in client_tiles(places, 306)}
+        assert larger == {"tile/8/0/000", "tile/8/1/000.p/1", "tile/8/0/001.p/50"}
+        ahead = larger | {"tile/8/0/000.p/203"}
+        deadline = time.monotonic() + 30
+        while prefetched_tiles(daemon) < len(ahead) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert prefetched_tiles(daemon) == len(ahead)
+    finally:
+        upstream.stop()
+        sumdb.stop()
+
+    # Offline, restarted: a new machine, no go.sum, an empty module cache.
+    daemon.stop()
+    daemon = start(storage, *args)
+    daemons.append(daemon)
+    home = str(tmp_path / "new")
+    offline = download(home, f"{daemon.url}/goproxy", sumdb.vkey)
+    for key in DOWNLOADS:
+        assert offline[key]["Sum"] == direct[key]["Sum"], key
+        assert offline[key]["GoModSum"] == direct[key]["GoModSum"], key
+    # It checked the smaller tree in the larger, with the full first tile.
+    asked = set(re.findall(rf"GET {re.escape(sumdb_path)}/(tile/\S+)", daemon.log()))
+    assert "tile/8/0/000" in asked and asked <= ahead
+    kept = os.path.join(home, "modcache", "cache", "download", "sumdb", SUMDB_NAME)
+    assert os.path.exists(os.path.join(kept, "tile", "8", "0", "000"))
+    with open(os.path.join(home, "gopath", "pkg", "sumdb", SUMDB_NAME, "latest"), "rb") as f:
+        assert tree_size(f.read()) == 306
 
 
 def test_concurrent_misses_make_one_upstream_request(

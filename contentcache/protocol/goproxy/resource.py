@@ -14,15 +14,16 @@ from attrs import define, evolve, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, FirstError, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.http import NOT_FOUND, OK
 from twisted.web.server import Request
 
 from ... import activity, metrics
+from ...backend import StorageUnavailable
 from ...cache import (
     HIT,
     MISS,
     STALE,
+    Fetch,
     Fill,
     IntegrityError,
     Missing,
@@ -36,6 +37,7 @@ from ...policy import Policy, Refused, is_prerelease, parse_time, version_key
 from ...pool import Runner
 from ...store import BlobNotFound, Store
 from ...routes import GoRoute
+from ...space import is_full
 from ...upstream import Upstream, UpstreamError, conditional_headers
 from ...web import (
     CHUNK_SIZE, IMMUTABLE, TEXT, IGuard, ProtocolResource, cache_headers, path_segments, read_blob, refetching,
@@ -44,7 +46,8 @@ from ...web import (
 from .modzip import MAX_GO_MOD_SIZE, MAX_ZIP_SIZE, ZipRuleError, check_and_hash_zip, hash_go_mod
 from .paths import InvalidPath, Module, Version, escape, is_canonical, match_prefix_patterns, unescape
 from .sumdb import (
-    InvalidSumDB, SumDB, Tile, check_tile, parse_lookup, parse_record, parse_tile, proof_tiles, tile_prefix,
+    HASH_SIZE, MAX_RECORD_SIZE, InvalidSumDB, Place, SumDB, Tile, check_tile, client_tiles, lookup_places,
+    parse_lookup, parse_record, parse_tile, tile_prefix,
 )
 
 log = Logger()
@@ -72,10 +75,51 @@ MAX_DERIVATION_SOURCES = 3
 #: At most this many tiles at one N are considered (2**H + 1 with the full
 #: one, for the sumdb's own height of 8).
 MAX_HELD_TILES = 1025
-#: Tiles fetched ahead of the go clients at once, and at most this many
-#: waiting their turn (more are left to the clients that ask for them).
+#: Tiles fetched ahead of the go clients at once, for each database (in
+#: one piece of background work: the others' revalidations are not kept
+#: waiting).
 PREFETCH_FETCHES = 4
-MAX_PREFETCHES = 1024
+#: Stored lookups whose tiles a process fetches ahead, for each database
+#: (the first so many by key, when there are more).
+MAX_PROVEN_LOOKUPS = 65536
+#: Stored lookups read, or tiles looked for, at once (one trip to the
+#: disk pool).
+ENTRIES_AT_ONCE = 256
+#: Tiles a process remembers it holds, for each database (not asked for
+#: again); the oldest are forgotten first.
+MAX_KNOWN_TILES = 65536
+#: After fetching ahead fell short (the database gone, the storage full),
+#: how soon a lookup served tries again.
+PREFETCH_RETRY = 60.0
+
+
+@define
+class _Proofs:
+    """
+    One checksum database's stored lookups as this process knows them,
+    for fetching ahead the tiles a go client checks them against.
+    """
+
+    #: The stored lookups read (their keys).
+    lookups: set[str] = field(factory=set)
+    #: Where the hashes are that a go client reads for them
+    #: (L{lookup_places}).
+    places: set[Place] = field(factory=set)
+    #: The largest tree they name: the tiles are fetched as it has them,
+    #: and those of every smaller tree are cut from them.
+    size: int = 0
+    #: Paths of the tiles known to be held, oldest first.
+    held: dict[str, None] = field(factory=dict)
+    #: A lookup was served since the running prefetch read the stored ones.
+    pending: bool = False
+    #: When the last prefetch fell short of a tile.
+    short_since: float | None = None
+    warned: bool = False
+
+    def holds(self, path: str) -> None:
+        if len(self.held) >= MAX_KNOWN_TILES:
+            del self.held[next(iter(self.held))]
+        self.held[path] = None
 
 
 @frozen
@@ -120,11 +164,9 @@ class GoProxy:
     _lists: dict[tuple[str, str, str], tuple[bytes, float]] = field(factory=dict)
     #: Each canonical version's .info Time ("module@version" -> seconds).
     _times: dict[str, float | None] = field(factory=dict)
-    #: Checksum-database tiles being fetched ahead of the go clients, by
-    #: (database, tile path), at most PREFETCH_FETCHES of them at once.
-    _prefetching: dict[tuple[str, str], Deferred[None]] = field(factory=dict)
-    _prefetch_limit: DeferredSemaphore = field(factory=lambda: DeferredSemaphore(PREFETCH_FETCHES))
-    _prefetch_warned: bool = False
+    #: Each checksum database's stored lookups, whose tiles are fetched
+    #: ahead of the go clients.
+    _proofs: dict[str, _Proofs] = field(factory=dict)
 
     def route_for(self, module: Module) -> GoRoute | None:
         for route in self.routes:
@@ -227,7 +269,7 @@ class GoProxy:
             return False
         sumdb, upstream = self.sumdbs[self.verifier]
         try:
-            served = await self.sumdb_lookup(sumdb.name, module, version)
+            served = await self.sumdb_lookup(sumdb.name, module, version, prefetch=False)
         except Missing:
             log.info(
                 "{sumdb} has no record of {module}@{version}; stored unverified",
@@ -254,11 +296,12 @@ class GoProxy:
             body = await read_blob(self.store, served.entry.blob, MAX_METADATA_SIZE)
         except BlobNotFound as e:
             await self.sumdb_cache.forget(e.hash)
-            served = await self.sumdb_lookup(sumdb.name, module, version)
+            served = await self.sumdb_lookup(sumdb.name, module, version, prefetch=False)
             body = await read_blob(self.store, served.entry.blob, MAX_METADATA_SIZE)
         record = parse_record(body)
         expected = record.get(f"{module.path} {version.name}{suffix}")
         if expected is None:
+            self.prove(sumdb.name, _lookup_key(sumdb.name, module, version))
             return False
         if expected != h1:
             log.critical(
@@ -274,99 +317,205 @@ class GoProxy:
             raise IntegrityError(
                 f"{module.path}@{version.name}{suffix}: checksum mismatch with {sumdb.name}"
             )
+        # Served, so a go client may check it (not so a refused download).
+        self.prove(sumdb.name, _lookup_key(sumdb.name, module, version))
         return True
 
-    async def sumdb_lookup(self, name: str, module: Module, version: Version) -> Served:
+    async def sumdb_lookup(self, name: str, module: Module, version: Version, prefetch: bool = True) -> Served:
+        """
+        The database's lookup answer for C{module@version}; with
+        C{prefetch}, the tiles a go client checks it against are fetched
+        ahead (L{prove}).
+        """
         sumdb, upstream = self.sumdbs[name]
-        path = f"lookup/{module.escaped}@{version.escaped}"
-        served = await self.sumdb_cache.immutable(
-            f"{name}/{path}", lambda: self._get_new(upstream, path, MAX_METADATA_SIZE)
-        )
-        if served.outcome == MISS:
-            # A go client with an empty module cache checks this record
-            # against the tiles of the tree the answer names: fetched now,
-            # while the database is there, in the background.
-            Deferred.fromCoroutine(self._prefetch_proof(name, served.entry))
+        key = _lookup_key(name, module, version)
+        path = key.removeprefix(f"{name}/")
+        served = await self.sumdb_cache.immutable(key, lambda: self._get_new(upstream, path, MAX_METADATA_SIZE))
+        if prefetch:
+            self.prove(name, key)
         return served
 
-    async def _prefetch_proof(self, name: str, entry: Entry) -> None:
+    def prove(self, name: str, key: str) -> None:
         """
-        Fetch the tiles that prove the record of lookup answer C{entry} in
-        the tree it names, through the cache (what it holds or can cut
-        from a wider tile is not fetched again).
+        Fetch ahead, in the background, the tiles a go client with an empty
+        module cache checks the stored lookup C{key} against, with every
+        other lookup of database C{name} it may be served (L{client_tiles}
+        of them all, in the largest tree they name): unless this process
+        has done so since that tree grew, or fell short and tried less than
+        L{PREFETCH_RETRY} ago.
         """
-        try:
-            body = await read_blob(self.store, entry.blob, MAX_METADATA_SIZE)
-            tiles = proof_tiles(*parse_lookup(body))
-        except (BlobNotFound, InvalidSumDB) as e:
-            self._prefetch_failed(name, f"reading a lookup answer: {e}")
-            return
-        except Exception:
-            log.failure("reading a {sumdb} lookup answer to prefetch its tiles", sumdb=name)
-            return
-        for tile in tiles:
-            key = (name, tile.path())
-            if key in self._prefetching:
-                continue  # on its way already
-            if len(self._prefetching) >= MAX_PREFETCHES:
-                self._prefetch_failed(name, f"{MAX_PREFETCHES} tiles waiting already")
+        proofs = self._proofs.get(name)
+        if proofs is None:
+            proofs = self._proofs[name] = _Proofs()
+        if key in proofs.lookups or len(proofs.lookups) >= MAX_PROVEN_LOOKUPS:
+            if proofs.short_since is None or self._clock.seconds() - proofs.short_since < PREFETCH_RETRY:
                 return
-            d = self._prefetch_limit.run(self._prefetch_tile, name, tile)
-            # (Removed at once by the callback if it is done already.)
-            self._prefetching[key] = d
-            d.addBoth(self._prefetched, key)
+        proofs.pending = True
+        # One piece of work per database: what it has not read when it
+        # ends its round, it reads in the next.
+        self.sumdb_cache.background.start((SUMDB_PROTOCOL, name, "proofs"), lambda: self._prove(name, proofs))
 
-    def _prefetched(self, result: None | Failure, key: tuple[str, str]) -> None:
-        del self._prefetching[key]
-        if isinstance(result, Failure):
-            result.trap(CancelledError)  # the daemon stopping
+    async def _prove(self, name: str, proofs: _Proofs) -> None:
+        background = self.sumdb_cache.background
+        while proofs.pending and not background.stopping:
+            proofs.pending = False
+            problem: str | None
+            try:
+                await self._read_lookups(name, proofs)
+                if background.stopping:
+                    return
+                complete, problem = await self._fetch_proofs(name, proofs)
+            except (IndexUnavailable, StorageUnavailable) as e:
+                complete, problem = False, f"reading the stored lookups: {e}"
+            except Exception as e:
+                if not is_full(e):
+                    raise
+                complete, problem = False, None  # the storage's state says so
+            if background.stopping:
+                return
+            if complete:
+                proofs.short_since = None
+                if proofs.warned:
+                    proofs.warned = False
+                    log.info("prefetching {sumdb} tiles again", sumdb=name)
+                continue
+            proofs.short_since = self._clock.seconds()
+            # Once until a prefetch works again: a client asking for the
+            # tile fetches it then, or sees the error itself.
+            if problem is not None and not proofs.warned:
+                proofs.warned = True
+                log.warn(
+                    "could not prefetch {sumdb} tiles ({error}); go clients fetch them when they ask",
+                    sumdb=name, error=problem,
+                )
+
+    async def _read_lookups(self, name: str, proofs: _Proofs) -> None:
+        """
+        Read the stored lookups of database C{name} this process has not
+        (any process may have stored them): where the hashes are that
+        prove them, and the largest tree they name.
+        """
+        keys = await self.sumdb_cache.keys(f"{name}/lookup/", MAX_PROVEN_LOOKUPS)
+        unread = [key for key in keys if key not in proofs.lookups]
+        store = self.store
+
+        def read(entry: Entry) -> bytes | None:
+            # On the disk pool, in the trip that finds the entries.
+            return store.read_now(entry.blob, MAX_METADATA_SIZE)
+
+        for start in range(0, len(unread), ENTRIES_AT_ONCE):
+            batch = unread[start:start + ENTRIES_AT_ONCE]
+            rows = await self.sumdb_cache.index.lookup(SUMDB_PROTOCOL, [(key, read) for key in batch])
+            for key, row in zip(batch, rows):
+                if row is None:
+                    continue  # gone meanwhile
+                entry, body = row
+                if body is None:
+                    try:
+                        body = await read_blob(self.store, entry.blob, MAX_METADATA_SIZE)
+                    except BlobNotFound as e:
+                        await self.sumdb_cache.forget(e.hash)
+                        continue  # fetched again when it is asked for
+                proofs.lookups.add(key)
+                try:
+                    record, tree = parse_lookup(body)
+                except InvalidSumDB as e:
+                    log.warn("{sumdb} {key}: {error}; no tiles are fetched ahead for it",
+                             sumdb=name, key=key.removeprefix(f"{name}/"), error=e)
+                    continue
+                proofs.places |= lookup_places(record, tree)
+                proofs.size = max(proofs.size, tree)
+            if self.sumdb_cache.background.stopping:
+                return
+
+    async def _fetch_proofs(self, name: str, proofs: _Proofs) -> tuple[bool, str | None]:
+        """
+        Fetch the tiles that prove the stored lookups as the largest tree
+        they name has them (L{client_tiles}), but those held: whether all
+        are held now, and if not, what went wrong first that is worth
+        saying.
+        """
+        if not proofs.places:
+            return True, None
+        # (The plan is the CPU's work for many lookups: off the reactor.)
+        tiles = await self._disk.run(client_tiles, list(proofs.places), proofs.size)
+        unknown = [tile for tile in tiles if tile.path() not in proofs.held]
+        background = self.sumdb_cache.background
+        # Those held, found many at a time (a process that starts knows
+        # none of them).
+        missing = []
+        for start in range(0, len(unknown), ENTRIES_AT_ONCE):
+            batch = unknown[start:start + ENTRIES_AT_ONCE]
+            rows = await self.sumdb_cache.index.lookup(
+                SUMDB_PROTOCOL, [(f"{name}/{tile.path()}", None) for tile in batch]
+            )
+            for tile, row in zip(batch, rows):
+                if row is None:
+                    missing.append(tile)
+                else:
+                    proofs.holds(tile.path())
+            if background.stopping:
+                return False, None
+        wanted = iter(missing)
+        problems: list[str] = []
+        short = []
+
+        async def fetch_each() -> None:
+            for tile in wanted:
+                if background.stopping:
+                    return
+                path = tile.path()
+                try:
+                    await self._prefetch_tile(name, tile)
+                except Missing:
+                    problems.append(f"{path}: the database does not have it")
+                except (UpstreamError, IndexUnavailable, StorageUnavailable, BlobNotFound) as e:
+                    problems.append(f"{path}: {e}")
+                except CancelledError:
+                    raise
+                except Exception as e:
+                    if not is_full(e):
+                        raise
+                    short.append(path)  # the storage's state says so
+                else:
+                    proofs.holds(path)
+
+        try:
+            await gatherResults(
+                [Deferred.fromCoroutine(fetch_each()) for _ in range(PREFETCH_FETCHES)], consumeErrors=True
+            )
+        except FirstError as e:
+            e.subFailure.raiseException()
+        return not (problems or short), (problems[0] if problems else None)
 
     async def _prefetch_tile(self, name: str, tile: Tile) -> None:
-        try:
+        """
+        Have C{tile} held: fetched from the database unless it is, or, for
+        a partial tile, a wider one is (a request for it is cut from that).
+        """
+        sumdb, upstream = self.sumdbs[name]
+
+        def fetch(path: str) -> Fetch:
+            async def fetched() -> Fill:
+                fill = await self._get_new(upstream, path, MAX_METADATA_SIZE)
+                # Here, where only the prefetch fetches: a client's fill it
+                # joined is not counted.
+                metrics.sumdb_prefetched_tiles.inc()
+                return fill
+            return fetched
+
+        path = tile.path()
+        if tile.width < tile.full_width:
+            if await self._wider_held(name, tile):
+                return
             try:
-                served = await self.sumdb_path(name, tile.path())
+                await self.sumdb_cache.immutable(f"{name}/{path}", fetch(path))
+                return
             except Missing:
-                if tile.width == tile.full_width:
-                    raise
                 # A database may keep only the full tile once it is
                 # complete (the go command then asks for that one).
-                served = await self.sumdb_path(name, tile.path(tile.full_width))
-        except Missing:
-            self._prefetch_failed(name, f"{tile.path()}: the database does not have it")
-            return
-        except (UpstreamError, IndexUnavailable, BlobNotFound) as e:
-            self._prefetch_failed(name, f"{tile.path()}: {e}")
-            return
-        except CancelledError:
-            raise
-        except Exception:
-            log.failure("prefetching {sumdb} {tile}", sumdb=name, tile=tile.path())
-            return
-        if served.outcome != MISS:
-            return  # held already, or cut from a wider tile
-        metrics.sumdb_prefetched_tiles.inc()
-        if self._prefetch_warned:
-            self._prefetch_warned = False
-            log.info("prefetching {sumdb} tiles again", sumdb=name)
-
-    def _prefetch_failed(self, name: str, error: str) -> None:
-        # Once until a prefetch works again: a client asking for the tile
-        # fetches it then, or sees the error itself.
-        if not self._prefetch_warned:
-            self._prefetch_warned = True
-            log.warn(
-                "could not prefetch {sumdb} tiles ({error}); go clients fetch them when they ask",
-                sumdb=name, error=error,
-            )
-
-    def stop_prefetching(self) -> None:
-        """
-        Give up the tiles still being fetched ahead (the daemon stops).
-        """
-        # The last first: those waiting their turn, then those it would
-        # go to.
-        for d in reversed(list(self._prefetching.values())):
-            d.cancel()
+                path = tile.path(tile.full_width)
+        await self.sumdb_cache.immutable(f"{name}/{path}", fetch(path))
 
     # Answers to each route.
 
@@ -636,20 +785,25 @@ class GoProxy:
             # answer when upstream is gone.
             derived = await self._derived_tile(name, tile)
             if derived is not None:
+                # Once a cut (those joining this fill share it).
+                metrics.sumdb_derived_tiles.labels("data" if tile.is_data else "hash").inc()
                 return derived
             return await self._get_new(upstream, path, MAX_METADATA_SIZE)
 
+        if key in self.sumdb_cache.negative and await self._wider_held(name, tile):
+            # Missing upstream when last asked (a database may keep only
+            # the full tile once it is complete), and held wider since.
+            self.sumdb_cache.negative.discard(key)
         served = await self.sumdb_cache.immutable(key, derive_or_fetch, body=True)
         if served.outcome == MISS and DERIVED_FROM in served.entry.attrs:
-            metrics.sumdb_derived_tiles.labels("data" if tile.is_data else "hash").inc()
             return evolve(served, outcome=HIT)  # upstream was not asked
         return served
 
-    async def _derived_tile(self, name: str, tile: Tile) -> Fill | None:
+    async def _wider_held(self, name: str, tile: Tile) -> list[tuple[int, str]]:
         """
-        Partial tile C{tile} cut from a wider one the cache holds at the
-        same coordinates (a partial tile of greater width, or the full
-        one): its first entries are this tile. L{None} when none serves.
+        The widths and keys of the tiles held at C{tile}'s coordinates
+        that are wider than it (a partial tile of greater width, or the
+        full one), widest first.
         """
         prefix = f"{name}/{tile.path(tile.full_width)}"
         # One lookup: the keys of this N's tiles (the full one, its .p/W).
@@ -658,22 +812,35 @@ class GoProxy:
             width = tile.width_of(key[len(prefix):])
             if width is not None and width > tile.width:
                 held.append((width, key))
-        for width, key in sorted(held, reverse=True)[:MAX_DERIVATION_SOURCES]:
+        return sorted(held, reverse=True)
+
+    async def _derived_tile(self, name: str, tile: Tile) -> Fill | None:
+        """
+        Partial tile C{tile} cut from a wider one the cache holds at the
+        same coordinates (a partial tile of greater width, or the full
+        one): its first entries are this tile. L{None} when none serves.
+        """
+        for width, key in (await self._wider_held(name, tile))[:MAX_DERIVATION_SOURCES]:
             found = await self.sumdb_cache.find(key, body=True)
             if found is None:
                 continue
+            # What cannot be a tile of its width is not read: a hash tile
+            # is exactly its hashes, a data tile's records are not long.
+            size = found.entry.size
+            limit = width * MAX_RECORD_SIZE if tile.is_data else width * HASH_SIZE
             body = found.body
-            if body is None:
+            if body is None and (size <= limit if tile.is_data else size == limit):
                 try:
-                    body = await read_blob(self.store, found.entry.blob, MAX_METADATA_SIZE)
+                    body = await read_blob(self.store, found.entry.blob, limit)
                 except BlobNotFound as e:
                     await self.sumdb_cache.forget(e.hash)
                     continue
-            length = tile_prefix(body, width, tile.width, tile.is_data)
-            if length is None:
+            length = None if body is None else tile_prefix(body, width, tile.width, tile.is_data)
+            if body is None or length is None:
                 log.warn(
-                    "{sumdb} {source} as cached is not a tile of width {width}; not used for {tile}",
-                    sumdb=name, source=key.removeprefix(f"{name}/"), width=width, tile=tile.path(),
+                    "{sumdb} {source} as cached ({size} bytes) is not a tile of width {width}; not used for "
+                    "{tile}", sumdb=name, source=key.removeprefix(f"{name}/"), size=size, width=width,
+                    tile=tile.path(),
                 )
                 continue
             spool = await self.store.spool()
@@ -686,6 +853,10 @@ class GoProxy:
                 raise
             return Fill(spool, {DERIVED_FROM: key.removeprefix(f"{name}/")})
         return None
+
+
+def _lookup_key(name: str, module: Module, version: Version) -> str:
+    return f"{name}/lookup/{module.escaped}@{version.escaped}"
 
 
 def _module_of(segments: list[str]) -> Module | None:

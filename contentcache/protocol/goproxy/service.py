@@ -94,7 +94,6 @@ class GoProxyService(Service):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
-        self.proxy.stop_prefetching()
         upstreams = [u for _, u in self.proxy.sumdbs.values()] + [route.upstream for route in self.proxy.routes]
         if self.proxy.upstream is not None:
             upstreams.append(self.proxy.upstream)

@@ -1,13 +1,14 @@
 """
 Checksum databases: how they are configured, reading a C{lookup} record to
 check a module's C{h1:} hashes against it, cutting a tile out of a wider
-one, and which tiles the go command reads to check a record
-(golang.org/x/mod/sumdb/tlog's layout).
+one, and which tiles the go command reads to check lookup answers' records
+and trees (golang.org/x/mod/sumdb/tlog's layout).
 """
 
 from __future__ import annotations
 
 import re
+from typing import Iterable
 
 from attrs import frozen
 
@@ -21,6 +22,10 @@ GO_TILE_HEIGHT = 8
 #: The largest tree tlog's arithmetic holds (it overflows past 2**62):
 #: far beyond any real log, so a larger size is a bad answer.
 MAX_TREE_SIZE = (1 << 62) - 1
+#: The longest data tile record used (its id, go.sum lines and blank
+#: line): the go.sum database's are a few hundred bytes. A held data tile
+#: longer than this for each of its records is not cut.
+MAX_RECORD_SIZE = 4096
 #: tlog's digits per path element of a tile's index (pathBase).
 _PATH_BASE = 1000
 
@@ -180,16 +185,21 @@ def tile_prefix(held: bytes, held_width: int, width: int, data: bool) -> int | N
         return None
     if not data:
         return width * HASH_SIZE if len(held) == held_width * HASH_SIZE else None
-    ends = _record_ends(held)
+    ends = _record_ends(held, held_width)
     if ends is None or len(ends) != held_width:
         return None
     return ends[width - 1]
 
 
-def _record_ends(data: bytes) -> list[int] | None:
-    ends = []
+def _record_ends(data: bytes, most: int) -> list[int] | None:
+    """
+    Where each record in C{data} ends, if it holds at most C{most}.
+    """
+    ends: list[int] = []
     start = 0
     while start < len(data):
+        if len(ends) == most:
+            return None  # more records than that
         end = data.find(b"\n\n", start)
         if end < 0:
             return None  # bytes after the last record that are no record
@@ -248,11 +258,14 @@ def _number(text: bytes) -> int | None:
     return int(text)
 
 
-# Which tiles the go command reads to check that record R is in a tree of
-# size N: sumdb.Client.checkRecord reads the stored hash of R through
-# tlog.TileHashReader, whose ReadHashes asks for the tiles that rebuild
-# the tree's hash, then the tile holding R's hash and the parents that
-# authenticate it. A port of tlog.go and tile.go, kept close to them.
+# Which tiles the go command reads to check a lookup answer (sumdb.Client):
+# checkRecord reads the stored hash of record R through tlog.TileHashReader
+# of the newest tree the client has seen (its lookups' trees, merged), and
+# checkTrees reads tlog.TreeHash of the older of two trees through a
+# TileHashReader of the newer. ReadHashes asks for the tiles that rebuild
+# the reader's tree hash, then the tile holding each hash it reads and the
+# parents that authenticate it. A port of tlog.go and tile.go, kept close
+# to them.
 
 
 def stored_hash_index(level: int, n: int) -> int:
@@ -350,6 +363,34 @@ def _tile_parent(height: int, tile: _Coordinates, k: int, size: int) -> _Coordin
     return level, n, width
 
 
+def _read_hashes(indexes: list[int], size: int, height: int) -> list[_Coordinates]:
+    """
+    The tiles tlog.tileHashReader.ReadHashes asks for, in order, to read
+    the stored hashes C{indexes} of a tree of C{size} records.
+    """
+    # (An ordered set.)
+    tiles: dict[_Coordinates, None] = {}
+    # The tiles that rebuild the tree's hash: they authenticate the rest.
+    for x in sub_tree_index(0, size):
+        tile = _tile_parent(height, _tile_for_index(height, x), 0, size)
+        assert tile is not None
+        tiles.setdefault(tile)
+    # Each hash's tile, and its parents up to one already read.
+    for x in indexes:
+        tile = _tile_for_index(height, x)
+        chain = []
+        for k in range(64):
+            parent = _tile_parent(height, tile, k, size)
+            if parent is None:
+                raise AssertionError(f"no tile above hash {x} in a tree of size {size}")
+            if parent in tiles:
+                break
+            chain.append(parent)
+        for parent in reversed(chain):
+            tiles[parent] = None
+    return list(tiles)
+
+
 def proof_tiles(record: int, size: int, height: int = GO_TILE_HEIGHT) -> list[Tile]:
     """
     The hash tiles, in the order it asks for them, that the go command
@@ -358,21 +399,75 @@ def proof_tiles(record: int, size: int, height: int = GO_TILE_HEIGHT) -> list[Ti
     """
     if not 0 <= record < size <= MAX_TREE_SIZE:
         raise InvalidSumDB(f"record {record} is not in a tree of size {size}")
-    tiles: list[_Coordinates] = []
-    # The tiles that rebuild the tree's hash: they authenticate the rest.
+    tiles = _read_hashes([stored_hash_index(0, record)], size, height)
+    return [tile_at(height, level, n, width) for level, n, width in tiles]
+
+
+def tree_hash_tiles(tree: int, size: int, height: int = GO_TILE_HEIGHT) -> list[Tile]:
+    """
+    The hash tiles, in the order it asks for them, that the go command
+    reads to check a tree of C{tree} records against a tree of C{size}
+    (tlog.TreeHash through a tlog.TileHashReader of the larger tree).
+    """
+    if not 0 <= tree <= size <= MAX_TREE_SIZE:
+        raise InvalidSumDB(f"a tree of size {tree} is not within a tree of size {size}")
+    if tree == 0:
+        return []  # the empty tree's hash is known
+    tiles = _read_hashes(sub_tree_index(0, tree), size, height)
+    return [tile_at(height, level, n, width) for level, n, width in tiles]
+
+
+#: Where a tile is, without its width: its level and index.
+Place = tuple[int, int]
+
+
+def lookup_places(record: int, tree: int, height: int = GO_TILE_HEIGHT) -> set[Place]:
+    """
+    The tiles holding the hashes a go client reads for a lookup answer of
+    record C{record} in a tree of C{tree} records, whichever larger tree
+    it reads them in: the record's own hash, and the hashes of the
+    subtrees that make the tree's hash (those at each tile level the
+    tree's size has bits at, all in the tile at the tree's edge).
+    """
+    places = {(0, record >> height)}
+    level = 0
+    while tree >> (level * height):
+        if (tree >> (level * height)) & ((1 << height) - 1):
+            places.add((level, tree >> ((level + 1) * height)))
+        level += 1
+    return places
+
+
+def client_tiles(places: Iterable[Place], size: int, height: int = GO_TILE_HEIGHT) -> list[Tile]:
+    """
+    The tiles of a tree of C{size} records a go client reads for lookup
+    answers whose L{lookup_places} are C{places} (each answer's tree at
+    most C{size}), as that tree has them: those that prove each answer's
+    record in the tree of C{size} and give each answer's tree hash in it
+    (the union of L{proof_tiles} and L{tree_hash_tiles}), parents before
+    their children. Whatever smaller tree a client reads a tile in (the
+    largest of the trees it has seen so far), that tile is the first
+    entries of one of these.
+    """
+    if not 0 < size <= MAX_TREE_SIZE:
+        raise InvalidSumDB(f"no tiles in a tree of size {size}")
+    planned: dict[Place, int] = {}
     for x in sub_tree_index(0, size):
         tile = _tile_parent(height, _tile_for_index(height, x), 0, size)
-        if tile is not None and tile not in tiles:
-            tiles.append(tile)
-    # The record's tile, and its parents up to one already read.
-    tile = _tile_for_index(height, stored_hash_index(0, record))
-    chain = []
-    for k in range(64):
-        parent = _tile_parent(height, tile, k, size)
-        if parent is None:
-            raise AssertionError(f"no tile above record {record} in a tree of size {size}")
-        if parent in tiles:
-            break
-        chain.append(parent)
-    tiles.extend(reversed(chain))
-    return [tile_at(height, level, n, width) for level, n, width in tiles]
+        assert tile is not None
+        planned.setdefault(tile[:2], tile[2])
+    # Each place and its parents, up to one planned already: the tiles
+    # ReadHashes reads for a hash there (the one it stops at has its own
+    # parents planned, up to the tiles of the tree's hash).
+    for level, n in sorted(places):
+        chain = []
+        k = 0
+        while (level + k, n >> (k * height)) not in planned:
+            tile = _tile_parent(height, (level, n, 0), k, size)
+            if tile is None or k > 64:
+                raise InvalidSumDB(f"tile {level}/{n} is not in a tree of size {size}")
+            chain.append(tile)
+            k += 1
+        for parent in reversed(chain):
+            planned[parent[:2]] = parent[2]
+    return [tile_at(height, level, n, width) for (level, n), width in planned.items()]
