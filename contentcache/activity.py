@@ -266,6 +266,8 @@ class Activity:
         hour = {
             "names": [[m, [[p, n, c] for (p, n), c in counts.items()]] for m, counts in self.earlier_names if counts],
             "history": list(self.history),
+            # The minutes it holds end before this one.
+            "through": self.minute - 1,
         }
         return now, hour
 
@@ -383,7 +385,11 @@ def combined(now: dict[str, Any], hour: Mapping[str, Any] | None) -> dict[str, A
     A snapshot from its two parts (see L{Activity.snapshot_parts}).
     """
     hour = hour or {}
-    return {**now, "names": [*hour.get("names", []), *now.get("names", [])], "history": hour.get("history", [])}
+    # A minute the hour's part holds already is not counted twice (the
+    # other part, read between the two files' writes, may still have it).
+    through = hour.get("through", -1)
+    current = [entry for entry in now.get("names", []) if entry[0] > through]
+    return {**now, "names": [*hour.get("names", []), *current], "history": hour.get("history", [])}
 
 
 def _read(path: str) -> Any:

@@ -166,10 +166,11 @@ class Background(Service):
 
     def underway(self, key: Hashable) -> Deferred[None] | None:
         """
-        What fires when the work for C{key} has ended, if some runs.
+        What fires when the work for C{key} has ended, if it runs (not if
+        it is queued behind other work: a request does not wait for that).
         """
         d = self._running.get(key)
-        return None if d is None else _ended(d)
+        return None if d is None or key not in self._active else _ended(d)
 
     def start(self, key: Hashable, work: Callable[[], Coroutine[Any, Any, None]]) -> bool:
         """
@@ -480,18 +481,22 @@ class ProtocolCache:
         (Warning 110), or, while its last revalidation failed, as
         stale-if-error (111, with the reason).
         """
-        reason = self.last_failure(key)  # before this attempt
+        reason = self.last_failure(key, found.entry)  # before this attempt
         self.revalidate_in_background(key, ttl, revalidate)
         if reason is not None:
             return Served(found.entry, STALE, reason, body=found.body)
         return Served(found.entry, REVALIDATING, body=found.body)
 
-    def last_failure(self, key: str) -> str | None:
+    def last_failure(self, key: str, entry: Entry) -> str | None:
         """
-        Why the last background revalidation of C{key} failed, if it did.
+        Why the last background revalidation of C{key} failed, if it did
+        after C{entry} was made (a copy revalidated since, by any request
+        or process, is no failure's).
         """
         failure = self.background.failure((self.protocol, key))
-        return None if failure is None else failure[1]
+        if failure is None or entry.created > failure[0]:
+            return None
+        return failure[1]
 
     async def mutable(
         self, key: str, ttl: float, revalidate: Revalidate | None, body: bool = False, background: bool = True
@@ -513,16 +518,16 @@ class ProtocolCache:
             raise Missing(key)
         if found is not None and background and self.within_stale_window(found.entry, ttl):
             return self.answer_stale(key, found, ttl, revalidate)
-        running = self.background.underway((self.protocol, key))
-        if running is not None:
-            # Join the background revalidation rather than ask upstream
-            # beside it (a PostgreSQL advisory lock is this process's
-            # already), then answer what it made if that is fresh.
-            await running
-            current = await self.index.get(self.protocol, key)
-            if current is not None and self.fresh(current, ttl):
-                return Served(current, HIT)
+        running = self.background.underway((self.protocol, key)) if ttl > 0 else None
         try:
+            if running is not None:
+                # Join the background revalidation rather than ask upstream
+                # beside it (a PostgreSQL advisory lock is this process's
+                # already), then answer what it made if that is fresh.
+                await running
+                current = await self.index.get(self.protocol, key)
+                if current is not None and self.fresh(current, ttl):
+                    return Served(current, HIT)
             return await self._coalescer.run(key, lambda: self._refresh(key, entry, ttl, revalidate))
         except IndexUnavailable as e:
             if found is None:

@@ -23,6 +23,7 @@ from contentcache.cache import (
     REVALIDATED,
     REVALIDATING,
     STALE,
+    BACKGROUND_CONCURRENCY,
     BACKGROUND_RETRY,
     Background,
     Fill,
@@ -384,3 +385,42 @@ def test_a_waited_for_revalidation_joins_the_one_in_the_background(
     served = resolve(waiting)
     assert served.outcome == HIT and body(cache, served) == b"v1.0.0\nv1.1.0\n"
     assert len(upstream.asked) == 1
+
+
+def test_a_failure_is_forgotten_once_the_copy_is_revalidated_another_way(
+    cache: ProtocolCache, upstream: Upstream, clock: Clock
+) -> None:
+    filled(cache, upstream, clock)
+    clock.advance(TTL + 1)
+    upstream.error = UpstreamError("upstream refused the connection")
+    assert answer(cache, upstream).outcome == REVALIDATING  # and fails behind
+    assert answer(cache, upstream).outcome == STALE
+    # A request that waits for its revalidation gets it, upstream back.
+    upstream.error = None
+    clock.advance(1)
+    assert answer(cache, upstream, background=False).outcome == MISS
+    # Stale again a TTL later: being revalidated, not upstream's failure.
+    clock.advance(TTL + 1)
+    served = answer(cache, upstream)
+    assert served.outcome == REVALIDATING and served.reason is None
+
+
+def test_a_forced_revalidation_does_not_wait_for_queued_work(
+    cache: ProtocolCache, upstream: Upstream, clock: Clock
+) -> None:
+    filled(cache, upstream, clock)
+    clock.advance(TTL + 1)
+    blockers: list[Deferred[None]] = []
+
+    async def hang() -> None:
+        d: Deferred[None] = Deferred()
+        blockers.append(d)
+        await d
+
+    for n in range(BACKGROUND_CONCURRENCY):
+        assert cache.background.start(("other", n), hang)
+    assert answer(cache, upstream).outcome == REVALIDATING  # queued behind the others
+    served = answer(cache, upstream, background=False)
+    assert served.outcome == MISS and len(upstream.asked) == 1
+    for d in blockers:
+        d.callback(None)

@@ -31,7 +31,7 @@ from contentcache.index import SQLiteIndex
 from contentcache.pool import SynchronousRunner
 from contentcache.protocol.goproxy import resource
 from contentcache.protocol.goproxy.paths import Module, Version
-from contentcache.protocol.goproxy.resource import PREFETCH_FETCHES, PREFETCH_RETRY, GoProxy, GoProxyResource
+from contentcache.protocol.goproxy.resource import PREFETCH_FETCHES, PREFETCH_INTERVAL, PREFETCH_RETRY, GoProxy, GoProxyResource
 from contentcache.protocol.goproxy.sumdb import (
     GO_TILE_HEIGHT, MAX_TREE_SIZE, InvalidSumDB, SumDB, Tile, client_tiles, lookup_places, parse_lookup,
     parse_tile, proof_tiles, tile_prefix, tree_hash_tiles,
@@ -546,7 +546,7 @@ def test_a_download_refused_for_a_checksum_mismatch_fetches_no_tiles(harness: Ha
     assert not [r for r in harness.database.requests if r.startswith("/tile/")]
 
 
-def test_lookups_either_side_of_a_tile_boundary_are_proved_in_the_larger_tree(harness: Harness) -> None:
+def test_lookups_either_side_of_a_tile_boundary_are_proved_in_the_larger_tree(harness: Harness, clock: Clock) -> None:
     # The database grew past 256 records between two of the cache's
     # lookups: record 200 of a tree of 210, then record 290 of 300.
     full = hashes(256)
@@ -558,6 +558,10 @@ def test_lookups_either_side_of_a_tile_boundary_are_proved_in_the_larger_tree(ha
     })
     assert harness.get_path("lookup/example.com/m@v1.0.0")[0] == 200
     assert harness.get_path("lookup/example.com/n@v1.0.0")[0] == 200
+    # The second lookup's round waits for PREFETCH_INTERVAL after the first.
+    assert "/tile/8/0/000" not in harness.database.requests
+    clock.advance(PREFETCH_INTERVAL)
+    assert "/tile/8/0/000" in harness.database.requests
 
     # A new go client sees both trees, in either order: before it sees the
     # larger, it checks record 200 in the smaller; then each record in the

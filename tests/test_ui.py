@@ -371,3 +371,16 @@ def test_the_hours_part_is_written_once_a_minute(tmp_path: Any) -> None:
         assert merged["top"][0]["name"] == "left-pad" and merged["top"][0]["requests"] == 31
     finally:
         service.stopService()
+
+
+def test_the_two_parts_never_count_a_minute_twice() -> None:
+    recorder = Activity(clock=lambda: NOW)
+    for _ in range(5):
+        recorder.requested("npm", "left-pad")
+    old_now, _ = recorder.snapshot_parts()
+    recorder.clock = lambda: NOW + 60
+    recorder.tick()  # the minute turns: its names go to the hour's part
+    _, new_hour = recorder.snapshot_parts()
+    # Read between the writes of the new hour's part and the new rest.
+    snapshot = activity_module.combined(old_now, new_hour)
+    assert merge([snapshot], NOW + 60)["top"] == [{"protocol": "npm", "name": "left-pad", "requests": 5}]

@@ -13,6 +13,7 @@ from typing import Awaitable, Callable
 from attrs import define, evolve, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, FirstError, gatherResults
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.http import NOT_FOUND, OK
 from twisted.web.server import Request
@@ -87,10 +88,12 @@ MAX_PROVEN_LOOKUPS = 65536
 ENTRIES_AT_ONCE = 256
 #: Tiles a process remembers it holds, for each database (not asked for
 #: again); the oldest are forgotten first.
-MAX_KNOWN_TILES = 65536
+MAX_KNOWN_TILES = 131072
 #: After fetching ahead fell short (the database gone, the storage full),
 #: how soon a lookup served tries again.
 PREFETCH_RETRY = 60.0
+#: Seconds between the starts of two rounds of fetching ahead.
+PREFETCH_INTERVAL = 5.0
 
 
 @define
@@ -100,14 +103,24 @@ class _Proofs:
     for fetching ahead the tiles a go client checks them against.
     """
 
-    #: The stored lookups read (their keys).
-    lookups: set[str] = field(factory=set)
-    #: Where the hashes are that a go client reads for them
-    #: (L{lookup_places}).
-    places: set[Place] = field(factory=set)
-    #: The largest tree they name: the tiles are fetched as it has them,
-    #: and those of every smaller tree are cut from them.
-    size: int = 0
+    #: The stored lookups read: for each (by key), where the hashes are
+    #: that a go client reads for it (L{lookup_places}) and the tree it
+    #: names; L{None} for one that names none.
+    lookups: dict[str, tuple[frozenset[Place], int] | None] = field(factory=dict)
+    #: When the last round began.
+    round_began: float = float("-inf")
+
+    @property
+    def places(self) -> set[Place]:
+        return {place for known in self.lookups.values() if known is not None for place in known[0]}
+
+    @property
+    def size(self) -> int:
+        """
+        The largest tree they name: the tiles are fetched as it has them,
+        and those of every smaller tree are cut from them.
+        """
+        return max((known[1] for known in self.lookups.values() if known is not None), default=0)
     #: Paths of the tiles known to be held, oldest first.
     held: dict[str, None] = field(factory=dict)
     #: A lookup was served since the running prefetch read the stored ones.
@@ -358,6 +371,14 @@ class GoProxy:
     async def _prove(self, name: str, proofs: _Proofs) -> None:
         background = self.sumdb_cache.background
         while proofs.pending and not background.stopping:
+            # At most a round every PREFETCH_INTERVAL: the lookups served
+            # meanwhile wait for the next.
+            wait = proofs.round_began + PREFETCH_INTERVAL - self._clock.seconds()
+            if wait > 0:
+                await deferLater(self._clock, wait)
+                if background.stopping:
+                    return
+            proofs.round_began = self._clock.seconds()
             proofs.pending = False
             problem: str | None
             try:
@@ -396,6 +417,10 @@ class GoProxy:
         prove them, and the largest tree they name.
         """
         keys = await self.sumdb_cache.keys(f"{name}/lookup/", MAX_PROVEN_LOOKUPS)
+        # Those gone (expired, purged) are proved no more.
+        stored = set(keys)
+        for gone in [key for key in proofs.lookups if key not in stored]:
+            del proofs.lookups[gone]
         unread = [key for key in keys if key not in proofs.lookups]
         store = self.store
 
@@ -416,15 +441,14 @@ class GoProxy:
                     except BlobNotFound as e:
                         await self.sumdb_cache.forget(e.hash)
                         continue  # fetched again when it is asked for
-                proofs.lookups.add(key)
                 try:
                     record, tree = parse_lookup(body)
                 except InvalidSumDB as e:
+                    proofs.lookups[key] = None
                     log.warn("{sumdb} {key}: {error}; no tiles are fetched ahead for it",
                              sumdb=name, key=key.removeprefix(f"{name}/"), error=e)
                     continue
-                proofs.places |= lookup_places(record, tree)
-                proofs.size = max(proofs.size, tree)
+                proofs.lookups[key] = (frozenset(lookup_places(record, tree)), tree)
             if self.sumdb_cache.background.stopping:
                 return
 
@@ -435,10 +459,11 @@ class GoProxy:
         are held now, and if not, what went wrong first that is worth
         saying.
         """
-        if not proofs.places:
+        places = proofs.places
+        if not places:
             return True, None
         # (The plan is the CPU's work for many lookups: off the reactor.)
-        tiles = await self._disk.run(client_tiles, list(proofs.places), proofs.size)
+        tiles = await self._disk.run(client_tiles, list(places), proofs.size)
         unknown = [tile for tile in tiles if tile.path() not in proofs.held]
         background = self.sumdb_cache.background
         # Those held, found many at a time (a process that starts knows
@@ -480,11 +505,12 @@ class GoProxy:
                 else:
                     proofs.holds(path)
 
+        fetchers = [Deferred.fromCoroutine(fetch_each()) for _ in range(PREFETCH_FETCHES)]
         try:
-            await gatherResults(
-                [Deferred.fromCoroutine(fetch_each()) for _ in range(PREFETCH_FETCHES)], consumeErrors=True
-            )
+            await gatherResults(fetchers, consumeErrors=True)
         except FirstError as e:
+            for fetcher in fetchers:
+                fetcher.cancel()  # none left running outside the background work
             e.subFailure.raiseException()
         return not (problems or short), (problems[0] if problems else None)
 

@@ -246,8 +246,8 @@ class NpmRegistry:
                 # As the cache would answer it: at once, revalidated after
                 # (stale-if-error while the last revalidation failed).
                 outcome, reason = REVALIDATING, None
-                for stale_key, stale_variant, _ in stale:
-                    failed = self.cache.last_failure(stale_key)  # before this attempt
+                for stale_key, stale_variant, stale_entry in stale:
+                    failed = self.cache.last_failure(stale_key, stale_entry)  # before this attempt
                     if failed is not None:
                         outcome, reason = STALE, failed
                     self.cache.revalidate_in_background(
