@@ -911,3 +911,13 @@ def test_a_new_client_reads_no_tile_the_planned_ones_do_not_hold(tlogtiles: str)
                 tile = parse_tile(path)
                 assert tile is not None
                 assert widths.get((tile.level, tile.index), 0) >= tile.width, (lookups, query, path)
+
+
+def test_a_nosumdb_module_is_never_looked_up_for_a_client(harness: Harness) -> None:
+    # Its name is private (GONOSUMDB/GOPRIVATE, --go-nosumdb): a client
+    # that asks anyway is not answered from the public database.
+    harness.proxy.nosumdb = "corp.example,*.internal.example"
+    for module in ("corp.example/tool", "git.internal.example/x"):
+        status, _, body = harness.get_path(f"lookup/{module}@v1.0.0")
+        assert status == 404 and b"--go-nosumdb" in body
+    assert not [r for r in harness.database.requests if r.startswith("/lookup/")]

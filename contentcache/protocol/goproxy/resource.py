@@ -986,6 +986,8 @@ class GoProxyResource(ProtocolResource):
             if proxy.route_for(module) is not None:
                 # Its name is private: never sent to a public database.
                 raise InvalidSumDB("not found: a routed module is never looked up in a checksum database")
+            if match_prefix_patterns(proxy.nosumdb, module.path):
+                raise InvalidSumDB("not found: this module is never looked up in a checksum database (--go-nosumdb)")
             return lambda r: self._answer(
                 r, lambda: proxy.sumdb_lookup(name, module, version), TEXT, True
             )
