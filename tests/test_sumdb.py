@@ -921,3 +921,22 @@ def test_a_nosumdb_module_is_never_looked_up_for_a_client(harness: Harness) -> N
         status, _, body = harness.get_path(f"lookup/{module}@v1.0.0")
         assert status == 404 and b"--go-nosumdb" in body
     assert not [r for r in harness.database.requests if r.startswith("/lookup/")]
+
+
+def test_a_lookup_gone_from_the_index_is_proved_no_more(harness: Harness, clock: Clock) -> None:
+    full = hashes(256)
+    harness.database.files.update({
+        "/tile/8/0/000.p/210": full[:210 * HASH], "/tile/8/0/000": full,
+        "/tile/8/1/000.p/1": hashes(1, 7), "/tile/8/0/001.p/44": hashes(44, 9),
+        "/lookup/example.com/m@v1.0.0": lookup_answer(200, 300),
+        "/lookup/example.com/n@v1.0.0": lookup_answer(290, 300, "example.com/n"),
+    })
+    assert harness.get_path("lookup/example.com/m@v1.0.0")[0] == 200
+    proofs = harness.proxy._proofs[NAME]
+    assert set(proofs.lookups) == {f"{NAME}/lookup/example.com/m@v1.0.0"}
+    # Expiry (or a purge) removes it; the next round forgets it.
+    assert resolve(Deferred.fromCoroutine(harness.proxy.sumdb_cache.remove(f"{NAME}/lookup/example.com/m@v1.0.0")))
+    clock.advance(PREFETCH_INTERVAL)
+    assert harness.get_path("lookup/example.com/n@v1.0.0")[0] == 200
+    clock.advance(PREFETCH_INTERVAL)
+    assert set(proofs.lookups) == {f"{NAME}/lookup/example.com/n@v1.0.0"}
