@@ -54,7 +54,8 @@ class StatusPage(AsyncResource):
         self.dashboard = dashboard
 
     async def render_async(self, request: Request) -> None:
-        _send(request, OK, HTML, status_page(await self.dashboard.figures()))
+        figures = await self.dashboard.figures()
+        _send(request, OK, HTML, await self.dashboard.disk.run(status_page, figures))
 
 
 class Stats(AsyncResource):
