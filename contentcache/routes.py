@@ -13,7 +13,7 @@ import base64
 import fnmatch
 import os
 import stat
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, Sequence, TypeVar
 
 from attrs import field, frozen
 from twisted.logger import Logger
@@ -40,6 +40,24 @@ class NpmRoute:
 
     def matches(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.patterns)
+
+
+class _Matching(Protocol):
+    def matches(self, name: str) -> bool: ...
+
+
+R = TypeVar("R", bound=_Matching)
+
+
+def first_match(routes: Sequence[R], name: str) -> R | None:
+    """
+    The route of a package or module: the first whose patterns match its
+    name (an npm name, a Go module path).
+    """
+    for route in routes:
+        if route.matches(name):
+            return route
+    return None
 
 
 def _secret_file(path: str, where: str, key: str) -> str:

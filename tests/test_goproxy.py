@@ -135,6 +135,26 @@ def download(
     return found
 
 
+def restarted(daemon: Daemon, storage: str, args: list[str], daemons: list[Daemon]) -> Daemon:
+    daemon.stop()
+    daemon = start(storage, *args)
+    daemons.append(daemon)
+    return daemon
+
+
+def fresh_client(daemon: Daemon, home: str, sumdb: SumDBFixture, direct: dict[str, dict[str, Any]]) -> set[str]:
+    """
+    A new go client (empty GOPATH and module cache, the same GOSUMDB)
+    downloads every module through the daemon, with direct's hashes; the
+    tiles it asked for.
+    """
+    offline = download(home, f"{daemon.url}/goproxy", sumdb.vkey)
+    for key in DOWNLOADS:
+        assert offline[key]["Sum"] == direct[key]["Sum"], key
+        assert offline[key]["GoModSum"] == direct[key]["GoModSum"], key
+    return set(re.findall(rf"GET /goproxy/sumdb/{re.escape(SUMDB_NAME)}/(tile/\S+)", daemon.log()))
+
+
 def blob_hashes(storage: str) -> set[str]:
     root = os.path.join(storage, "blobs")
     return {name for _, _, names in os.walk(root) for name in names}
@@ -300,22 +320,16 @@ def test_a_new_client_verifies_against_the_checksum_database_offline(
 
     # Offline: every upstream gone (connection refused), the daemon
     # restarted.
-    daemon.stop()
-    daemon = start(storage, *args)
-    daemons.append(daemon)
+    # A new machine, empty GOPATH and module cache, the same GOSUMDB: the
+    # go command looks every module up through the cache, and checks each
+    # lookup against the tiles of the tree it names.
+    daemon = restarted(daemon, storage, args, daemons)
     proxy = f"{daemon.url}/goproxy"
     assert derived_tiles(daemon) == {"hash": 0, "data": 0}
     status, headers, body = request(daemon.url, f"{sumdb_path}/latest")
     assert (status, headers["x-cache"], body) == (200, "STALE", grown)
-
-    # A new machine, empty GOPATH and module cache, the same GOSUMDB: the
-    # go command looks every module up through the cache, and checks each
-    # lookup against the tiles of the tree it names.
     home = str(tmp_path / "new")
-    offline = download(home, proxy, sumdb.vkey)
-    for key in DOWNLOADS:
-        assert offline[key]["Sum"] == direct[key]["Sum"], key
-        assert offline[key]["GoModSum"] == direct[key]["GoModSum"], key
+    fresh_client(daemon, home, sumdb, direct)
     again = go(home, "mod", "download", "-json", f"{GREET}@v1.3.0", GOPROXY=proxy, GOSUMDB=sumdb.vkey)
     assert again.returncode == 0, again.stderr
     # The go command verified them: it keeps the tile it authenticated,
@@ -426,17 +440,10 @@ def test_a_new_client_verifies_offline_what_the_cache_verified(
         sumdb.stop()
 
     # Offline, restarted.
-    daemon.stop()
-    daemon = start(storage, *args)
-    daemons.append(daemon)
-    proxy = f"{daemon.url}/goproxy"
-    offline = download(str(tmp_path / "new"), proxy, sumdb.vkey)
-    for key in DOWNLOADS:
-        assert offline[key]["Sum"] == direct[key]["Sum"], key
-        assert offline[key]["GoModSum"] == direct[key]["GoModSum"], key
+    daemon = restarted(daemon, storage, args, daemons)
+    asked = fresh_client(daemon, str(tmp_path / "new"), sumdb, direct)
     # The tiles the go command asked for are those computed, and it
     # verified with them: it keeps the tiles it authenticated.
-    asked = set(re.findall(rf"GET {re.escape(sumdb_path)}/(tile/\S+)", daemon.log()))
     assert asked == proofs
     kept = os.path.join(str(tmp_path / "new"), "modcache", "cache", "download", "sumdb", SUMDB_NAME)
     assert {
@@ -521,16 +528,10 @@ def test_a_new_client_verifies_offline_lookups_the_cache_made_either_side_of_a_t
         sumdb.stop()
 
     # Offline, restarted: a new machine, no go.sum, an empty module cache.
-    daemon.stop()
-    daemon = start(storage, *args)
-    daemons.append(daemon)
+    daemon = restarted(daemon, storage, args, daemons)
     home = str(tmp_path / "new")
-    offline = download(home, f"{daemon.url}/goproxy", sumdb.vkey)
-    for key in DOWNLOADS:
-        assert offline[key]["Sum"] == direct[key]["Sum"], key
-        assert offline[key]["GoModSum"] == direct[key]["GoModSum"], key
+    asked = fresh_client(daemon, home, sumdb, direct)
     # It checked the smaller tree in the larger, with the full first tile.
-    asked = set(re.findall(rf"GET {re.escape(sumdb_path)}/(tile/\S+)", daemon.log()))
     assert "tile/8/0/000" in asked and asked <= ahead
     kept = os.path.join(home, "modcache", "cache", "download", "sumdb", SUMDB_NAME)
     assert os.path.exists(os.path.join(kept, "tile", "8", "0", "000"))

@@ -546,16 +546,24 @@ def test_a_download_refused_for_a_checksum_mismatch_fetches_no_tiles(harness: Ha
     assert not [r for r in harness.database.requests if r.startswith("/tile/")]
 
 
-def test_lookups_either_side_of_a_tile_boundary_are_proved_in_the_larger_tree(harness: Harness, clock: Clock) -> None:
-    # The database grew past 256 records between two of the cache's
-    # lookups: record 200 of a tree of 210, then record 290 of 300.
+def two_lookups(harness: Harness, first_tree: int) -> None:
+    """
+    A database of 300 records, its tiles, and two lookups: record 200 of a
+    tree of C{first_tree}, record 290 of the tree of 300.
+    """
     full = hashes(256)
     harness.database.files.update({
         "/tile/8/0/000.p/210": full[:210 * HASH], "/tile/8/0/000": full,
         "/tile/8/1/000.p/1": hashes(1, 7), "/tile/8/0/001.p/44": hashes(44, 9),
-        "/lookup/example.com/m@v1.0.0": lookup_answer(200, 210),
+        "/lookup/example.com/m@v1.0.0": lookup_answer(200, first_tree),
         "/lookup/example.com/n@v1.0.0": lookup_answer(290, 300, "example.com/n"),
     })
+
+
+def test_lookups_either_side_of_a_tile_boundary_are_proved_in_the_larger_tree(harness: Harness, clock: Clock) -> None:
+    # The database grew past 256 records between two of the cache's
+    # lookups: record 200 of a tree of 210, then record 290 of 300.
+    two_lookups(harness, first_tree=210)
     assert harness.get_path("lookup/example.com/m@v1.0.0")[0] == 200
     assert harness.get_path("lookup/example.com/n@v1.0.0")[0] == 200
     # The second lookup's round waits for PREFETCH_INTERVAL after the first.
@@ -577,13 +585,7 @@ def test_lookups_either_side_of_a_tile_boundary_are_proved_in_the_larger_tree(ha
 def test_lookups_stored_before_are_proved_when_one_is_served(
     harness: Harness, store: Store, index: SQLiteIndex, disk: SynchronousRunner, clock: Clock
 ) -> None:
-    full = hashes(256)
-    harness.database.files.update({
-        "/tile/8/0/000.p/210": full[:210 * HASH], "/tile/8/0/000": full,
-        "/tile/8/1/000.p/1": hashes(1, 7), "/tile/8/0/001.p/44": hashes(44, 9),
-        "/lookup/example.com/m@v1.0.0": lookup_answer(200, 210),
-        "/lookup/example.com/n@v1.0.0": lookup_answer(290, 300, "example.com/n"),
-    })
+    two_lookups(harness, first_tree=210)
     # A lookup stored without its tiles (before they were fetched ahead).
     resolve(harness.proxy.sumdb_lookup(NAME, Module.parse("example.com/m"), Version.parse("v1.0.0"), prefetch=False))
     assert not [r for r in harness.database.requests if r.startswith("/tile/")]
@@ -924,13 +926,7 @@ def test_a_nosumdb_module_is_never_looked_up_for_a_client(harness: Harness) -> N
 
 
 def test_a_lookup_gone_from_the_index_is_proved_no_more(harness: Harness, clock: Clock) -> None:
-    full = hashes(256)
-    harness.database.files.update({
-        "/tile/8/0/000.p/210": full[:210 * HASH], "/tile/8/0/000": full,
-        "/tile/8/1/000.p/1": hashes(1, 7), "/tile/8/0/001.p/44": hashes(44, 9),
-        "/lookup/example.com/m@v1.0.0": lookup_answer(200, 300),
-        "/lookup/example.com/n@v1.0.0": lookup_answer(290, 300, "example.com/n"),
-    })
+    two_lookups(harness, first_tree=300)
     assert harness.get_path("lookup/example.com/m@v1.0.0")[0] == 200
     proofs = harness.proxy._proofs[NAME]
     assert set(proofs.lookups) == {f"{NAME}/lookup/example.com/m@v1.0.0"}

@@ -37,7 +37,7 @@ from ...index import Entry, IndexUnavailable
 from ...policy import Policy, Refused, is_prerelease, parse_time, version_key
 from ...pool import Runner
 from ...store import BlobNotFound, Store
-from ...routes import GoRoute
+from ...routes import GoRoute, first_match
 from ...space import is_full
 from ...upstream import Upstream, UpstreamError, conditional_headers
 from ...web import (
@@ -182,10 +182,7 @@ class GoProxy:
     _proofs: dict[str, _Proofs] = field(factory=dict)
 
     def route_for(self, module: Module) -> GoRoute | None:
-        for route in self.routes:
-            if route.matches(module.path):
-                return route
-        return None
+        return first_match(self.routes, module.path)
 
     def upstream_for(self, module: Module) -> Upstream | None:
         route = self.route_for(module)

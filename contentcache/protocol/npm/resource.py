@@ -39,7 +39,7 @@ from ...hot import Found
 from ...index import Entry
 from ...policy import Policy, Refused, filter_packument, publish_times, retarget_tags
 from ...pool import Runner
-from ...routes import NpmRoute
+from ...routes import NpmRoute, first_match
 from ...store import BlobNotFound, Store
 from ...upstream import Coalescer, Upstream, UpstreamError, conditional_headers
 from ...web import (
@@ -114,10 +114,7 @@ class NpmRegistry:
         """
         The route of a package, if one matches its name.
         """
-        for route in self.routes:
-            if route.matches(name.full):
-                return route
-        return None
+        return first_match(self.routes, name.full)
 
     def upstream_for(self, name: PackageName) -> Upstream | None:
         route = self.route_for(name)
