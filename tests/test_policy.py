@@ -181,6 +181,7 @@ def test_npm_sees_only_versions_old_enough(tmp_path: Any, npm_setup: Any) -> Non
     assert status == 403 and "has no publish time" in json.loads(body)["error"]
     status, _, _ = request(daemon.url, f"/npm/{PKG}/-/{PKG}-1.1.0.tgz")
     assert status == 200
+    assert "Traceback" not in daemon.log()
 
 
 def test_an_exempt_pin_installs(tmp_path: Any, npm_setup: Any) -> None:
@@ -286,6 +287,7 @@ def test_npm_deny_rule_hides_and_refuses_exactly_its_versions(tmp_path: Any, npm
         assert "hidden" not in rows["1.0.0"] + rows["2.0.0"]
         metrics = request(ruled.url, "/metrics")[2].decode()
         assert 'contentcache_policy_refusals_total{protocol="npm",rule="deny"} 1.0' in metrics
+        assert "Traceback" not in ruled.log()
     finally:
         ruled.stop()
 
@@ -386,3 +388,23 @@ def test_go_deny_rule_hides_and_refuses_exactly_its_versions(tmp_path: Any, go_s
         assert request(daemon.url, f"/goproxy/{DENIED_MODULE}/@v/{version}.zip")[0] == 200
     # Never fetched: refused before upstream is asked.
     assert upstream.count(f"/{DENIED_MODULE}/@v/v1.1.0.zip") == 0
+
+
+def test_go_upstream_answers_the_policy_cannot_read(go_setup: Any) -> None:
+    upstream, daemon = go_setup
+    # An .info and an @latest that are not JSON: the policy cannot tell
+    # their time, so the version is left out and refused, and @latest is
+    # upstream's failure (502), each in one line; never a 500.
+    module = "example.com/garbled"
+    upstream.override[f"/{module}/@v/list"] = (200, b"v1.0.0\n")
+    upstream.override[f"/{module}/@v/v1.0.0.info"] = (200, b"<html>not json</html>")
+    upstream.override[f"/{module}/@latest"] = (200, b"<html>not json</html>")
+    status, _, body = request(daemon.url, f"/goproxy/{module}/@v/list")
+    assert (status, body) == (200, b"")
+    status, _, body = request(daemon.url, f"/goproxy/{module}/@v/v1.0.0.zip")
+    assert status == 403 and body == f"{module}@v1.0.0 has no publish time, and this cache serves only versions " \
+        "published at least 7d ago (a pin in [policy.min_age] exempt makes it available)\n".encode()
+    status, headers, body = request(daemon.url, f"/goproxy/{module}/@latest")
+    assert status == 502 and headers["content-type"].startswith("text/plain")
+    assert body == f"upstream failure: {module}@latest: upstream's answer is not JSON\n".encode()
+    assert "Traceback" not in daemon.log()
